@@ -1,0 +1,557 @@
+"""Suite configuration: frozen typed dataclasses loaded from YAML, `--set` overrides, grid expansion, fairness hash.
+
+A suite is one `shared` spec (backbone, data, recipe, losses, GAN, precision, checkpointing, evaluation) plus a
+list of `subjects` that may differ ONLY in their quantizer block (gsq-reference.md §8.5 "identical
+hyperparameters"), a list of seeds and an optional `grid` (the paper's scaling studies, §7.7/§7.9).
+
+Fairness hash: SHA-256 of the canonical JSON of the *resolved* shared spec of one run, i.e. after `--set`
+overrides and after the run's grid values for shared fields (e.g. `model.latent_dim`) were applied. Quantizer
+kwargs, seed and names are excluded. Two runs are comparable only if their hashes are equal, so grid points at
+different shared settings are never put into one comparison, while grid points that only change the quantizer
+(e.g. `quantizer.groups`) share a hash.
+
+Grid syntax: `grid: {dotted.key: [v1, v2, ...]}` expands to the cartesian product over keys. To move several
+keys together, join them with commas and give one list per point:
+`grid: {"model.latent_dim,quantizer.dim": [[8, 8], [16, 16]]}`. Keys starting with `quantizer.` are applied to
+every subject's quantizer block; every other key must be a shared field.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from gsqbench.errors import UserError, did_you_mean
+from gsqbench.io import safe_name
+
+
+# ----------------------------------------------------------------------------------------------- spec dataclasses
+@dataclass(frozen=True)
+class ModelSpec:
+    """Backbone: a preset of gsqbench.models.autoencoder plus the encoder latent dim (D)."""
+
+    preset: str = "tiny-f8"
+    latent_dim: int = 8
+    options: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig overrides (hidden, ch_mult, ...)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset (gsqbench.data.build_dataset): kind sample-photos | image-folder | synthetic."""
+
+    kind: str = "sample-photos"
+    path: Optional[str] = None
+    size: int = 64
+    crop: str = "train"
+    limit: Optional[int] = None  # first N images (sorted ids); None = all
+    strict: bool = False  # corrupt image => error instead of skip-with-warning
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train: DataSource = field(default_factory=DataSource)
+    eval: DataSource = field(default_factory=lambda: DataSource(crop="gsq"))
+    num_workers: int = 0
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimiser, schedule, precision and checkpointing (official recipe: gsq-reference.md §5.1, §5.4)."""
+
+    steps: int = 100
+    batch_size: int = 8  # GLOBAL batch; each DDP rank takes batch_size / world_size
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.05
+    eps: float = 1e-8
+    no_decay_norm_bias: bool = False  # official: one param group, decay on everything
+    warmup_steps: int = 0
+    decay: Literal["none", "linear", "cosine"] = "none"
+    decay_start: int = 0  # step at which decay begins (after warmup)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 2.0  # 0 = off
+    ema_decay: float = 0.999  # 0 = no EMA
+    precision: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
+    checkpoint_every: int = 5000
+    log_every: int = 10
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Generator loss weights (gsq-reference.md §5.2): rec + aux + perceptual + adversarial."""
+
+    reconstruction: Literal["l2", "l1"] = "l2"
+    reconstruction_weight: float = 1.0
+    quantizer_weight: float = 1.0  # multiplies the quantizer's already-weighted aux losses
+    perceptual_weight: float = 0.0
+    perceptual_net: Literal["vgg", "alex"] = "vgg"
+    perceptual_required: bool = False  # missing LPIPS weights: error instead of "off with a message"
+    adversarial_weight: float = 0.1
+
+
+@dataclass(frozen=True)
+class GanSpec:
+    """Discriminator and its optimiser; `none` trains a plain autoencoder (recipe A)."""
+
+    discriminator: Literal["none", "patchgan", "dino"] = "none"
+    g_loss: Literal["ns", "hinge", "vanilla"] = "ns"
+    d_loss: Literal["hinge", "vanilla", "ns"] = "hinge"
+    start_step: int = 0
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.05
+    grad_clip: float = 2.0
+    diffaug: str = "color,translation,cutout"  # "" = off
+    adaptive_weight: bool = False
+    lecam_weight: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)  # discriminator constructor kwargs
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation settings handed to gsqbench.evaluate.EvalSettings (fields it accepts are passed through)."""
+
+    mode: Literal["gsqbench", "gsq-compat"] = "gsqbench"
+    weights: Literal["ema", "raw"] = "ema"
+    batch_size: int = 16
+    samples: int = 8  # images saved under samples/
+    metrics: tuple[str, ...] = ()  # empty = all
+    require: tuple[str, ...] = ()  # metrics that must not be 'unavailable'
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SharedSpec:
+    """Everything the subjects share; its canonical JSON is the fairness hash."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    gan: GanSpec = field(default_factory=GanSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    quantizer: dict[str, Any]  # {"name": "gsq", **kwargs}
+
+
+@dataclass(frozen=True)
+class Suite:
+    suite: str
+    shared: SharedSpec
+    subjects: tuple[Subject, ...]
+    seeds: tuple[int, ...] = (0,)
+    grid: dict[str, list] = field(default_factory=dict)
+    regress: dict[str, float] = field(default_factory=dict)  # metric -> tolerance
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One concrete run: subject × seed × grid point, with everything resolved."""
+
+    run_id: str
+    suite: str
+    subject: str
+    seed: int
+    grid: dict[str, Any]
+    shared: SharedSpec
+    quantizer: dict[str, Any]
+    fairness_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "suite": self.suite, "subject": self.subject, "seed": self.seed,
+            "grid": dict(self.grid), "shared": spec_to_dict(self.shared), "quantizer": dict(self.quantizer),
+            "fairness_hash": self.fairness_hash,
+        }
+
+
+SHARED_SECTIONS = tuple(f.name for f in dataclasses.fields(SharedSpec))
+_TOP_KEYS = tuple(f.name for f in dataclasses.fields(Suite))
+
+
+# ----------------------------------------------------------------------------------------------- typed parsing
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(key: str, value: Any, tp: Any) -> UserError:
+    return UserError(f"config key '{key}': {value!r} is not valid; expected {_type_name(tp)}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (converting int->float, list->tuple); UserError otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _bad(key, value, dict)
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        raise _bad(key, value, tp)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config key '{key}': {value!r} is not valid; expected {_type_name(tp)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(key, value, tp)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(key, value, tp)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(key, value, tp)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _bad(key, value, tp)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, value, tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _bad(key, value, tp)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, value, tp)
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(key, value, tp)
+        return {str(k): (_coerce(v, args[1], f"{key}.{k}") if args else v) for k, v in value.items()}
+    raise AssertionError(f"unsupported annotation {tp!r} at {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    """Construct dataclass `cls` from a dict; unknown keys -> UserError naming the dotted key + did-you-mean."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise UserError(f"unknown config key '{dotted}'{did_you_mean(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = f"'{prefix}'" if prefix else "the suite"
+        raise UserError(f"config key '{(prefix + '.') if prefix else ''}{missing[0]}' is required in {where}")
+    return cls(**kwargs)
+
+
+def spec_to_dict(obj: Any) -> Any:
+    """Dataclass -> plain JSON-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: spec_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [spec_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): spec_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def fairness_hash(shared: SharedSpec) -> str:
+    """SHA-256 of the canonical JSON of the resolved shared spec (no quantizer, seed or names)."""
+    canonical = json.dumps(spec_to_dict(shared), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 0.0001); the value is parsed with YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    # YAML 1.1 reads "1e-4" as a string; numbers in scientific notation are what users type for LRs
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in "e.") and value.strip() else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply dotted `--set` overrides to the raw YAML mapping (shared sections may omit the `shared.` prefix)."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if parts[0] in SHARED_SECTIONS:
+            parts = ["shared", *parts]
+        if parts[0] == "subjects" and len(parts) > 2:
+            target = _subject_by_name(raw, parts[1], key)
+            _set_path(target, parts[2:], value, key)
+        else:
+            _set_path(raw, parts, value, key)
+    return raw
+
+
+def _subject_by_name(raw: dict, name: str, key: str) -> dict:
+    subjects = raw.get("subjects") or []
+    names = [s.get("name") for s in subjects if isinstance(s, dict)]
+    for s in subjects:
+        if isinstance(s, dict) and s.get("name") == name:
+            return s
+    raise UserError(f"--set {key}: no subject named {name!r}{did_you_mean(name, [str(n) for n in names])}")
+
+
+def _set_path(node: dict, parts: list[str], value: Any, key: str) -> None:
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: '{part}' is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_suite(path: str | Path, overrides: list[str] | None = None, *, validate_quantizers: bool = True) -> Suite:
+    """Read a suite YAML, apply `--set` overrides, type-check everything; UserError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"suite file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"suite file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"suite file {str(path)!r}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
+    return suite_from_dict(apply_overrides(raw, overrides or []), validate_quantizers=validate_quantizers)
+
+
+def suite_from_dict(raw: dict, *, validate_quantizers: bool = True) -> Suite:
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise UserError(f"unknown config key '{key}'{did_you_mean(str(key), _TOP_KEYS)}")
+    if "suite" not in raw or not isinstance(raw["suite"], str) or not raw["suite"]:
+        raise UserError(f"config key 'suite': {raw.get('suite')!r} is not valid; expected a non-empty name")
+    shared = _coerce(raw.get("shared") or {}, SharedSpec, "shared")
+    subjects = _parse_subjects(raw.get("subjects"))
+    seeds = _coerce(raw.get("seeds", [0]), tuple[int, ...], "seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"config key 'seeds': {list(seeds)!r} must be a non-empty list of distinct integers")
+    grid = _parse_grid(raw.get("grid") or {})
+    regress = _coerce(raw.get("regress") or {}, dict[str, float], "regress")
+    suite = Suite(suite=raw["suite"], shared=shared, subjects=subjects, seeds=seeds, grid=grid, regress=regress)
+    _check_semantics(suite)
+    if validate_quantizers:
+        for run in expand_runs(suite):
+            validate_quantizer_kwargs(run.quantizer, f"subject '{run.subject}' quantizer")
+    return suite
+
+
+def _parse_subjects(raw: Any) -> tuple[Subject, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"config key 'subjects': {raw!r} is not valid; expected a non-empty list of "
+                        "{name, quantizer: {name, ...}}")
+    subjects, seen = [], set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise UserError(f"config key 'subjects[{i}]': {item!r} is not a mapping")
+        for key in item:
+            _refuse_shared_in_subject(key, item[key])
+            if key not in ("name", "quantizer"):
+                raise UserError(f"unknown config key 'subjects[{i}].{key}'{did_you_mean(str(key), ['name', 'quantizer'])}")
+        name, q = item.get("name"), item.get("quantizer")
+        if not isinstance(name, str) or not name:
+            raise UserError(f"config key 'subjects[{i}].name': {name!r} is not valid; expected a non-empty string")
+        if name in seen:
+            raise UserError(f"config key 'subjects[{i}].name': duplicate subject name {name!r}")
+        if not isinstance(q, dict) or not isinstance(q.get("name"), str):
+            raise UserError(f"config key 'subjects[{i}].quantizer': {q!r} is not valid; expected {{name: gsq|vq|lfq|fsq, ...}}")
+        seen.add(name)
+        subjects.append(Subject(name=name, quantizer=dict(q)))
+    return tuple(subjects)
+
+
+def _refuse_shared_in_subject(key: str, value: Any) -> None:
+    """A subject that sets a shared field would break 'identical hyperparameters': name the field."""
+    parts = str(key).split(".")
+    if parts[0] == "shared":
+        parts = parts[1:]
+    if parts and parts[0] in SHARED_SECTIONS:
+        if len(parts) == 1 and isinstance(value, dict) and value:
+            parts.append(sorted(value)[0])
+        dotted = ".".join(parts)
+        raise UserError(f"subjects may only differ in quantizer; '{dotted}' is shared (set it under 'shared')")
+
+
+def _parse_grid(raw: Any) -> dict[str, list]:
+    if not isinstance(raw, dict):
+        raise UserError(f"config key 'grid': {raw!r} is not valid; expected a mapping dotted.key -> list of values")
+    grid = {}
+    for key, values in raw.items():
+        keys = [k.strip() for k in str(key).split(",")]
+        if not isinstance(values, list) or not values:
+            raise UserError(f"config key 'grid.{key}': {values!r} is not valid; expected a non-empty list")
+        for k in keys:
+            _check_grid_key(k)
+        if len(keys) > 1:
+            for v in values:
+                if not isinstance(v, list) or len(v) != len(keys):
+                    raise UserError(f"config key 'grid.{key}': point {v!r} must be a list of {len(keys)} values")
+        grid[str(key)] = list(values)
+    return grid
+
+
+def _check_grid_key(key: str) -> None:
+    parts = key.split(".")
+    if parts[0] == "quantizer" and len(parts) == 2 and parts[1] != "name":
+        return
+    if parts[0] == "shared":
+        parts = parts[1:]
+    if parts and parts[0] in SHARED_SECTIONS and len(parts) >= 2:
+        _shared_field_type(parts, f"grid.{key}")
+        return
+    raise UserError(f"config key 'grid.{key}': expected 'quantizer.<kwarg>' or a shared field such as "
+                    f"'model.latent_dim'{did_you_mean(parts[0], [*SHARED_SECTIONS, 'quantizer'])}")
+
+
+def _shared_field_type(parts: list[str], where: str) -> Any:
+    cls: Any = SharedSpec
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise UserError(f"config key '{where}': '{'.'.join(parts[:i])}' has no field '{part}'")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise UserError(f"unknown config key '{where}'{did_you_mean(part, names)}")
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _check_semantics(suite: Suite) -> None:
+    t = suite.shared.train
+    if t.steps < 1:
+        raise UserError(f"config key 'shared.train.steps': {t.steps} is not valid; expected >= 1")
+    if t.batch_size < 1:
+        raise UserError(f"config key 'shared.train.batch_size': {t.batch_size} is not valid; expected >= 1")
+    if t.lr <= 0:
+        raise UserError(f"config key 'shared.train.lr': {t.lr} is not valid; expected > 0")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"config key 'shared.train.ema_decay': {t.ema_decay} is not valid; expected 0 <= x < 1")
+    if t.checkpoint_every < 1:
+        raise UserError(f"config key 'shared.train.checkpoint_every': {t.checkpoint_every} is not valid; expected >= 1")
+    if suite.shared.data.train.size < 8 or suite.shared.data.eval.size < 8:
+        raise UserError("config key 'shared.data.*.size': image size must be >= 8")
+
+
+# ----------------------------------------------------------------------------------------------- grid expansion
+def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Cartesian product over grid entries; comma-joined keys move together."""
+    if not grid:
+        return [{}]
+    axes = []
+    for key, values in grid.items():
+        keys = [k.strip() for k in key.split(",")]
+        axes.append([dict(zip(keys, v if len(keys) > 1 else [v])) for v in values])
+    return [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*axes)]
+
+
+def _apply_shared_grid(shared: SharedSpec, point: dict[str, Any]) -> SharedSpec:
+    raw = spec_to_dict(shared)
+    for key, value in point.items():
+        parts = key.split(".")
+        if parts[0] == "quantizer":
+            continue
+        if parts[0] == "shared":
+            parts = parts[1:]
+        _set_path(raw, parts, value, f"grid.{key}")
+    return _coerce(raw, SharedSpec, "shared")
+
+
+def _point_label(point: dict[str, Any]) -> str:
+    return "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+
+
+def run_id(subject: str, seed: int, point: dict[str, Any]) -> str:
+    """Stable, path-safe run id `<subject>-s<seed>[-<grid point>]`."""
+    label = _point_label(point)
+    return safe_name(f"{subject}-s{seed}" + (f"-{label}" if label else ""))
+
+
+def expand_runs(suite: Suite, only: list[str] | None = None) -> list[RunSpec]:
+    """All runs: subjects × seeds × grid points, with resolved shared spec and fairness hash each."""
+    names = [s.name for s in suite.subjects]
+    for name in only or []:
+        if name not in names:
+            raise UserError(f"--only {name!r}: no such subject{did_you_mean(name, names)}")
+    runs = []
+    for point in _grid_points(suite.grid):
+        shared = _apply_shared_grid(suite.shared, point)
+        fhash = fairness_hash(shared)
+        q_over = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("quantizer.")}
+        for subject in suite.subjects:
+            if only and subject.name not in only:
+                continue
+            for seed in suite.seeds:
+                runs.append(RunSpec(
+                    run_id=run_id(subject.name, seed, point), suite=suite.suite, subject=subject.name, seed=seed,
+                    grid=dict(point), shared=shared, quantizer={**subject.quantizer, **q_over}, fairness_hash=fhash,
+                ))
+    ids = [r.run_id for r in runs]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup:
+        raise UserError(f"two runs map to the same id {dup!r}; rename the subjects or grid values")
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------- quantizer check
+def validate_quantizer_kwargs(qspec: dict[str, Any], where: str) -> None:
+    """Check name and kwargs against the registered quantizer's signature, without building it."""
+    from gsqbench import registry
+
+    reg = registry.discover_quantizers()
+    name = qspec.get("name")
+    if name not in reg:
+        raise UserError(f"{where}: unknown quantizer {name!r}{did_you_mean(str(name), reg.names())}")
+    kwargs = {k: v for k, v in qspec.items() if k != "name"}
+    registry.check_kwargs(reg.get(name), kwargs, where=f"{where} {name!r}")

@@ -1,0 +1,591 @@
+"""The training loop for one run: AdamW, LR schedule, grad clipping, EMA, bf16 autocast, GAN G/D steps,
+atomic checkpoints with exact resume, and DDP under torchrun.
+
+Follows the official GSQ-GAN trainer (HelmholtzAI-FZJ/flex_gen `VideoTokenizerTrainer.py::train_step`,
+gsq-reference.md §5.1): per step a G step on batch A (rec + quantizer aux + LPIPS + adversarial, clip, AdamW,
+scheduler, EMA of parameters), then, when a discriminator is configured and active, a D step on a FRESH batch B
+with the generator re-run. Deliberate differences, each recorded here:
+- the D step re-runs the generator under `no_grad` (same values as the official wasted forward, less memory);
+- EMA averages parameters only (as the official) but copies buffers from the live model, so a VQ-EMA codebook
+  (a buffer) is evaluated as trained rather than at its initial value;
+- the data order is owned here: a seeded permutation per epoch, sliced into global batches, each DDP rank
+  taking its contiguous slice. Resuming needs only the number of batches consumed, and N ranks see exactly the
+  images a single process sees at the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gsqbench.config import GanSpec, LossSpec, RunSpec, TrainSpec, spec_to_dict
+from gsqbench.errors import UserError
+from gsqbench.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS_FIXED = ("step", "loss")
+STATE_FILE = "train_state.pt"
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistContext:
+    """torchrun env (RANK/WORLD_SIZE/LOCAL_RANK) -> process group (nccl on CUDA, gloo on CPU); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def resolve_device(device: str, ctx: DistContext) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if ctx.world_size > 1:
+            torch.cuda.set_device(ctx.local_rank)
+            return torch.device("cuda", ctx.local_rank)
+    elif device != "cpu":
+        raise UserError(f"--device {device!r} is not valid; expected auto, cpu, cuda or cuda:N")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------- data order
+def global_batch_indices(n: int, batch: int, seed: int, batch_no: int) -> list[int]:
+    """Indices of global batch number `batch_no`: a seeded permutation per epoch, batches never cross epochs."""
+    if n < 1:
+        raise UserError("training dataset is empty")
+    per_epoch = max(1, n // batch) if n >= batch else 1
+    epoch, pos = divmod(batch_no, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if n < batch:  # tiny sets: repeat the permutation so a batch is always full
+        perm = (perm * (batch // n + 1))[:batch]
+    return perm[pos * batch:(pos + 1) * batch]
+
+
+def rank_slice(indices: list[int], ctx: DistContext) -> list[int]:
+    per = len(indices) // ctx.world_size
+    return indices[ctx.rank * per:(ctx.rank + 1) * per]
+
+
+class BatchStream:
+    """Deterministic, resumable stream of this rank's batches as float (b, 3, S, S) in [-1, 1]."""
+
+    def __init__(self, dataset: Any, global_batch: int, seed: int, ctx: DistContext, position: int = 0):
+        if global_batch % ctx.world_size:
+            raise UserError(f"config key 'shared.train.batch_size': {global_batch} is not divisible by the "
+                            f"world size {ctx.world_size}")
+        self.dataset, self.global_batch, self.seed, self.ctx = dataset, global_batch, seed, ctx
+        self.position = position  # global batches consumed so far (checkpointed)
+
+    def next(self, device: torch.device) -> Tensor:
+        idx = rank_slice(global_batch_indices(len(self.dataset), self.global_batch, self.seed, self.position), self.ctx)
+        self.position += 1
+        images = [self.dataset[i][1] for i in idx]  # (3, S, S) uint8 each
+        u8 = torch.stack(images).to(device, non_blocking=True)
+        return u8.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------- optimiser, LR, EMA
+def build_optimizer(params: list[tuple[str, nn.Parameter]], lr: float, betas: tuple[float, float],
+                    weight_decay: float, eps: float, no_decay_norm_bias: bool) -> torch.optim.AdamW:
+    """AdamW in one group like the official; optionally no decay on 1-d tensors (norms, biases)."""
+    params = [(n, p) for n, p in params if p.requires_grad]
+    if no_decay_norm_bias:
+        decay = [p for n, p in params if p.ndim >= 2]
+        no_decay = [p for n, p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, t: TrainSpec) -> float:
+    """Multiplier on the base LR at `step`: linear warmup, then constant, optionally linear/cosine decay."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.decay == "none":
+        return 1.0
+    start = max(t.decay_start, t.warmup_steps)
+    if step < start:
+        return 1.0
+    frac = min(1.0, (step - start) / max(1, t.steps - start))
+    shape = frac if t.decay == "linear" else 0.5 * (1 - math.cos(math.pi * frac))
+    return 1.0 - (1.0 - t.min_lr_ratio) * shape
+
+
+class Ema:
+    """Exponential moving average of parameters (β, initialised as a copy); buffers are copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def adversarial_g_loss(logits: Tensor, kind: str) -> Tensor:
+    """Generator loss on D(fake) (gsq-reference.md §5.2): NS uses the per-sample mean logit first."""
+    per_sample = logits.reshape(logits.shape[0], -1).mean(dim=1)
+    if kind == "ns":
+        return F.softplus(-per_sample).mean()
+    if kind == "hinge":
+        return -logits.mean()
+    return F.softplus(-logits).mean()  # vanilla
+
+
+def adversarial_d_loss(real: Tensor, fake: Tensor, kind: str) -> Tensor:
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())  # vanilla / NS discriminator
+
+
+def lecam_reg(real: Tensor, fake: Tensor, ema_real: Tensor, ema_fake: Tensor) -> Tensor:
+    """LeCam regulariser (Tseng et al. 2021) against EMAs of the mean logits."""
+    return F.relu(real.mean() - ema_fake).pow(2) + F.relu(ema_real - fake.mean()).pow(2)
+
+
+def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
+    """Taming-style ‖∇L_rec‖/‖∇L_G‖ at the decoder's last layer, clamped to [0, 1e3]."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e3).detach()
+
+
+def build_perceptual(loss: LossSpec, device: torch.device) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """LPIPS perceptual loss on [0, 1] inputs (official quirk, §5.2), or None with a clear message if weights are missing."""
+    if loss.perceptual_weight <= 0:
+        return None
+    from gsqbench import weights as W
+
+    trunk = "vgg16" if loss.perceptual_net == "vgg" else "alexnet"
+    try:
+        W.weight_path(trunk)
+        W.expose_in_torch_hub(trunk)
+    except W.WeightsUnavailable as exc:
+        if loss.perceptual_required:
+            raise UserError(f"config key 'shared.loss.perceptual_required': {exc}") from None
+        log.warning("perceptual loss OFF (LPIPS %s trunk weights missing): %s", trunk, exc)
+        return None
+    import lpips
+
+    net = lpips.LPIPS(net=loss.perceptual_net, verbose=False).to(device).eval().requires_grad_(False)
+    return lambda x01, y01: net(x01, y01).mean()
+
+
+def build_discriminator(gan: GanSpec, image_size: int) -> Optional[nn.Module]:
+    if gan.discriminator == "none":
+        return None
+    from gsqbench.models import discriminator as D
+
+    if gan.discriminator == "patchgan":
+        return D.PatchGANDiscriminator(**gan.options)
+    return D.DinoDiscriminator(**gan.options)
+
+
+def build_diffaug(policy: str) -> Callable[[Tensor], Tensor]:
+    if not policy:
+        return lambda x: x
+    from gsqbench import augment
+
+    return lambda x: augment.diff_augment(x, policy)
+
+
+# ----------------------------------------------------------------------------------------------- state
+@dataclass
+class Trainer:
+    """Everything that changes during training; `state_dict()` is the resumable checkpoint."""
+
+    run: RunSpec
+    ctx: DistContext
+    device: torch.device
+    model: nn.Module
+    ddp_model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[Ema]
+    disc: Optional[nn.Module] = None
+    ddp_disc: Optional[nn.Module] = None
+    opt_d: Optional[torch.optim.Optimizer] = None
+    stream: Optional[BatchStream] = None
+    perceptual: Optional[Callable] = None
+    augment: Callable = lambda x: x
+    step: int = 0
+    elapsed_s: float = 0.0
+    lecam: dict = field(default_factory=lambda: {"real": torch.zeros(()), "fake": torch.zeros(())})
+    log_rows: list = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "format": "gsqbench-train-state", "version": 1, "step": self.step, "elapsed_s": self.elapsed_s,
+            "run_id": self.run.run_id, "fairness_hash": self.run.fairness_hash, "quantizer": dict(self.run.quantizer),
+            "seed": self.run.seed, "data_position": self.stream.position if self.stream else 0,
+            "model": _cpu(self.model.state_dict()), "opt": _cpu(self.opt.state_dict()),
+            "sched": self.sched.state_dict(), "lecam": {k: v.clone() for k, v in self.lecam.items()},
+            "rng": _rng_state(),
+        }
+        if self.ema is not None:
+            state["ema"] = _cpu(self.ema.model.state_dict())
+        if self.disc is not None:
+            state["disc"] = _cpu(self.disc.state_dict())
+            state["opt_d"] = _cpu(self.opt_d.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.ema is not None and "ema" in state:
+            self.ema.model.load_state_dict(state["ema"])
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
+        self.lecam = {k: v.clone() for k, v in state["lecam"].items()}
+        self.stream.position = int(state["data_position"])
+        _set_rng_state(state["rng"])
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": repr(random.getstate()),  # plain string: train_state stays weights_only-loadable
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(ast.literal_eval(state["python"])))
+    np.random.set_state(("MT19937", state["numpy"]["key"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(obj: Any) -> Any:
+    return tuple(_tuplify(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def model_spec(run: RunSpec) -> dict[str, Any]:
+    m = run.shared.model
+    return {"preset": m.preset, "latent_dim": m.latent_dim, **m.options}
+
+
+def build_trainer(run: RunSpec, dataset: Any, ctx: DistContext, device: torch.device) -> Trainer:
+    """Model, EMA, optimisers, scheduler, discriminator, loss helpers and data stream for one run."""
+    from gsqbench.models.tokenizer import build_tokenizer
+
+    t, g = run.shared.train, run.shared.gan
+    seed_everything(run.seed, t.deterministic)
+    model = build_tokenizer(model_spec(run), dict(run.quantizer)).to(device)
+    ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
+    opt = build_optimizer(list(model.named_parameters()), t.lr, t.betas, t.weight_decay, t.eps, t.no_decay_norm_bias)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
+    ddp_model = _wrap_ddp(model, ctx, device)
+    disc = build_discriminator(g, run.shared.data.train.size)
+    trainer = Trainer(run=run, ctx=ctx, device=device, model=model, ddp_model=ddp_model, opt=opt, sched=sched, ema=ema)
+    if disc is not None:
+        disc = disc.to(device)
+        trainer.disc, trainer.ddp_disc = disc, _wrap_ddp(disc, ctx, device)
+        trainer.opt_d = build_optimizer(list(disc.named_parameters()), g.lr, g.betas, g.weight_decay, t.eps,
+                                        t.no_decay_norm_bias)
+        trainer.augment = build_diffaug(g.diffaug)
+    trainer.perceptual = build_perceptual(run.shared.loss, device)
+    trainer.stream = BatchStream(dataset, t.batch_size, run.seed, ctx)
+    if t.compile:
+        trainer.ddp_model = torch.compile(trainer.ddp_model)
+    return trainer
+
+
+def _wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    if ctx.world_size <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    # find_unused_parameters like the official (FSQ/LFQ have no codebook; D-only paths skip some heads)
+    return DDP(module, device_ids=ids, find_unused_parameters=True)
+
+
+# ----------------------------------------------------------------------------------------------- one step
+def _autocast(tr: Trainer):
+    enabled = tr.run.shared.train.precision == "bf16"
+    return torch.autocast(device_type=tr.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _disc_active(tr: Trainer) -> bool:
+    return tr.disc is not None and tr.step >= tr.run.shared.gan.start_step
+
+
+def generator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
+    """G step (official §5.1 step 1): losses, backward, clip, AdamW, LR schedule, EMA."""
+    loss_spec, g = tr.run.shared.loss, tr.run.shared.gan
+    tr.ddp_model.train()
+    tr.opt.zero_grad(set_to_none=True)
+    with _autocast(tr):
+        x_hat, qout = tr.ddp_model(x)
+        x_hat = x_hat.float()
+        rec = F.mse_loss(x_hat, x) if loss_spec.reconstruction == "l2" else F.l1_loss(x_hat, x)
+        aux = sum(qout.losses.values()) if qout.losses else x_hat.new_zeros(())
+        terms = {"rec": rec, "aux": aux}
+        loss = loss_spec.reconstruction_weight * rec + loss_spec.quantizer_weight * aux
+        x01, xh01 = 0.5 * x + 0.5, 0.5 * x_hat + 0.5  # D and LPIPS see [0, 1] images (official quirk)
+        if tr.perceptual is not None:
+            terms["perceptual"] = tr.perceptual(x01, xh01)
+            loss = loss + loss_spec.perceptual_weight * terms["perceptual"]
+        if _disc_active(tr):
+            tr.disc.requires_grad_(False)  # G step must not leave gradients in D
+            adv = adversarial_g_loss(tr.disc(tr.augment(xh01)).float(), g.g_loss)
+            w = loss_spec.adversarial_weight
+            if g.adaptive_weight:
+                w = w * adaptive_weight(loss, adv, _last_decoder_weight(tr.model))
+            terms["adv"] = adv
+            loss = loss + w * adv
+            tr.disc.requires_grad_(True)
+    loss.backward()
+    _clip(tr.model.parameters(), tr.run.shared.train.grad_clip)
+    tr.opt.step()
+    tr.sched.step()
+    if tr.ema is not None:
+        tr.ema.update(tr.model)
+    out = {"loss": loss.detach().float().item(), **{f"loss_{k}": float(v.detach().float()) for k, v in terms.items()}}
+    out.update({f"stat_{k}": float(v.detach().float().mean()) for k, v in (qout.stats or {}).items()})
+    return out
+
+
+def discriminator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
+    """D step on a fresh batch (official §5.1 step 2): generator re-run, D loss on real vs detached fake."""
+    g = tr.run.shared.gan
+    tr.ddp_disc.train()
+    tr.opt_d.zero_grad(set_to_none=True)
+    with torch.no_grad(), _autocast(tr):
+        x_hat = tr.ddp_model(x)[0].float()
+    with _autocast(tr):
+        real = tr.ddp_disc(tr.augment(0.5 * x + 0.5)).float()
+        fake = tr.ddp_disc(tr.augment(0.5 * x_hat + 0.5)).float()
+        loss = adversarial_d_loss(real, fake, g.d_loss)
+        out = {"loss_d": 0.0}
+        if g.lecam_weight > 0:
+            reg = lecam_reg(real, fake, tr.lecam["real"].to(x.device), tr.lecam["fake"].to(x.device))
+            loss = loss + g.lecam_weight * reg
+            out["loss_lecam"] = float(reg.detach())
+            with torch.no_grad():
+                tr.lecam["real"] = (0.999 * tr.lecam["real"] + 0.001 * real.mean().cpu()).detach()
+                tr.lecam["fake"] = (0.999 * tr.lecam["fake"] + 0.001 * fake.mean().cpu()).detach()
+    loss.backward()
+    _clip(tr.disc.parameters(), g.grad_clip)
+    tr.opt_d.step()
+    out["loss_d"] = float(loss.detach())
+    return out
+
+
+def _clip(params, max_norm: float) -> None:
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+
+
+def _last_decoder_weight(model: nn.Module) -> Tensor:
+    convs = [m.weight for m in model.decoder.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1]
+
+
+def train_step(tr: Trainer) -> dict[str, float]:
+    row = generator_step(tr, tr.stream.next(tr.device))
+    if _disc_active(tr):
+        row.update(discriminator_step(tr, tr.stream.next(tr.device)))
+    tr.step += 1
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints, log
+def state_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoint" / STATE_FILE
+
+
+def save_checkpoint(tr: Trainer, run_dir: Path) -> None:
+    """Full trainer state, atomically (rank 0 only); the log is rewritten atomically alongside."""
+    from gsqbench.checkpoints import save_train_state
+
+    if tr.ctx.is_main:
+        write_train_log(run_dir, tr.log_rows)
+        save_train_state(state_path(run_dir), tr.state_dict())
+    if tr.ctx.world_size > 1:
+        dist.barrier()
+
+
+def try_resume(tr: Trainer, run_dir: Path) -> bool:
+    """Continue from the last checkpoint if there is one for this exact run; refuse a mismatched one."""
+    from gsqbench.checkpoints import load_train_state
+
+    path = state_path(run_dir)
+    if not path.exists():
+        return False
+    state = load_train_state(path)
+    if state.get("fairness_hash") != tr.run.fairness_hash or state.get("quantizer") != dict(tr.run.quantizer) \
+            or state.get("seed") != tr.run.seed:
+        raise UserError(f"checkpoint {path} belongs to a different spec of run {tr.run.run_id!r}; "
+                        "delete that run directory or use another --results root")
+    tr.load_state_dict(state)
+    tr.log_rows = [r for r in read_train_log(run_dir) if int(r["step"]) <= tr.step]
+    log.info("resumed %s at step %d", tr.run.run_id, tr.step)
+    return True
+
+
+def write_train_log(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    cols = list(dict.fromkeys(["step", "loss", *[k for r in rows for k in r if k.startswith("loss_")],
+                               "lr", "images_per_s", "time_s"]))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(Path(run_dir) / "train_log.csv", buf.getvalue())
+
+
+def read_train_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "train_log.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [dict(r) for r in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    steps: int
+    images_per_s: float
+    time_s: float
+    resumed_from: Optional[int]
+    weights: str  # "ema" or "raw": which weights were exported for evaluation
+    model: nn.Module  # the exported (EMA by default) tokenizer, eval mode
+
+
+def train_run(run: RunSpec, run_dir: str | Path, dataset: Any, *, device: str = "cpu",
+              progress: bool = True, stop_after: Optional[int] = None) -> TrainResult:
+    """Train one run to `run.shared.train.steps` (resuming if a checkpoint exists) and export the tokenizer.
+
+    `stop_after` ends the process early after that many steps in total (tests of kill/resume use it as a
+    barrier-free way to cut a run short; a real interruption is just a killed process).
+    """
+    run_dir = Path(run_dir)
+    ctx = init_distributed(device)
+    dev = resolve_device(device, ctx)
+    tr = build_trainer(run, dataset, ctx, dev)
+    resumed = tr.step if try_resume(tr, run_dir) else None
+    t = run.shared.train
+    bar = _progress_bar(progress and ctx.is_main, tr.step, t.steps, run.run_id)
+    t_start = time.perf_counter() - tr.elapsed_s
+    while tr.step < t.steps and (stop_after is None or tr.step < stop_after):
+        row = train_step(tr)
+        tr.elapsed_s = time.perf_counter() - t_start
+        _record(tr, row, t, bar)
+        if tr.step % t.checkpoint_every == 0 or tr.step == t.steps:
+            save_checkpoint(tr, run_dir)
+    bar.close()
+    weights = run.shared.eval.weights if tr.ema is not None else "raw"
+    exported = tr.ema.model if weights == "ema" else tr.model
+    if tr.step >= t.steps and ctx.is_main:
+        export_tokenizer(run, run_dir, exported, tr.step, weights)
+    return TrainResult(steps=tr.step, images_per_s=_images_per_s(tr), time_s=tr.elapsed_s,
+                       resumed_from=resumed, weights=weights, model=exported.eval())
+
+
+def _images_per_s(tr: Trainer) -> float:
+    return tr.step * tr.run.shared.train.batch_size / tr.elapsed_s if tr.elapsed_s > 0 else float("nan")
+
+
+def _record(tr: Trainer, row: dict[str, float], t: TrainSpec, bar: Any) -> None:
+    if tr.step % t.log_every and tr.step != t.steps and tr.step != 1:
+        bar.update(1)
+        return
+    row = {"step": tr.step, **row, "lr": tr.sched.get_last_lr()[0],
+           "images_per_s": round(_images_per_s(tr), 3), "time_s": round(tr.elapsed_s, 3)}
+    tr.log_rows.append(row)
+    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "loss_rec", "loss_d", "images_per_s")})
+    bar.update(1)
+
+
+def _progress_bar(enabled: bool, start: int, total: int, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"train {name}", disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+def export_tokenizer(run: RunSpec, run_dir: Path, model: nn.Module, step: int, weights: str) -> None:
+    """Write checkpoint/model.safetensors + model.json (the weights evaluation uses)."""
+    from gsqbench.checkpoints import save_tokenizer
+
+    meta = {"run_id": run.run_id, "step": step, "weights": weights, "fairness_hash": run.fairness_hash,
+            "seed": run.seed, "suite": run.suite}
+    save_tokenizer(Path(run_dir) / "checkpoint", model, model_spec(run), dict(run.quantizer), meta)
+
+
+def train_metrics(result: TrainResult) -> list:
+    """`train_images_per_s` and `train_time_s` as MetricValues for results.py."""
+    from gsqbench.metrics.base import MetricValue
+
+    return [MetricValue("train_images_per_s", float(result.images_per_s), direction="higher"),
+            MetricValue("train_time_s", float(result.time_s), direction="lower")]
