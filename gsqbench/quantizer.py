@@ -7,11 +7,13 @@ distance matrix, so V = 262,144 fits on one machine (spec gsq-reference.md §2.3
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from gsqbench.errors import UserError
 
 LookupPrecision = Literal["fp32", "bf16"]
 
@@ -47,8 +49,13 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
 
 
 def straight_through(x: Tensor, q: Tensor) -> Tensor:
-    """Forward value q, gradient flows to x unchanged."""
-    return x + (q - x).detach()
+    """Forward value q, gradient flows to x unchanged.
+
+    Written q + (x − sg[x]) rather than the usual x + sg[q − x]: same gradient, but the forward value is
+    exactly q (x − x = 0 exactly, whereas x + (q − x) can differ from q by an ulp), so
+    `indices_to_codes(indices)` reproduces z_q bit for bit.
+    """
+    return q + (x - x.detach())
 
 
 def _block_distances(x: Tensor, x_sq: Tensor, codes: Tensor, c_sq: Tensor, precision: LookupPrecision) -> Tensor:
@@ -115,3 +122,119 @@ def from_channels_last_groups(q: Tensor) -> Tensor:
     """(b, h, w, g, d) -> (b, g·d, h, w)."""
     b, h, w, g, d = q.shape
     return q.reshape(b, h, w, g * d).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def sample_code(
+    x: Tensor,
+    codebook: Tensor,
+    *,
+    mode: Literal["random", "softmax"],
+    tau: float = 1.0,
+    precision: LookupPrecision = "fp32",
+    generator: torch.Generator | None = None,
+    block_elems: int = 1 << 22,
+) -> Tensor:
+    """Stochastic code choice in blocks (never the full N×V matrix), for the official `gsq` class's options.
+
+    mode="random": uniform among exactly tied minimum distances (official `random_argmin`).
+    mode="softmax": a sample from softmax(−dist/τ) (official `softmax_sample`), drawn with the Gumbel-max
+    trick so each block only needs its own scores. x: (n, d); codebook: (v, d). Returns int64 (n,).
+    """
+    n, v = x.shape[0], codebook.shape[0]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, codebook = x.float(), codebook.float()
+        x_sq, c_sq = (x * x).sum(dim=1), (codebook * codebook).sum(dim=1)
+        codes_per_block = min(v, 1 << 16)
+        rows_per_block = max(1, block_elems // codes_per_block)
+        out = torch.empty(n, dtype=torch.long, device=x.device)
+        for r0 in range(0, n, rows_per_block):
+            rows = slice(r0, min(n, r0 + rows_per_block))
+            best_key = best_val = best_arg = None
+            for c0 in range(0, v, codes_per_block):
+                cols = slice(c0, min(v, c0 + codes_per_block))
+                dist = _block_distances(x[rows], x_sq[rows], codebook[cols], c_sq[cols], precision)
+                u = torch.rand(dist.shape, generator=generator, device=dist.device)
+                if mode == "softmax":
+                    score = -dist / tau - torch.log(-torch.log(u.clamp_min(1e-20)))  # + Gumbel(0, 1)
+                    val, idx = score.max(dim=1)
+                    key = val
+                else:
+                    val = dist.min(dim=1).values
+                    keys = torch.where(dist == val[:, None], u, torch.full_like(u, -1.0))
+                    key, idx = keys.max(dim=1)  # random key decides among the exact ties
+                idx = idx + c0
+                if best_arg is None:
+                    best_val, best_key, best_arg = val, key, idx
+                    continue
+                if mode == "softmax":
+                    better = key > best_key
+                else:
+                    better = (val < best_val) | ((val == best_val) & (key > best_key))
+                best_val = torch.where(better, val, best_val)
+                best_key = torch.where(better, key, best_key)
+                best_arg = torch.where(better, idx, best_arg)
+            out[rows] = best_arg
+    return out
+
+
+def batch_usage(indices: Tensor, codebook_size: int) -> Tensor:
+    """Fraction of the V codes used at least once in this batch (pooled over groups); a detached scalar."""
+    return torch.tensor(torch.unique(indices).numel() / codebook_size, dtype=torch.float32)
+
+
+# ---- shared by the quantizer files in tokenizers/ (they cannot import each other) ----
+
+
+def resolve_norm(norm: str | None, l2_norm: bool | None, default: str) -> str:
+    """`norm` wins; the boolean `l2_norm` (official `use_l2_norm`) is accepted as an alias."""
+    if norm is not None and l2_norm is not None and (norm == "l2") != l2_norm:
+        raise UserError(f"norm: {norm!r} contradicts l2_norm: {l2_norm}; give only one of them")
+    if norm is not None:
+        return norm
+    if l2_norm is not None:
+        return "l2" if l2_norm else "none"
+    return default
+
+
+def normalise(x: Tensor, norm: str) -> Tensor:
+    """The official `normlization_func`, applied along the last (length-d) axis."""
+    if norm == "l2":
+        return F.normalize(x, p=2.0, dim=-1)
+    if norm == "l1":
+        return F.normalize(x, p=1.0, dim=-1)
+    if norm == "clip":  # force_1d_clip: scalar codes kept in [-1, 1]
+        return x.clamp(-1.0, 1.0)
+    return x
+
+
+def init_codebook(weight: Tensor, init: str) -> None:
+    """Official `init_codebook`: spherical = randn rows / max(‖row‖, 1e-8); uniform = U(±1/V) (U(±1) for d = 1)."""
+    v, d = weight.shape
+    with torch.no_grad():
+        if init == "uniform":
+            bound = 1.0 if d == 1 else 1.0 / v
+            weight.uniform_(-bound, bound)
+        else:
+            rows = torch.randn(v, d)
+            weight.copy_(rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+
+
+def check_grouping(dim: Any, codebook_size: Any, groups: Any) -> None:
+    """Shared validation of dim / codebook_size / groups with one-line errors naming the field."""
+    for name, value in (("dim", dim), ("codebook_size", codebook_size), ("groups", groups)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name}: expected a positive integer, got {value!r}")
+    if dim % groups:
+        divisors = [g for g in range(1, dim + 1) if dim % g == 0]
+        raise UserError(f"groups: {groups} does not divide dim {dim}; valid groups: {divisors}")
+
+
+def check_channels(z: Tensor, dim: int) -> None:
+    if z.ndim != 4 or z.shape[1] != dim:
+        raise ValueError(f"quantizer expects a (b, {dim}, h, w) latent, got shape {tuple(z.shape)}")
+
+
+def check_indices(indices: Tensor, groups: int) -> None:
+    if indices.ndim != 4 or indices.shape[-1] != groups:
+        raise ValueError(f"indices must be (b, h, w, {groups}), got shape {tuple(indices.shape)}")

@@ -1,0 +1,145 @@
+"""GSQ: the Grouped Spherical Quantizer (Wang et al. 2024, arXiv 2412.02632), faithful to the official
+flex_gen `vq`/`gvq` classes (spec gsq-reference.md §2).
+
+D = G·d channels split contiguously group-major; ONE codebook `nn.Embedding(V, d)` shared by all groups
+(state-dict key `codebook.weight`, i.e. `quantizers.codebook.weight` once mounted as in the official
+model); nearest code between normalised latent groups and normalised codebook rows; the decoder gets the
+RAW codebook rows; aux loss MSE(q, sg[ẑ]) + β·MSE(sg[q], ẑ); straight-through on ẑ.
+Options from the official code: `init` (spherical / uniform), `norm` (l2 / l1 / none / clip =
+force_1d_clip), `tie_break` (the `gsq` class's argmin / random / softmax; training only),
+`lookup_precision` (fp32, or bf16 to reproduce the official bf16-autocast lookup), and the `vq` class's
+`lambda_entropy_loss` quirk as `entropy_weight` (§2.5).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from gsqbench.errors import UserError
+from gsqbench.quantizer import (
+    QuantizerOutput,
+    batch_usage,
+    check_channels,
+    check_grouping,
+    check_indices,
+    from_channels_last_groups,
+    init_codebook,
+    nearest_code,
+    normalise,
+    resolve_norm,
+    sample_code,
+    straight_through,
+    to_channels_last_groups,
+)
+from gsqbench.registry import register_quantizer
+
+Norm = Literal["l2", "l1", "none", "clip"]
+
+
+def _entropy_chunk(z: Tensor, codes: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Per-row logsumexp of s = dist/T over one block of codes, and Σ softmax(s)·s over that block."""
+    dist = (z * z).sum(1, keepdim=True) + (codes * codes).sum(1)[None, :] - 2.0 * z @ codes.T
+    s = dist / temperature
+    lse = torch.logsumexp(s, dim=1)
+    return lse, (torch.exp(s - lse[:, None]) * s).sum(1)
+
+
+def sample_entropy_of_distance(z: Tensor, codebook: Tensor, temperature: float, block_elems: int = 1 << 22) -> Tensor:
+    """Mean over rows of H(softmax(dist/T)), exactly, over code blocks (official `vq` entropy quirk, §2.5).
+
+    The official code passes the distance itself (not −distance) as the affinity; we keep that quirk.
+    Each block is recomputed in backward (checkpoint), so memory stays ~block_elems, never N×V.
+    """
+    n, v = z.shape[0], codebook.shape[0]
+    step = max(1, block_elems // max(n, 1))
+    lses, sums = [], []
+    for c0 in range(0, v, step):
+        lse, s = checkpoint(_entropy_chunk, z, codebook[c0:c0 + step], temperature, use_reentrant=False)
+        lses.append(lse)
+        sums.append(s)
+    lse_blocks = torch.stack(lses, dim=1)  # (n, blocks)
+    lse_all = torch.logsumexp(lse_blocks, dim=1)
+    expect_s = (torch.exp(lse_blocks - lse_all[:, None]) * torch.stack(sums, dim=1)).sum(1)
+    return (lse_all - expect_s).mean()
+
+
+@register_quantizer("gsq")
+class GroupedSphericalQuantizer(nn.Module):
+    """GSQ (Wang et al. 2024): G groups of d = D/G channels, one shared l2-normalised codebook, raw-row output."""
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        groups: int = 1,
+        commitment_weight: float = 0.25,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 1.0,
+        init: Literal["spherical", "uniform"] = "spherical",
+        norm: Norm | None = None,
+        l2_norm: bool | None = None,
+        tie_break: Literal["first", "random", "softmax"] = "first",
+        softmax_tau: float = 1.0,
+        lookup_precision: Literal["fp32", "bf16"] = "fp32",
+    ) -> None:
+        super().__init__()
+        check_grouping(dim, codebook_size, groups)
+        self.norm = resolve_norm(norm, l2_norm, "l2")
+        d = dim // groups
+        if self.norm == "clip" and (d != 1 or init != "uniform"):
+            raise UserError(
+                f"norm: 'clip' (official force_1d_clip) needs d = dim/groups = 1 and init 'uniform', "
+                f"got d = {d} and init {init!r}; use norm 'l2' or 'none'"
+            )
+        if softmax_tau <= 0 or entropy_temperature <= 0:
+            raise UserError(f"softmax_tau / entropy_temperature: must be > 0, got {softmax_tau} / {entropy_temperature}")
+        self.dim, self.codebook_size, self.groups, self.code_dim = dim, codebook_size, groups, d
+        self.commitment_weight = float(commitment_weight)
+        self.entropy_weight = float(entropy_weight)
+        self.entropy_temperature = float(entropy_temperature)
+        self.init, self.tie_break, self.softmax_tau = init, tie_break, float(softmax_tau)
+        self.lookup_precision = lookup_precision
+        self.codebook = nn.Embedding(codebook_size, d)  # key `codebook.weight`, as in the official model
+        init_codebook(self.codebook.weight, init)
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        return {"dim": 8, "codebook_size": 64, "groups": 4}
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, groups={self.groups}, norm={self.norm}, "
+                f"init={self.init}, lookup_precision={self.lookup_precision}")
+
+    def _lookup(self, z_hat: Tensor, codebook_hat: Tensor) -> Tensor:
+        # evaluation is always deterministic first-index argmin (spec §2.3)
+        if self.training and self.tie_break != "first":
+            return sample_code(z_hat, codebook_hat, mode=self.tie_break, tau=self.softmax_tau,  # type: ignore[arg-type]
+                               precision=self.lookup_precision)
+        return nearest_code(z_hat, codebook_hat, precision=self.lookup_precision)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """z (b, D, h, w) → z_q (b, D, h, w) in z's dtype, indices (b, h, w, G) int64."""
+        check_channels(z, self.dim)
+        b, _, h, w = z.shape
+        z_hat = normalise(to_channels_last_groups(z.float(), self.groups), self.norm)  # (b, h, w, G, d)
+        weight = self.codebook.weight
+        flat = z_hat.reshape(-1, self.code_dim)
+        idx = self._lookup(flat.detach(), normalise(weight.detach().float(), self.norm))  # (b·h·w·G,)
+        q = F.embedding(idx, weight).float().view_as(z_hat)  # RAW rows go to the decoder
+        loss = F.mse_loss(q, z_hat.detach()) + self.commitment_weight * F.mse_loss(q.detach(), z_hat)
+        if self.training and self.entropy_weight > 0:
+            ent = sample_entropy_of_distance(flat, normalise(weight.float(), self.norm), self.entropy_temperature)
+            loss = loss + self.entropy_weight * ent
+        z_q = from_channels_last_groups(straight_through(z_hat, q)).to(z.dtype)
+        indices = idx.view(b, h, w, self.groups)
+        return QuantizerOutput(z_q, indices, {"quantizer": loss},
+                               {"usage": batch_usage(indices, self.codebook_size)})
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """(b, h, w, G) int64 → raw codebook rows concatenated in group order, (b, D, h, w)."""
+        check_indices(indices, self.groups)
+        return from_channels_last_groups(self.codebook(indices))

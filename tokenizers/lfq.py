@@ -1,0 +1,139 @@
+"""LFQ baseline: lookup-free quantization (MAGVIT-v2, Yu et al., arXiv 2310.05737; Open-MAGVIT2 defaults),
+spec gsq-reference.md §8.4.
+
+Each of K channels is quantised to ±1 (z > 0 → +1, else −1); index Σ_k 2^k·[z_k > 0] (channel 0 least
+significant); implicit codebook {±1}^K of size 2^K; straight-through. Aux losses: commitment
+MSE(z, sg[q]) (weight 0.25) and the entropy loss mean_i H(p_i) − H(mean_i p_i) (weight 0.1) with
+p_i = softmax_c(2⟨z_i, c⟩/τ), τ = 0.01. Because the logits are separable, p_i(c) = Π_k σ(c_k·4z_ik/τ):
+the per-sample entropy is an exact sum of binary entropies, and the batch distribution mean_i p_i is
+computed exactly in blocks of codes (recomputed in backward), so K = 18 never holds N×2^18 at once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from gsqbench.errors import UserError
+from gsqbench.quantizer import QuantizerOutput, batch_usage, check_channels, check_indices, straight_through
+from gsqbench.registry import register_quantizer
+
+
+def code_bits(start: int, stop: int, k: int, device: torch.device) -> Tensor:
+    """(stop − start, K) float 0/1: bit k of each code index (channel 0 least significant)."""
+    codes = torch.arange(start, stop, device=device)
+    return ((codes[:, None] >> torch.arange(k, device=device)) & 1).float()
+
+
+def binary_entropy_from_logit(a: Tensor) -> Tensor:
+    """H(σ(a)) in nats, stable for large |a|: p·softplus(−a) + (1−p)·softplus(a)."""
+    p = torch.sigmoid(a)
+    return p * F.softplus(-a) + (1.0 - p) * F.softplus(a)
+
+
+def _mean_prob_block(log_neg_sum: Tensor, log_diff: Tensor, bits: Tensor) -> Tensor:
+    # log p_i(c) = Σ_k [c_k=+1]·log σ(a_ik) + [c_k=−1]·log σ(−a_ik)
+    #            = Σ_k log σ(−a_ik) + Σ_k bit_ck·(log σ(a_ik) − log σ(−a_ik))   → one small matmul per block
+    return torch.exp(log_neg_sum[:, None] + log_diff @ bits.T).mean(dim=0)
+
+
+def batch_mean_probs(a: Tensor, block_elems: int = 1 << 22) -> Tensor:
+    """mean_i Π_k σ(c_k·a_ik) for every c ∈ {±1}^K, exactly, in code blocks of ~block_elems/N each."""
+    n, k = a.shape
+    log_pos, log_neg = F.logsigmoid(a), F.logsigmoid(-a)
+    log_neg_sum, log_diff = log_neg.sum(dim=1), log_pos - log_neg
+    step = max(1, block_elems // max(n, 1))
+    blocks = []
+    for c0 in range(0, 2 ** k, step):
+        bits = code_bits(c0, min(2 ** k, c0 + step), k, a.device)
+        if a.requires_grad:  # recompute in backward: memory stays one block, not N×2^K
+            blocks.append(checkpoint(_mean_prob_block, log_neg_sum, log_diff, bits, use_reentrant=False))
+        else:
+            blocks.append(_mean_prob_block(log_neg_sum, log_diff, bits))
+    return torch.cat(blocks)
+
+
+def lfq_entropy_terms(z: Tensor, tau: float, block_elems: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """(mean per-sample entropy, entropy of the batch-mean distribution) for z (N, K), in nats."""
+    a = 4.0 * z / tau  # softmax over c of 2⟨z, c⟩/τ factorises into per-channel σ(4 z_k / τ)
+    per_sample = binary_entropy_from_logit(a).sum(dim=1).mean()
+    avg = batch_mean_probs(a, block_elems)
+    batch = -(avg * torch.log(avg.clamp_min(1e-30))).sum()  # 0·log 0 = 0 with a finite gradient
+    return per_sample, batch
+
+
+@register_quantizer("lfq")
+class LookupFreeQuantizer(nn.Module):
+    """LFQ (MAGVIT-v2): sign of each of K = log2 V channels, entropy + commitment losses (Open-MAGVIT2 weights)."""
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        codebook_size: int | None = None,
+        groups: int = 1,
+        commitment_weight: float = 0.25,
+        entropy_weight: float = 0.1,
+        entropy_temperature: float = 0.01,
+        batch_entropy_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        dim = resolve_lfq_dim(dim, codebook_size)
+        if groups != 1:
+            raise UserError(f"groups: LFQ fuses its {dim} channels into one index per position; use groups: 1, got {groups}")
+        if entropy_temperature <= 0:
+            raise UserError(f"entropy_temperature: must be > 0, got {entropy_temperature}")
+        self.dim, self.codebook_size, self.groups = dim, 2 ** dim, 1
+        self.commitment_weight, self.entropy_weight = float(commitment_weight), float(entropy_weight)
+        self.entropy_temperature, self.batch_entropy_weight = float(entropy_temperature), float(batch_entropy_weight)
+        self.register_buffer("bit_weights", 2 ** torch.arange(dim, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        return {"dim": 6}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, entropy_weight={self.entropy_weight}"
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """z (b, K, h, w) → z_q ∈ {±1} (straight-through), indices (b, h, w, 1) int64."""
+        check_channels(z, self.dim)
+        b, _, h, w = z.shape
+        x = z.float().permute(0, 2, 3, 1)  # (b, h, w, K)
+        q = torch.where(x > 0, 1.0, -1.0)
+        idx = ((x > 0).long() * self.bit_weights).sum(dim=-1, keepdim=True)  # (b, h, w, 1)
+        losses = {"commitment": self.commitment_weight * F.mse_loss(x, q)}
+        stats = {"usage": batch_usage(idx, self.codebook_size)}
+        if self.training and self.entropy_weight > 0:
+            with torch.autocast(device_type=x.device.type, enabled=False):  # τ = 0.01 logits need fp32
+                per_sample, batch = lfq_entropy_terms(x.reshape(-1, self.dim), self.entropy_temperature)
+            losses["entropy"] = self.entropy_weight * (per_sample - self.batch_entropy_weight * batch)
+            stats.update(per_sample_entropy=per_sample.detach(), batch_entropy=batch.detach())
+        z_q = straight_through(x, q).permute(0, 3, 1, 2).contiguous().to(z.dtype)
+        return QuantizerOutput(z_q, idx, losses, stats)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """(b, h, w, 1) int64 → ±1 codes (b, K, h, w)."""
+        check_indices(indices, 1)
+        bits = (indices >> torch.arange(self.dim, device=indices.device)) & 1  # (b, h, w, K)
+        return (bits.float() * 2.0 - 1.0).permute(0, 3, 1, 2).contiguous()
+
+
+def resolve_lfq_dim(dim: int | None, codebook_size: int | None) -> int:
+    """K from `dim` and/or `codebook_size` (= 2**K), with one-line errors naming the field."""
+    if dim is None and codebook_size is None:
+        raise UserError("dim / codebook_size: LFQ needs one of them (codebook_size = 2**dim)")
+    if codebook_size is not None:
+        if codebook_size < 2 or codebook_size & (codebook_size - 1):
+            up = 2 ** math.ceil(math.log2(max(codebook_size, 2)))
+            raise UserError(f"codebook_size: LFQ needs a power of two (2**dim), got {codebook_size}; e.g. {up}")
+        k = codebook_size.bit_length() - 1
+        if dim is not None and dim != k:
+            raise UserError(f"dim: {dim} does not match codebook_size {codebook_size} = 2**{k}; use dim: {k}")
+        return k
+    if dim < 1 or dim > 62:
+        raise UserError(f"dim: LFQ needs 1 <= dim <= 62 (index fits int64), got {dim}")
+    return dim
