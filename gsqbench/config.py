@@ -96,7 +96,7 @@ class LossSpec:
     reconstruction_weight: float = 1.0
     quantizer_weight: float = 1.0  # multiplies the quantizer's already-weighted aux losses
     perceptual_weight: float = 0.0
-    perceptual_net: Literal["vgg", "alex"] = "vgg"
+    perceptual_input_range: Literal["[0,1]", "[-1,1]"] = "[0,1]"  # official quirk feeds [0, 1] to LPIPS
     perceptual_required: bool = False  # missing LPIPS weights: error instead of "off with a message"
     adversarial_weight: float = 0.1
 
@@ -416,6 +416,8 @@ def _parse_subjects(raw: Any) -> tuple[Subject, ...]:
 def _refuse_shared_in_subject(key: str, value: Any) -> None:
     """A subject that sets a shared field would break 'identical hyperparameters': name the field."""
     parts = str(key).split(".")
+    if parts == ["shared"]:
+        raise UserError("subjects may only differ in quantizer; 'shared' belongs at the top level of the suite")
     if parts[0] == "shared":
         parts = parts[1:]
     if parts and parts[0] in SHARED_SECTIONS:

@@ -24,15 +24,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gsqbench.config import GanSpec, LossSpec, RunSpec, TrainSpec, spec_to_dict
+from gsqbench.config import GanSpec, LossSpec, RunSpec, TrainSpec
 from gsqbench.errors import UserError
 from gsqbench.io import atomic_write_text
 
@@ -160,53 +159,14 @@ class Ema:
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def adversarial_g_loss(logits: Tensor, kind: str) -> Tensor:
-    """Generator loss on D(fake) (gsq-reference.md §5.2): NS uses the per-sample mean logit first."""
-    per_sample = logits.reshape(logits.shape[0], -1).mean(dim=1)
-    if kind == "ns":
-        return F.softplus(-per_sample).mean()
-    if kind == "hinge":
-        return -logits.mean()
-    return F.softplus(-logits).mean()  # vanilla
-
-
-def adversarial_d_loss(real: Tensor, fake: Tensor, kind: str) -> Tensor:
-    if kind == "hinge":
-        return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
-    return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())  # vanilla / NS discriminator
-
-
-def lecam_reg(real: Tensor, fake: Tensor, ema_real: Tensor, ema_fake: Tensor) -> Tensor:
-    """LeCam regulariser (Tseng et al. 2021) against EMAs of the mean logits."""
-    return F.relu(real.mean() - ema_fake).pow(2) + F.relu(ema_real - fake.mean()).pow(2)
-
-
-def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
-    """Taming-style ‖∇L_rec‖/‖∇L_G‖ at the decoder's last layer, clamped to [0, 1e3]."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e3).detach()
-
-
-def build_perceptual(loss: LossSpec, device: torch.device) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
-    """LPIPS perceptual loss on [0, 1] inputs (official quirk, §5.2), or None with a clear message if weights are missing."""
+def build_perceptual(loss: LossSpec, device: torch.device) -> Optional[nn.Module]:
+    """LPIPS-VGG (gsqbench.losses.PerceptualLoss), or None when off or its weights are missing (logged there)."""
     if loss.perceptual_weight <= 0:
         return None
-    from gsqbench import weights as W
+    from gsqbench.losses import PerceptualLoss
 
-    trunk = "vgg16" if loss.perceptual_net == "vgg" else "alexnet"
-    try:
-        W.weight_path(trunk)
-        W.expose_in_torch_hub(trunk)
-    except W.WeightsUnavailable as exc:
-        if loss.perceptual_required:
-            raise UserError(f"config key 'shared.loss.perceptual_required': {exc}") from None
-        log.warning("perceptual loss OFF (LPIPS %s trunk weights missing): %s", trunk, exc)
-        return None
-    import lpips
-
-    net = lpips.LPIPS(net=loss.perceptual_net, verbose=False).to(device).eval().requires_grad_(False)
-    return lambda x01, y01: net(x01, y01).mean()
+    net = PerceptualLoss(required=loss.perceptual_required, input_range=loss.perceptual_input_range)
+    return net.to(device) if net.enabled else None
 
 
 def build_discriminator(gan: GanSpec, image_size: int) -> Optional[nn.Module]:
@@ -248,7 +208,7 @@ class Trainer:
     augment: Callable = lambda x: x
     step: int = 0
     elapsed_s: float = 0.0
-    lecam: dict = field(default_factory=lambda: {"real": torch.zeros(()), "fake": torch.zeros(())})
+    lecam: Any = None  # gsqbench.losses.LeCamEMA when LeCAM is on
     log_rows: list = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -257,7 +217,7 @@ class Trainer:
             "run_id": self.run.run_id, "fairness_hash": self.run.fairness_hash, "quantizer": dict(self.run.quantizer),
             "seed": self.run.seed, "data_position": self.stream.position if self.stream else 0,
             "model": _cpu(self.model.state_dict()), "opt": _cpu(self.opt.state_dict()),
-            "sched": self.sched.state_dict(), "lecam": {k: v.clone() for k, v in self.lecam.items()},
+            "sched": self.sched.state_dict(), "lecam": self.lecam.state_dict() if self.lecam else {},
             "rng": _rng_state(),
         }
         if self.ema is not None:
@@ -277,7 +237,8 @@ class Trainer:
             self.disc.load_state_dict(state["disc"])
             self.opt_d.load_state_dict(state["opt_d"])
         self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
-        self.lecam = {k: v.clone() for k, v in state["lecam"].items()}
+        if self.lecam is not None and state.get("lecam"):
+            self.lecam.load_state_dict(state["lecam"])
         self.stream.position = int(state["data_position"])
         _set_rng_state(state["rng"])
 
@@ -352,6 +313,10 @@ def build_trainer(run: RunSpec, dataset: Any, ctx: DistContext, device: torch.de
         trainer.opt_d = build_optimizer(list(disc.named_parameters()), g.lr, g.betas, g.weight_decay, t.eps,
                                         t.no_decay_norm_bias)
         trainer.augment = build_diffaug(g.diffaug)
+        if g.lecam_weight > 0:
+            from gsqbench.losses import LeCamEMA
+
+            trainer.lecam = LeCamEMA()
     trainer.perceptual = build_perceptual(run.shared.loss, device)
     trainer.stream = BatchStream(dataset, t.batch_size, run.seed, ctx)
     if t.compile:
@@ -381,26 +346,28 @@ def _disc_active(tr: Trainer) -> bool:
 
 def generator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
     """G step (official §5.1 step 1): losses, backward, clip, AdamW, LR schedule, EMA."""
+    from gsqbench import losses as L
+
     loss_spec, g = tr.run.shared.loss, tr.run.shared.gan
     tr.ddp_model.train()
     tr.opt.zero_grad(set_to_none=True)
     with _autocast(tr):
         x_hat, qout = tr.ddp_model(x)
-        x_hat = x_hat.float()
-        rec = F.mse_loss(x_hat, x) if loss_spec.reconstruction == "l2" else F.l1_loss(x_hat, x)
-        aux = sum(qout.losses.values()) if qout.losses else x_hat.new_zeros(())
+        rec = L.reconstruction_loss(x, x_hat, loss_spec.reconstruction)
+        aux = sum(qout.losses.values()) if qout.losses else rec.new_zeros(())
         terms = {"rec": rec, "aux": aux}
-        loss = loss_spec.reconstruction_weight * rec + loss_spec.quantizer_weight * aux
-        x01, xh01 = 0.5 * x + 0.5, 0.5 * x_hat + 0.5  # D and LPIPS see [0, 1] images (official quirk)
+        rec_total = loss_spec.reconstruction_weight * rec
         if tr.perceptual is not None:
-            terms["perceptual"] = tr.perceptual(x01, xh01)
-            loss = loss + loss_spec.perceptual_weight * terms["perceptual"]
+            terms["perceptual"] = tr.perceptual(x, x_hat.float())
+            rec_total = rec_total + loss_spec.perceptual_weight * terms["perceptual"]
+        loss = rec_total + loss_spec.quantizer_weight * aux
         if _disc_active(tr):
-            tr.disc.requires_grad_(False)  # G step must not leave gradients in D
-            adv = adversarial_g_loss(tr.disc(tr.augment(xh01)).float(), g.g_loss)
+            tr.disc.requires_grad_(False)  # the G step must not leave gradients in D
+            logits = tr.disc(tr.augment(0.5 * x_hat.float() + 0.5))  # D sees [0, 1] images (official)
+            adv = L.generator_loss(g.g_loss, logits)
             w = loss_spec.adversarial_weight
             if g.adaptive_weight:
-                w = w * adaptive_weight(loss, adv, _last_decoder_weight(tr.model))
+                w = w * L.adaptive_weight(rec_total, adv, _last_decoder_weight(tr.model))
             terms["adv"] = adv
             loss = loss + w * adv
             tr.disc.requires_grad_(True)
@@ -410,30 +377,28 @@ def generator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
     tr.sched.step()
     if tr.ema is not None:
         tr.ema.update(tr.model)
-    out = {"loss": loss.detach().float().item(), **{f"loss_{k}": float(v.detach().float()) for k, v in terms.items()}}
-    out.update({f"stat_{k}": float(v.detach().float().mean()) for k, v in (qout.stats or {}).items()})
-    return out
+    return {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 
 
 def discriminator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
     """D step on a fresh batch (official §5.1 step 2): generator re-run, D loss on real vs detached fake."""
+    from gsqbench import losses as L
+
     g = tr.run.shared.gan
     tr.ddp_disc.train()
     tr.opt_d.zero_grad(set_to_none=True)
     with torch.no_grad(), _autocast(tr):
         x_hat = tr.ddp_model(x)[0].float()
+    out = {}
     with _autocast(tr):
-        real = tr.ddp_disc(tr.augment(0.5 * x + 0.5)).float()
-        fake = tr.ddp_disc(tr.augment(0.5 * x_hat + 0.5)).float()
-        loss = adversarial_d_loss(real, fake, g.d_loss)
-        out = {"loss_d": 0.0}
-        if g.lecam_weight > 0:
-            reg = lecam_reg(real, fake, tr.lecam["real"].to(x.device), tr.lecam["fake"].to(x.device))
+        real = tr.ddp_disc(tr.augment(0.5 * x + 0.5))
+        fake = tr.ddp_disc(tr.augment(0.5 * x_hat + 0.5))
+        loss = L.discriminator_loss(g.d_loss, real, fake)
+        if tr.lecam is not None:
+            tr.lecam.update(real, fake)  # official order: EMA first, then the regulariser
+            reg = L.lecam_loss(real, fake, tr.lecam)
             loss = loss + g.lecam_weight * reg
             out["loss_lecam"] = float(reg.detach())
-            with torch.no_grad():
-                tr.lecam["real"] = (0.999 * tr.lecam["real"] + 0.001 * real.mean().cpu()).detach()
-                tr.lecam["fake"] = (0.999 * tr.lecam["fake"] + 0.001 * fake.mean().cpu()).detach()
     loss.backward()
     _clip(tr.disc.parameters(), g.grad_clip)
     tr.opt_d.step()

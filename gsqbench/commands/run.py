@@ -1,0 +1,40 @@
+"""`gsqbench run SUITE.yaml`: train and evaluate every run of a suite, write results, optionally the report."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "train + evaluate every run of a suite (subjects x seeds x grid), write results and an optional report"
+
+
+def add_suite_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `run` and `train`."""
+    p.add_argument("suite", help="suite YAML file (e.g. configs/demo.yaml)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this subject (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (value parsed as YAML; repeatable)")
+    p.add_argument("--results", default="results", metavar="DIR", help="results root (default: results)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--strict-data", action="store_true", help="a corrupt image is an error instead of skipped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_suite_arguments(p)
+    p.add_argument("--report", default=None, metavar="DIR", help="render the HTML report into DIR at the end")
+    p.add_argument("--require", action="append", default=[], metavar="METRIC",
+                   help="fail (exit 2) instead of reporting METRIC as unavailable (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gsqbench.config import load_suite
+    from gsqbench.runner import format_summary, run_suite
+
+    suite = load_suite(args.suite, args.overrides)
+    res = run_suite(suite, args.results, args.only or None, device=args.device, report_dir=args.report,
+                    strict_data=args.strict_data, require=args.require, progress=not args.no_progress)
+    print(format_summary(res))
+    if res.skipped:
+        print(f"skipped (finished earlier): {', '.join(res.skipped)}")
+    if res.report is not None:
+        print(f"report: {res.report}")
+    return 0

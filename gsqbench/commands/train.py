@@ -1,0 +1,42 @@
+"""`gsqbench train SUITE.yaml --run ID`: train runs of a suite (resuming from their checkpoints), no evaluation.
+
+Works under torchrun (`torchrun --nproc_per_node N -m gsqbench train ...`): every rank takes its slice of the
+global batch; rank 0 writes checkpoints and the log.
+"""
+from __future__ import annotations
+
+import argparse
+
+from gsqbench.commands.run import add_suite_arguments
+
+HELP = "train runs of a suite (resumes from the last checkpoint); no evaluation"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_suite_arguments(p)
+    p.add_argument("--run", dest="run_ids", action="append", default=[], metavar="RUN_ID",
+                   help="train only this run id, e.g. gsq-s0 (repeatable; default: all runs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gsqbench.config import expand_runs, load_suite
+    from gsqbench.errors import UserError, did_you_mean
+    from gsqbench.results import run_dir_for
+    from gsqbench.runner import open_dataset
+    from gsqbench.train import train_run
+
+    suite = load_suite(args.suite, args.overrides)
+    runs = expand_runs(suite, args.only or None)
+    ids = [r.run_id for r in runs]
+    for rid in args.run_ids:
+        if rid not in ids:
+            raise UserError(f"--run {rid!r}: no such run in suite {suite.suite!r}{did_you_mean(rid, ids)}")
+    for run in runs:
+        if args.run_ids and run.run_id not in args.run_ids:
+            continue
+        dataset = open_dataset(run.shared.data.train, strict=args.strict_data, role="train")
+        res = train_run(run, run_dir_for(args.results, suite.suite, run.run_id), dataset, device=args.device,
+                        progress=not args.no_progress)
+        print(f"{run.run_id}: {res.steps} steps, {res.images_per_s:.1f} images/s, {res.time_s:.1f} s"
+              + (f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""))
+    return 0

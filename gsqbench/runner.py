@@ -1,0 +1,184 @@
+"""Suite orchestration: expand subjects × seeds × grid into runs, skip finished ones, train, evaluate with the
+exported (EMA) weights, write the per-run results directory, optionally render the report, summarise.
+
+One run flows train → evaluate → results (design.md); a run counts as finished when its run.json says
+`status: done` and its exported checkpoint exists, so re-running a suite after a crash redoes only what is
+missing (training itself resumes from its last checkpoint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from gsqbench.config import DataSource, RunSpec, Suite, expand_runs, spec_to_dict
+from gsqbench.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = ("rfid@inception", "psnr", "ssim", "lpips@alex", "usage_pooled", "ppl_pooled", "bits_per_token",
+                   "train_images_per_s", "train_time_s")
+DONE = "done"
+
+
+@dataclass
+class SuiteResult:
+    run_dirs: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)  # run_id -> metric -> value
+    report: Optional[Path] = None
+
+
+# ----------------------------------------------------------------------------------------------- data
+def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train") -> Any:
+    """Build a dataset through gsqbench.data; a missing/empty folder is a UserError naming the config key."""
+    from gsqbench import data
+
+    try:
+        return data.build_dataset(source, strict=strict or source.strict)
+    except FileNotFoundError as exc:
+        raise UserError(f"config key 'shared.data.{role}.path': {source.path!r} does not exist ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------- per run
+def is_finished(run_dir: Path) -> bool:
+    from gsqbench.results import read_run_info
+
+    if not (run_dir / "run.json").exists() or not (run_dir / "checkpoint" / "model.safetensors").exists():
+        return False
+    try:
+        return read_run_info(run_dir).get("status") == DONE
+    except (UserError, ValueError):
+        return False
+
+
+def eval_settings(run: RunSpec, require: Sequence[str] = ()) -> Any:
+    """gsqbench.evaluate.EvalSettings from the shared eval spec: pass the fields EvalSettings declares."""
+    from gsqbench.evaluate import EvalSettings
+
+    e = run.shared.eval
+    wanted = {"mode": e.mode, "batch_size": e.batch_size, "samples": e.samples, "num_samples": e.samples,
+              "metrics": tuple(e.metrics) or None, "require": tuple(sorted({*e.require, *require})),
+              "seed": run.seed, **e.options}
+    names = {f.name for f in dataclasses.fields(EvalSettings)} if dataclasses.is_dataclass(EvalSettings) \
+        else set(inspect.signature(EvalSettings).parameters)
+    unknown = [k for k in e.options if k not in names]
+    if unknown:
+        raise UserError(f"config key 'shared.eval.options.{unknown[0]}' is not an evaluation setting "
+                        f"(valid: {', '.join(sorted(names))})")
+    return EvalSettings(**{k: v for k, v in wanted.items() if k in names and v is not None})
+
+
+def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
+            progress: bool) -> dict[str, float]:
+    """Train (or resume) then evaluate one run and write its results directory; returns metric -> value."""
+    import torch
+
+    from gsqbench.evaluate import evaluate
+    from gsqbench.train import train_metrics, train_run
+
+    train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
+    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval")
+    trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
+    dev = next(trained.model.parameters()).device
+    with torch.no_grad():
+        ev = evaluate(trained.model, eval_ds, eval_settings(run, require), device=dev, out_dir=run_dir)
+    metrics = [*ev.metrics, *train_metrics(trained)]
+    if _is_main():
+        _write_results(run, run_dir, ev, metrics, trained, device=str(dev))
+    return {m.name: m.value for m in metrics}
+
+
+def _write_results(run: RunSpec, run_dir: Path, ev: Any, metrics: list, trained: Any, device: str) -> None:
+    from gsqbench import results
+
+    if ev.per_image:
+        results.write_per_image(run_dir, ev.per_image)
+    if ev.code_counts is not None:
+        results.write_code_counts(run_dir, ev.code_counts)
+    info = {
+        "run_id": run.run_id, "suite": run.suite, "subject": run.subject, "seed": run.seed, "grid": dict(run.grid),
+        "spec": {"shared": spec_to_dict(run.shared), "quantizer": dict(run.quantizer)},
+        "fairness_hash": run.fairness_hash, "card": ev.card, "card_hash": ev.card_hash,
+        "weights": trained.weights, "train_steps": trained.steps, "resumed_from": trained.resumed_from,
+        "provenance": results.provenance(device=device, precision=run.shared.train.precision,
+                                         world_size=_world_size()),
+        "status": DONE,
+    }
+    results.write_run_results(run_dir, info, metrics)
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _finished_metrics(run_dir: Path) -> dict[str, float]:
+    from gsqbench.results import read_csv_rows
+
+    out = {}
+    for row in read_csv_rows(run_dir / "metrics.csv"):
+        try:
+            out[row["metric"]] = float(row["value"])
+        except (KeyError, ValueError):
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- suite
+def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] = None, *, device: str = "cpu",
+              report_dir: Optional[str | Path] = None, strict_data: bool = False, require: Sequence[str] = (),
+              progress: bool = True) -> SuiteResult:
+    """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`."""
+    from gsqbench.results import run_dir_for
+
+    runs = expand_runs(suite, only)
+    out = SuiteResult()
+    for i, run in enumerate(runs):
+        run_dir = run_dir_for(results_root, suite.suite, run.run_id)
+        out.run_dirs.append(run_dir)
+        if is_finished(run_dir):
+            log.info("[%d/%d] %s: finished earlier, skipped", i + 1, len(runs), run.run_id)
+            out.skipped.append(run.run_id)
+            out.summary[run.run_id] = _finished_metrics(run_dir)
+            continue
+        log.info("[%d/%d] %s: training %d steps", i + 1, len(runs), run.run_id, run.shared.train.steps)
+        out.summary[run.run_id] = run_one(run, run_dir, device=device, strict_data=strict_data, require=require,
+                                          progress=progress)
+    if report_dir is not None and _is_main():
+        out.report = render_report(run_dir_for(results_root, suite.suite, "_").parent, Path(report_dir))
+    return out
+
+
+def render_report(results_dir: Path, report_dir: Path) -> Path:
+    from gsqbench.report import render
+
+    result = render(results_dir, report_dir)
+    return Path(result) if result is not None else report_dir
+
+
+def format_summary(res: SuiteResult, metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """Plain-text table: one row per run, key metrics as columns (NaN/missing shown as '—')."""
+    present = [m for m in metrics if any(m in v for v in res.summary.values())]
+    header = ["run", *present]
+    rows = [[rid, *(_fmt(vals.get(m)) for m in present)] for rid, vals in res.summary.items()]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.4g}"

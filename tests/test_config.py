@@ -1,0 +1,162 @@
+"""Suite config: typed loading, --set overrides, refusals with one-line messages, grid expansion, fairness hash."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gsqbench.config import (
+    apply_overrides, expand_runs, load_suite, parse_override, spec_to_dict,
+    suite_from_dict,
+)
+from gsqbench.errors import UserError
+
+
+def _raw(**extra) -> dict:
+    raw = {
+        "suite": "t",
+        "shared": {"model": {"preset": "tiny-f8", "latent_dim": 8}, "train": {"steps": 3, "lr": 1e-3}},
+        "subjects": [
+            {"name": "gsq", "quantizer": {"name": "gsq", "dim": 8, "codebook_size": 64, "groups": 2}},
+            {"name": "gsq-g1", "quantizer": {"name": "gsq", "dim": 8, "codebook_size": 64}},
+        ],
+        "seeds": [0, 1],
+    }
+    raw.update(extra)
+    return raw
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    p = tmp_path / "suite.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_load_types_and_defaults(tmp_path):
+    s = load_suite(_write(tmp_path, _raw()))
+    assert s.shared.train.steps == 3 and s.shared.train.lr == 1e-3
+    assert s.shared.train.betas == (0.9, 0.99)  # recipe default, tuple after parsing
+    assert [x.name for x in s.subjects] == ["gsq", "gsq-g1"] and s.seeds == (0, 1)
+
+
+def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
+    s = load_suite(_write(tmp_path, _raw()))
+    runs = expand_runs(s)
+    assert [r.run_id for r in runs] == ["gsq-s0", "gsq-s1", "gsq-g1-s0", "gsq-g1-s1"]
+    assert len({r.fairness_hash for r in runs}) == 1
+    # independent oracle: hashlib over json.dumps of the plain dict written in the test
+    canonical = json.dumps(spec_to_dict(s.shared), sort_keys=True, separators=(",", ":"))
+    assert runs[0].fairness_hash == hashlib.sha256(canonical.encode()).hexdigest()
+    # any shared change moves the hash; a quantizer change does not
+    other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
+    assert expand_runs(other)[0].fairness_hash != runs[0].fairness_hash
+    q = load_suite(_write(tmp_path, _raw()), ["subjects.gsq.quantizer.codebook_size=128"])
+    assert expand_runs(q)[0].fairness_hash == runs[0].fairness_hash
+    assert expand_runs(q)[0].quantizer["codebook_size"] == 128
+
+
+def test_set_overrides_are_type_checked(tmp_path):
+    p = _write(tmp_path, _raw())
+    s = load_suite(p, ["train.steps=7", "shared.train.precision=fp32", "train.betas=[0.5, 0.9]", "seeds=[3]"])
+    assert s.shared.train.steps == 7 and s.shared.train.precision == "fp32"
+    assert s.shared.train.betas == (0.5, 0.9) and s.seeds == (3,)
+    assert parse_override("train.lr=1e-4") == ("train.lr", 1e-4)
+    with pytest.raises(UserError, match=r"'shared.train.steps': 'many' is not valid; expected int"):
+        load_suite(p, ["train.steps=many"])
+    with pytest.raises(UserError, match=r"'shared.train.precision'.*one of 'bf16', 'fp32'"):
+        load_suite(p, ["train.precision=fp16"])
+    with pytest.raises(UserError, match=r"unknown config key 'shared.train.lrr'; did you mean 'lr'"):
+        load_suite(p, ["train.lrr=1"])
+    with pytest.raises(UserError, match="expected key=value"):
+        load_suite(p, ["train.lr"])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["shared"]["train"].update(stpes=3), r"unknown config key 'shared.train.stpes'; did you mean 'steps'"),
+    (lambda r: r.update(sutie="x"), r"unknown config key 'sutie'; did you mean 'suite'"),
+    (lambda r: r["shared"]["train"].update(steps="3"), r"'shared.train.steps': '3' is not valid; expected int"),
+    (lambda r: r["shared"]["train"].update(ema_decay=True), r"'shared.train.ema_decay': True"),
+    (lambda r: r["shared"]["model"].update(latent_dim=8.5), r"'shared.model.latent_dim': 8.5"),
+    (lambda r: r.update(subjects=[]), r"'subjects'"),
+    (lambda r: r.update(seeds=[0, 0]), r"'seeds'.*distinct"),
+    (lambda r: r["subjects"].append(dict(r["subjects"][0])), r"duplicate subject name 'gsq'"),
+])
+def test_bad_config_is_one_line_user_error(tmp_path, mutate, message):
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(UserError, match=message) as exc:
+        load_suite(_write(tmp_path, raw))
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("subject_extra, field", [
+    ({"train.lr": 1e-3}, "train.lr"),
+    ({"train": {"lr": 1e-3}}, "train.lr"),
+    ({"model": {"latent_dim": 16}}, "model.latent_dim"),
+    ({"shared": {"x": 1}}, "shared"),
+])
+def test_subject_may_not_set_shared_fields(tmp_path, subject_extra, field):
+    raw = _raw()
+    raw["subjects"][1].update(subject_extra)
+    with pytest.raises(UserError, match="subjects may only differ in quantizer") as exc:
+        load_suite(_write(tmp_path, raw))
+    if field != "shared":
+        assert f"'{field}' is shared" in str(exc.value)
+
+
+def test_quantizer_kwargs_checked_at_load_through_registry(tmp_path):
+    raw = _raw()
+    raw["subjects"][0]["quantizer"]["codebok_size"] = raw["subjects"][0]["quantizer"].pop("codebook_size")
+    with pytest.raises(UserError, match=r"codebok_size.*did you mean 'codebook_size'"):
+        load_suite(_write(tmp_path, raw))
+    raw = _raw()
+    raw["subjects"][0]["quantizer"]["name"] = "gqs"
+    with pytest.raises(UserError, match=r"unknown quantizer 'gqs'; did you mean 'gsq'"):
+        load_suite(_write(tmp_path, raw))
+
+
+def test_grid_expansion_and_hash_per_shared_point(tmp_path):
+    raw = _raw(seeds=[0], grid={"model.latent_dim,quantizer.dim": [[8, 8], [16, 16]],
+                                "quantizer.codebook_size": [32, 64]})
+    raw["subjects"] = raw["subjects"][:1]
+    runs = expand_runs(suite_from_dict(raw))
+    assert [r.run_id for r in runs] == [
+        "gsq-s0-latent_dim8-dim8-codebook_size32", "gsq-s0-latent_dim8-dim8-codebook_size64",
+        "gsq-s0-latent_dim16-dim16-codebook_size32", "gsq-s0-latent_dim16-dim16-codebook_size64"]
+    assert [r.shared.model.latent_dim for r in runs] == [8, 8, 16, 16]
+    assert [r.quantizer["codebook_size"] for r in runs] == [32, 64, 32, 64]
+    # quantizer-only grid points share a hash; different shared points never do
+    assert runs[0].fairness_hash == runs[1].fairness_hash != runs[2].fairness_hash == runs[3].fairness_hash
+    # the point's shared spec is the base spec with only latent_dim changed; hash it independently
+    import dataclasses
+    base = suite_from_dict(raw).shared
+    expected = dataclasses.replace(base, model=dataclasses.replace(base.model, latent_dim=16))
+    canonical = json.dumps(spec_to_dict(expected), sort_keys=True, separators=(",", ":"))
+    assert runs[2].shared == expected
+    assert runs[2].fairness_hash == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_grid_refuses_unknown_keys(tmp_path):
+    with pytest.raises(UserError, match=r"grid.model.latnt_dim.*did you mean 'latent_dim'"):
+        suite_from_dict(_raw(grid={"model.latnt_dim": [8]}))
+    with pytest.raises(UserError, match=r"'grid.quantizer.groups'.*non-empty list"):
+        suite_from_dict(_raw(grid={"quantizer.groups": 2}))
+
+
+def test_only_and_run_ids_are_safe(tmp_path):
+    raw = _raw()
+    raw["subjects"][0]["name"] = "../evil name"
+    runs = expand_runs(suite_from_dict(raw), only=["../evil name"])
+    assert [r.run_id for r in runs] == ["evil_name-s0", "evil_name-s1"]
+    with pytest.raises(UserError, match=r"--only 'gsq1': no such subject; did you mean"):
+        expand_runs(suite_from_dict(_raw()), only=["gsq1"])
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = _raw()
+    before = json.dumps(raw, sort_keys=True)
+    apply_overrides(raw, ["train.steps=9"])
+    assert json.dumps(raw, sort_keys=True) == before
