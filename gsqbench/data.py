@@ -1,0 +1,495 @@
+"""Datasets and crop protocols: every image leaves here as `(image_id, uint8 tensor (3, S, S))`.
+
+Follows metrics-protocol.md §2 (crop protocols) and §10 (sharding), gsq-reference.md §5.5 (training data).
+
+Crop protocols (on PIL images, decoded to RGB first):
+- `gsq`: timm eval transform with crop_pct 0.875: PIL bilinear (antialiased) resize of the shorter side to
+  floor(S / 0.875) (292 for 256), long side int(292·long/short) (torchvision `Resize(int)`), then a
+  torchvision-style centre crop with offsets int(round((H − S)/2)), int(round((W − S)/2)) (Python rounding).
+- `adm`: ADM `center_crop_arr`: halve with PIL BOX while the shorter side ≥ 2S, PIL BICUBIC resize so the
+  shorter side is S (sizes rounded), crop at floor offsets (H − S)//2, (W − S)//2.
+- `train`: the official training transform (timm `create_transform(is_training=True, no_aug=True)`): PIL
+  bilinear resize of the shorter side to S, centre crop S. No random crop, no flip.
+
+Kinds:
+- `sample-photos`: real colour photographs bundled in installed wheels (scikit-image's `skimage/data/` files
+  and matplotlib's `mpl-data/sample_data`), read by path with PIL, never through pooch or the network. Train and
+  eval use disjoint, fixed photo lists. Eval images are the crop protocol applied to each photo. Because five
+  photos are too few to train on, the train split is `n` virtual samples (default 1024): sample i is a random
+  crop of photo i mod 5, rescaled so its shorter side is uniform in [S, shorter side] (bilinear) and cropped
+  S×S at a uniform position, all drawn from a generator seeded by (seed, i), so sample i is always the same.
+- `image-folder`: every jpg/jpeg/png/bmp/webp/tif/tiff file under a directory, recursively (ImageNet layout
+  with class subfolders works as is), ids = relative POSIX paths, sorted. Files are header-checked when the
+  dataset is built: unreadable files are skipped with a counted warning, or refused (UserError) with
+  `strict=True`. A file whose body fails to decode later raises a UserError naming it (skipping at read time
+  would change the set mid-run). Conversion to RGB uint8: grayscale/bilevel are replicated, palette images
+  are expanded, 16-bit images are scaled by 255/65535 with rounding, images with alpha (RGBA, LA, palette with
+  transparency) are composited over WHITE. EXIF orientation is not applied (as in timm/torchvision).
+  `n` picks n evenly spaced files (floor(i·N/n)), so a subset spans all classes instead of the first few.
+- `synthetic`: procedural images (smooth colour gradient + a few flat shapes + mild noise), a pure function of
+  (seed, split, index), so any id regenerates bit-exactly.
+
+Sharding (`shard_indices`) gives contiguous, possibly uneven shards: every index exactly once, no padding.
+`train_loader` yields batches as a pure function of (seed, batch counter), so training resumes exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from gsqbench.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+DATASET_KINDS = ("sample-photos", "image-folder", "synthetic")
+CROP_PROTOCOLS = ("gsq", "adm", "train")
+SPLITS = ("train", "eval")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+GSQ_CROP_PCT = 0.875
+DEFAULT_VIRTUAL_TRAIN_SIZE = 1024
+DEFAULT_SYNTHETIC_EVAL_SIZE = 64
+
+# Protocol card fields per crop protocol (metrics-protocol.md §12, Data group).
+CROP_CARDS: dict[str, dict] = {
+    "gsq": {"crop_pct": GSQ_CROP_PCT, "resize": "PIL bilinear (antialiased), shorter side floor(S/0.875)",
+            "crop_offsets": "int(round((H-S)/2))"},
+    "adm": {"crop_pct": None, "resize": "PIL BOX halving while short >= 2S, then PIL bicubic to S",
+            "crop_offsets": "(H-S)//2"},
+    "train": {"crop_pct": 1.0, "resize": "PIL bilinear (antialiased), shorter side S",
+              "crop_offsets": "int(round((H-S)/2))"},
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding and crop protocols
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB (16-bit scaled with rounding, alpha composited over white)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        # PIL's own convert clips 16-bit values at 255; scale the full 16-bit range instead.
+        arr = np.asarray(img).astype(np.float64)
+        grey = np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+    if mode == "F":  # float images: assumed to be on the 0–255 scale
+        grey = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info):
+        return _composite_on_white(img)
+    return img.convert("RGB")
+
+
+def _resize_short_side(img: Image.Image, short: int, resample: int) -> Image.Image:
+    """torchvision `Resize(int)` on PIL: shorter side → `short`, longer → int(short·long/shorter); no-op if equal."""
+    w, h = img.size
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    return img if size == (w, h) else img.resize(size, resample=resample)
+
+
+def center_crop_box(width: int, height: int, size: int, rounding: str) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the S×S centre crop; 'round' = torchvision, 'floor' = ADM."""
+    if rounding == "round":
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+    return left, top, left + size, top + size
+
+
+def crop_gsq(img: Image.Image, size: int) -> Image.Image:
+    resized = _resize_short_side(img, math.floor(size / GSQ_CROP_PCT), Image.BILINEAR)
+    return resized.crop(center_crop_box(*resized.size, size, "round"))
+
+
+def crop_train(img: Image.Image, size: int) -> Image.Image:
+    resized = _resize_short_side(img, size, Image.BILINEAR)
+    return resized.crop(center_crop_box(*resized.size, size, "round"))
+
+
+def crop_adm(img: Image.Image, size: int) -> Image.Image:
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), resample=Image.BICUBIC)
+    return img.crop(center_crop_box(*img.size, size, "floor"))
+
+
+_CROPS = {"gsq": crop_gsq, "adm": crop_adm, "train": crop_train}
+
+
+def pil_to_u8(img: Image.Image) -> Tensor:
+    """RGB PIL image → uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def apply_crop(img: Image.Image, protocol: str, size: int) -> Tensor:
+    """Decoded image (any mode) → canonical uint8 (3, S, S) under a crop protocol."""
+    _check_choice("data.crop", protocol, CROP_PROTOCOLS)
+    out = pil_to_u8(_CROPS[protocol](to_rgb(img), size))
+    assert out.shape == (3, size, size), out.shape
+    return out
+
+
+def to_model_input(images_u8: Tensor) -> Tensor:
+    """uint8 (b, 3, H, W) → float in [-1, 1]: x = u8 / 127.5 − 1 (contracts.md)."""
+    return images_u8.float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Contiguous shard of range(n) for `rank`: sizes differ by at most one, no padding, nothing dropped."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard_indices: rank {rank} is not in [0, world) for world size {world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (1 if rank < extra else 0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_choice(field: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UserError(f"{field}: unknown value '{value}'{did_you_mean(str(value), choices)}")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset of (image_id, uint8 (3, S, S)); subclasses fill `ids` and implement `load(i)`."""
+
+    kind = "base"
+
+    def __init__(self, *, split: str, resolution: int, crop: str):
+        self.split, self.resolution, self.crop = split, resolution, crop
+        self.ids: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[str, Tensor]:
+        return self.ids[index], self.load(index)
+
+    def load(self, index: int) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Data fields of the protocol card."""
+        return {"dataset": self.kind, "split": self.split, "n": len(self), "resolution": self.resolution,
+                "crop": self.crop, **CROP_CARDS.get(self.crop, {}),
+                "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest()}
+
+
+# --- sample photos ---------------------------------------------------------------------------------------------
+
+# (id, package, file). Disjoint fixed lists; only real colour photographs (no grayscale, charts or logos).
+SAMPLE_PHOTOS_EVAL = (("astronaut", "skimage", "astronaut.png"), ("chelsea", "skimage", "chelsea.png"),
+                      ("coffee", "skimage", "coffee.png"), ("grace_hopper", "matplotlib", "grace_hopper.jpg"),
+                      ("rocket", "skimage", "rocket.jpg"))
+SAMPLE_PHOTOS_TRAIN = (("hubble_deep_field", "skimage", "hubble_deep_field.jpg"), ("ihc", "skimage", "ihc.png"),
+                       ("motorcycle_left", "skimage", "motorcycle_left.png"),
+                       ("motorcycle_right", "skimage", "motorcycle_right.png"), ("retina", "skimage", "retina.jpg"))
+
+
+def sample_photo_path(package: str, filename: str) -> Path:
+    """Path of a photo inside an installed wheel (no fetchers: they may try the network)."""
+    if package == "skimage":
+        import skimage
+
+        path = Path(skimage.__file__).parent / "data" / filename
+    else:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "sample_data" / filename
+    if not path.is_file():
+        raise UserError(f"data.kind sample-photos: bundled photo {path} is missing; reinstall {package}")
+    return path
+
+
+@lru_cache(maxsize=16)
+def _decoded_photo(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()  # decode before the file closes
+        return to_rgb(img).copy()
+
+
+class SamplePhotos(ImageDataset):
+    kind = "sample-photos"
+
+    def __init__(self, *, split: str, resolution: int, crop: str, n: Optional[int], seed: int):
+        super().__init__(split=split, resolution=resolution, crop=crop)
+        self.seed = seed
+        if split == "eval":
+            if n is not None and n > len(SAMPLE_PHOTOS_EVAL):
+                raise UserError(f"data.n: {n} exceeds the {len(SAMPLE_PHOTOS_EVAL)} sample-photos eval images")
+            self.photos = SAMPLE_PHOTOS_EVAL[: n or len(SAMPLE_PHOTOS_EVAL)]
+            self.ids = [p[0] for p in self.photos]
+        else:
+            self.photos = SAMPLE_PHOTOS_TRAIN
+            count = DEFAULT_VIRTUAL_TRAIN_SIZE if n is None else n
+            self.ids = [f"{self.photos[i % len(self.photos)][0]}#{i:06d}" for i in range(count)]
+
+    def _photo(self, index: int) -> Image.Image:
+        _, package, filename = self.photos[index % len(self.photos)]
+        return _decoded_photo(str(sample_photo_path(package, filename)))
+
+    def load(self, index: int) -> Tensor:
+        img = self._photo(index)
+        if self.split == "eval":
+            return apply_crop(img, self.crop, self.resolution)
+        return pil_to_u8(self._random_crop(img, index))
+
+    def _random_crop(self, img: Image.Image, index: int) -> Image.Image:
+        size = self.resolution
+        rng = np.random.default_rng([self.seed, index])
+        short = int(rng.integers(size, max(size, min(img.size)) + 1))
+        img = _resize_short_side(img, short, Image.BILINEAR)
+        left = int(rng.integers(0, img.size[0] - size + 1))
+        top = int(rng.integers(0, img.size[1] - size + 1))
+        return img.crop((left, top, left + size, top + size))
+
+
+# --- image folder ----------------------------------------------------------------------------------------------
+
+
+def _header_ok(path: Path) -> Optional[str]:
+    """None if PIL can parse the file's header (and verify() passes), else the error text."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return None
+    except Exception as exc:  # PIL raises many types for bad files
+        return f"{type(exc).__name__}: {exc}"
+
+
+def scan_image_folder(root: Path) -> list[Path]:
+    """Sorted image files under root (recursive, extension match is case-insensitive)."""
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """n indices spread over range(total): floor(i·total/n)."""
+    return [i * total // n for i in range(n)]
+
+
+class ImageFolder(ImageDataset):
+    kind = "image-folder"
+
+    def __init__(self, root: str | os.PathLike, *, split: str, resolution: int, crop: str, n: Optional[int],
+                 strict: bool = False, check_workers: int = 8):
+        super().__init__(split=split, resolution=resolution, crop=crop)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise UserError(f"data.path: directory '{self.root}' does not exist")
+        files = scan_image_folder(self.root)
+        if not files:
+            raise UserError(f"data.path: no image files ({', '.join(IMAGE_EXTENSIONS)}) under '{self.root}'")
+        files, self.skipped = self._drop_corrupt(files, strict, check_workers)
+        if n is not None:
+            if n > len(files):
+                raise UserError(f"data.n: {n} exceeds the {len(files)} readable images under '{self.root}'")
+            files = [files[i] for i in evenly_spaced(len(files), n)]
+        self.files = files
+        self.ids = [p.relative_to(self.root).as_posix() for p in files]
+
+    def _drop_corrupt(self, files: list[Path], strict: bool, workers: int) -> tuple[list[Path], list[str]]:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            errors = list(pool.map(_header_ok, files))
+        bad = [(f, e) for f, e in zip(files, errors) if e is not None]
+        if bad and strict:
+            raise UserError(f"data.path: unreadable image '{bad[0][0]}' ({bad[0][1]}); "
+                            "remove it or run without strict to skip unreadable files")
+        if bad:
+            log.warning("skipped %d unreadable image file(s) under %s (first: %s: %s)",
+                        len(bad), self.root, bad[0][0], bad[0][1])
+        good = [f for f, e in zip(files, errors) if e is None]
+        if not good:
+            raise UserError(f"data.path: none of the {len(files)} image files under '{self.root}' is readable")
+        return good, [str(f.relative_to(self.root).as_posix()) for f, _ in bad]
+
+    def load(self, index: int) -> Tensor:
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return apply_crop(img, self.crop, self.resolution)
+        except (OSError, ValueError, SyntaxError) as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"data.path: cannot decode image '{path}' ({type(exc).__name__}: {exc}); "
+                            "remove or replace the file") from None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "root": str(self.root), "skipped_unreadable": len(self.skipped)}
+
+
+# --- synthetic -------------------------------------------------------------------------------------------------
+
+
+def synthetic_image(seed: int, split: str, index: int, size: int) -> Tensor:
+    """Smooth 4-corner colour gradient + 2–5 flat discs/rectangles + N(0, 3) noise; uint8 (3, S, S)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    t = np.linspace(0.0, 1.0, size)
+    corners = rng.uniform(0, 255, size=(4, 3))
+    wy, wx = t[:, None, None], t[None, :, None]
+    img = ((1 - wy) * ((1 - wx) * corners[0] + wx * corners[1])
+           + wy * ((1 - wx) * corners[2] + wx * corners[3]))  # (S, S, 3)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    for _ in range(int(rng.integers(2, 6))):
+        cy, cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.3)
+        if rng.random() < 0.5:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        else:
+            mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r * rng.uniform(0.4, 1.0))
+        img[mask] = rng.uniform(0, 255, size=3)
+    img = img + rng.normal(0.0, 3.0, size=img.shape)
+    return torch.from_numpy(np.clip(np.rint(img), 0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class Synthetic(ImageDataset):
+    kind = "synthetic"
+
+    def __init__(self, *, split: str, resolution: int, crop: str, n: Optional[int], seed: int):
+        super().__init__(split=split, resolution=resolution, crop=crop)
+        self.seed = seed
+        default = DEFAULT_VIRTUAL_TRAIN_SIZE if split == "train" else DEFAULT_SYNTHETIC_EVAL_SIZE
+        self.ids = [f"synthetic-{split}-{i:06d}" for i in range(default if n is None else n)]
+
+    def load(self, index: int) -> Tensor:
+        # Generated directly at S×S: there is no original to crop, so the crop protocol is moot here.
+        return synthetic_image(self.seed, self.split, index, self.resolution)
+
+
+def build_dataset(kind: str, *, path: str | os.PathLike | None = None, split: str = "eval", resolution: int,
+                  crop: Optional[str] = None, n: Optional[int] = None, seed: int = 0,
+                  strict: bool = False) -> ImageDataset:
+    """Dataset factory. `crop` defaults to 'gsq' for eval and 'train' for train."""
+    _check_choice("data.kind", kind, DATASET_KINDS)
+    _check_choice("data.split", split, SPLITS)
+    crop = crop or ("train" if split == "train" else "gsq")
+    _check_choice("data.crop", crop, CROP_PROTOCOLS)
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
+        raise UserError(f"data.resolution: {resolution!r} is not valid; expected a positive integer")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise UserError(f"data.n: {n!r} is not valid; expected a positive integer or null (all)")
+    if kind == "image-folder":
+        if path is None:
+            raise UserError("data.path: required for data.kind image-folder (a directory of images)")
+        return ImageFolder(path, split=split, resolution=resolution, crop=crop, n=n, strict=strict)
+    cls = SamplePhotos if kind == "sample-photos" else Synthetic
+    return cls(split=split, resolution=resolution, crop=crop, n=n, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deterministic, resumable training batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _collate(items: list[tuple[str, Tensor]]) -> tuple[list[str], Tensor]:
+    return [i for i, _ in items], torch.stack([x for _, x in items])
+
+
+class _BatchIndexStream(torch.utils.data.Sampler):
+    """Infinite batch sampler: this rank's indices for batch k, k+1, ... (a pure function of the counter)."""
+
+    def __init__(self, loader: "TrainLoader", start: int):
+        self.loader, self.start = loader, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield self.loader.indices(step)
+            step += 1
+
+
+class TrainLoader:
+    """Infinite stream of (ids, uint8 (B, 3, S, S)) batches for one rank.
+
+    The global sample order is the concatenation of per-epoch permutations of range(N), permutation e seeded by
+    (seed, e); global batch k covers positions [k·B·W, (k+1)·B·W) of that stream (batches may straddle epochs,
+    so datasets smaller than a batch work) and rank r takes the r-th block of B. `step` counts batches drawn
+    (not optimiser steps); `state_dict()`/`load_state_dict()` or `start_step` resume exactly.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1, *,
+                 start_step: int = 0, num_workers: int = 0, pin_memory: bool = False):
+        if batch_size < 1:
+            raise UserError(f"train.batch_size: {batch_size} is not valid; expected a positive integer")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"train_loader: rank {rank} is not in [0, world) for world size {world}")
+        if len(dataset) == 0:
+            raise UserError("data: the training dataset is empty")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world, self.step = rank, world, start_step
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+            state = np.random.SeedSequence([self.seed, epoch]).generate_state(2, dtype=np.uint64)
+            g = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+            self._perms[epoch] = torch.randperm(len(self.dataset), generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        """Dataset indices of this rank's part of global batch `step`."""
+        n, b = len(self.dataset), self.batch_size
+        start = (step * self.world + self.rank) * b
+        return [int(self._perm(pos // n)[pos % n]) for pos in range(start, start + b)]
+
+    def batch(self, step: int) -> tuple[list[str], Tensor]:
+        """Batch `step`, loaded in this process (no workers)."""
+        return _collate([self.dataset[i] for i in self.indices(step)])
+
+    def __iter__(self) -> Iterator[tuple[list[str], Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_BatchIndexStream(self, self.step), num_workers=self.num_workers,
+            collate_fn=_collate, pin_memory=self.pin_memory)
+        for item in loader:
+            self.step += 1
+            yield item
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world": self.world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "batch_size", "world"):
+            if int(state[key]) != getattr(self, key):
+                log.warning("resuming data order with %s %s (checkpoint had %s): the sample order changes",
+                            key, getattr(self, key), state[key])
+        self.step = int(state["step"])
+
+
+def train_loader(dataset: ImageDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 **kwargs) -> TrainLoader:
+    """The training batch stream for one rank (see TrainLoader)."""
+    return TrainLoader(dataset, batch_size, seed, rank, world, **kwargs)
