@@ -135,8 +135,9 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "f8": _paper((1, 2, 2, 4)),
     "f16": _paper((1, 1, 2, 2, 4)),
     "f32": _paper((1, 1, 2, 2, 4, 4)),
-    "tiny-f4": _tiny((1, 2)),
-    "tiny-f8": _tiny((1, 2, 2)),
+    # f = 2^(len(multipliers) - 1): three stages for f4, four for f8
+    "tiny-f4": _tiny((1, 2, 2)),
+    "tiny-f8": _tiny((1, 1, 2, 2)),
 }
 
 
