@@ -1,0 +1,34 @@
+"""`gsqbench regress RESULTS --baseline baselines/X.csv`: compare results with a baseline; exit 1 on regression."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "compare results with a baseline CSV (direction-aware tolerances); exit code 1 on any regression"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", metavar="RESULTS", help="results root(s) or run directories")
+    parser.add_argument("--baseline", required=True, metavar="CSV", help="baseline CSV in the long metrics format")
+    parser.add_argument("--update", action="store_true",
+                        help="accept the current results: write them into the baseline (created if absent)")
+    parser.add_argument("--tolerance", action="append", default=[], metavar="METRIC=VALUE",
+                        help="override a tolerance: absolute (psnr=0.1) or relative (rfid=3%%); repeatable; "
+                             "METRIC may be a full key (lpips@alex), its base (lpips) or family (usage)")
+    parser.add_argument("-o", "--output", metavar="DIR", help="also write regress.html + regress.json here "
+                        "(give the report folder so its index links them)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gsqbench.regress import exit_code, format_table, parse_cli_tolerances, regress
+
+    tolerances = parse_cli_tolerances(args.tolerance)
+    comparison = regress(args.results, args.baseline, cli_tolerances=tolerances, update=args.update)
+    print(format_table(comparison))
+    if args.output:
+        from gsqbench.report import render_regress
+
+        print(f"regress page: {render_regress(comparison, args.output, baseline=str(args.baseline))}")
+    if args.update:
+        print(f"baseline updated: {args.baseline}")
+        return 0
+    return exit_code(comparison)

@@ -1,0 +1,536 @@
+"""HTML comparison reports rendered from results files only (docs/contracts.md "Results"); never imports torch.
+
+`render_report(results_dirs, out_dir)` writes a self-contained folder: index.html, one page per suite, style.css and
+assets/ (plots and image panels), all linked relatively so it opens from disk without a server, CDN or JS.
+Rows are compared only within one (suite, fairness hash, protocol card hash) group; a suite mixing hashes gets one
+table per group and says why. User-given names are escaped by jinja2 (autoescape on) and sanitised in file names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from gsqbench.errors import UserError
+from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_child, safe_name
+from gsqbench.report import paper_reference as paper
+from gsqbench.report import plots
+from gsqbench.results import (
+    load_results, read_code_counts, read_per_image, read_run_info, read_train_log, sample_ids,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+#: summary table: (metric key, column title, formatter name)
+SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("bits_per_token", "bits/token", "g4"), ("rfid@inception", "rFID", "f3"), ("is@inception", "IS", "f1"),
+    ("psnr", "PSNR (dB)", "f2"), ("ssim", "SSIM", "f4"), ("lpips@alex", "LPIPS (alex)", "f4"),
+    ("usage_pooled", "usage", "pct"), ("ppl_pooled", "perplexity", "int"), ("params", "params", "params"),
+    ("encode_images_per_s", "images/s (encode)", "f1"),
+)
+RD_METRICS = (("psnr", "PSNR (dB)"), ("lpips@alex", "LPIPS (alex)"), ("rfid@inception", "rFID"))
+SCALING_METRICS = (("rfid@inception", "rFID"), ("lpips@alex", "LPIPS (alex)"), ("psnr", "PSNR (dB)"))
+_DIM_KEYS, _VOCAB_KEYS = {"dim", "latent_dim", "embedding_dim"}, {"codebook_size", "vocab_size", "vocab"}
+_COMPRESSION_KEYS = {"preset", "downsample", "compression", "f"}
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class Run:
+    """One run directory: its run.json and its metric rows keyed by metric name."""
+
+    run_dir: Path
+    info: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+    suite: str
+    run_id: str
+    subject: str
+    seed: str
+    fairness_hash: str
+    card_hash: str
+
+    @property
+    def label(self) -> str:
+        return self.subject if self.subject == self.run_id else f"{self.subject} ({self.run_id})"
+
+
+@dataclass
+class Group:
+    """Runs that may be compared: same suite, fairness hash and protocol card hash."""
+
+    suite: str
+    fairness_hash: str
+    card_hash: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def _runs_from_frame(df: "pd.DataFrame") -> list[Run]:
+    runs = []
+    for run_dir, rows in df.groupby("run_dir", sort=True):
+        first = rows.iloc[0]
+        info = read_run_info(run_dir)
+        runs.append(Run(
+            run_dir=Path(run_dir), info=info, metrics={r["metric"]: r for r in rows.to_dict("records")},
+            suite=str(first["suite"] or info.get("suite", "")), run_id=str(first["run"] or info.get("run_id", "")),
+            subject=str(first["subject"] or info.get("subject", "")), seed=str(first["seed"]),
+            fairness_hash=str(first["fairness_hash"]), card_hash=str(first["card_hash"]),
+        ))
+    return runs
+
+
+def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
+    """suite → groups (by fairness hash, then card hash), in a stable order."""
+    suites: dict[str, dict[tuple[str, str], Group]] = {}
+    for run in sorted(runs, key=lambda r: (r.suite, r.fairness_hash, r.card_hash, r.subject, r.run_id)):
+        key = (run.fairness_hash, run.card_hash)
+        suites.setdefault(run.suite, {}).setdefault(key, Group(run.suite, *key)).runs.append(run)
+    return {s: list(g.values()) for s, g in suites.items()}
+
+
+def separation_reason(groups: Sequence[Group]) -> str | None:
+    """Why a suite's rows are split into several tables (None when there is one group)."""
+    if len(groups) < 2:
+        return None
+    parts = []
+    fair = sorted({g.fairness_hash for g in groups})
+    cards = sorted({g.card_hash for g in groups})
+    if len(fair) > 1:
+        parts.append("fairness hashes differ: " + " vs ".join(f"{h[:8]}…" for h in fair))
+    if len(cards) > 1:
+        parts.append("protocol card hashes differ: " + " vs ".join(f"{h[:8]}…" for h in cards))
+    return "; ".join(parts) + "; rows are not comparable"
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+def _finite(x: Any) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt_value(value: Any, kind: str) -> str:
+    if not _finite(value):
+        return "n/a"
+    v = float(value)
+    if kind == "pct":
+        return f"{v * 100:.1f}%"
+    if kind == "int":
+        return f"{v:,.0f}"
+    if kind == "params":
+        return f"{v / 1e6:.2f} M" if abs(v) >= 1e5 else f"{v:,.0f}"
+    if kind.startswith("f"):
+        return f"{v:.{int(kind[1:])}f}"
+    return f"{v:.{int(kind[1:] or 4)}g}"
+
+
+def fmt_interval(row: Mapping[str, Any], kind: str) -> str:
+    """'± stderr' (or ± half the CI width when only the interval is known), in the value's units."""
+    err = row.get("stderr")
+    if not _finite(err) and _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
+        err = (float(row["ci_high"]) - float(row["ci_low"])) / 2
+    if not _finite(err):
+        return ""
+    scale, digits = (100.0, "f1") if kind == "pct" else (1.0, kind if kind.startswith("f") else "g2")
+    e = float(err) * scale
+    return f"± {e:.{int(digits[1:])}f}" if digits.startswith("f") else f"± {e:.2g}"
+
+
+def _cell_title(row: Mapping[str, Any]) -> str:
+    bits = []
+    if _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
+        bits.append(f"95% CI [{float(row['ci_low']):.6g}, {float(row['ci_high']):.6g}]")
+    if _finite(row.get("stderr")):
+        bits.append(f"stderr {float(row['stderr']):.3g}")
+    if _finite(row.get("n")):
+        bits.append(f"n={int(float(row['n']))}")
+    return "; ".join(bits)
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe, collision-free form of a user-given name (hash suffix when sanitising changed it)."""
+    clean = safe_name(name)
+    if clean == name:
+        return clean
+    return f"{clean[:80]}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted keys; leaves (lists included) as compact JSON text."""
+    if isinstance(obj, Mapping):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)}
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def summary_table(runs: Sequence[Run]) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    """Rows = runs, columns = SUMMARY_COLUMNS; best per column (by direction, available rows only) marked;
+    unavailable cells carry a footnote number whose text is the reason with the fix command."""
+    footnotes: dict[str, int] = {}
+    rows = [{"label": r.subject, "run": r.run_id, "seed": r.seed, "cells": []} for r in runs]
+    for key, _title, kind in SUMMARY_COLUMNS:
+        best = _best_value([r.metrics.get(key) for r in runs])
+        for run, row in zip(runs, rows):
+            m = run.metrics.get(key)
+            row["cells"].append(_cell(m, kind, best, footnotes))
+    table = {"columns": [t for _, t, _ in SUMMARY_COLUMNS], "keys": [k for k, _, _ in SUMMARY_COLUMNS], "rows": rows}
+    return table, sorted(((n, reason) for reason, n in footnotes.items()))
+
+
+def _best_value(rows: Sequence[Mapping[str, Any] | None]) -> float | None:
+    avail = [r for r in rows if r is not None and not r.get("unavailable") and _finite(r.get("value"))]
+    if len(avail) < 2 or avail[0].get("direction") not in ("lower", "higher"):
+        return None
+    values = [float(r["value"]) for r in avail]
+    return min(values) if avail[0]["direction"] == "lower" else max(values)
+
+
+def _cell(m: Mapping[str, Any] | None, kind: str, best: float | None, footnotes: dict[str, int]) -> dict[str, Any]:
+    if m is None:
+        return {"text": "–", "na": True, "title": "not measured in this run"}
+    if m.get("unavailable") or not _finite(m.get("value")):
+        reason = str(m.get("unavailable") or "value is NaN")
+        n = footnotes.setdefault(reason, len(footnotes) + 1)
+        return {"text": "n/a", "na": True, "title": reason, "fn": n}
+    value = float(m["value"])
+    is_best = best is not None and math.isclose(value, best, rel_tol=1e-12, abs_tol=1e-15)
+    return {"text": fmt_value(value, kind), "pm": fmt_interval(m, kind), "title": _cell_title(m), "best": is_best}
+
+
+def all_metrics_table(runs: Sequence[Run]) -> dict[str, Any]:
+    """Every metric (rows) × run (columns), for the collapsible full listing."""
+    names = sorted({k for r in runs for k in r.metrics})
+    rows = []
+    for name in names:
+        cells = []
+        for r in runs:
+            m = r.metrics.get(name)
+            if m is None:
+                cells.append({"text": "–", "na": True})
+            elif m.get("unavailable") or not _finite(m.get("value")):
+                cells.append({"text": "n/a", "na": True, "title": str(m.get("unavailable") or "NaN")})
+            else:
+                cells.append({"text": fmt_value(m["value"], "g4"), "pm": fmt_interval(m, "g"),
+                              "title": _cell_title(m)})
+        direction = next((r.metrics[name].get("direction") for r in runs if name in r.metrics), "none")
+        rows.append({"metric": name, "direction": direction, "cells": cells})
+    return {"runs": [r.label for r in runs], "rows": rows}
+
+
+def spec_tables(runs: Sequence[Run]) -> dict[str, Any]:
+    """Shared hyperparameters (same in every run) once, and the keys that differ as a run × key diff table."""
+    flat = [flatten({"spec": r.info.get("spec") or {}, "grid": r.info.get("grid") or {}, "seed": r.info.get("seed")})
+            for r in runs]
+    keys = sorted(set().union(*flat)) if flat else []
+    shared, differing = [], []
+    for k in keys:
+        values = [f.get(k, "—") for f in flat]
+        (shared.append((k, values[0])) if len(set(values)) == 1 else differing.append(k))
+    diff_rows = [{"label": r.label, "vals": [f.get(k, "—") for k in differing]} for r, f in zip(runs, flat)]
+    return {"shared": shared, "diff_keys": differing, "diff_rows": diff_rows}
+
+
+def card_table(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    """The protocol card of the group, flattened; fields that vary between runs say so."""
+    cards = [flatten(r.info.get("card") or {}) for r in runs]
+    keys = sorted(set().union(*cards)) if cards else []
+    out = []
+    for k in keys:
+        values = {c.get(k, "—") for c in cards}
+        out.append((k, values.pop() if len(values) == 1 else "varies per run: " + ", ".join(sorted(values))))
+    return out
+
+
+def paper_tables() -> dict[str, Any]:
+    def f(v: Any, kind: str = "g4") -> str:
+        return "" if v is None else fmt_value(v, kind)
+
+    group_rows = [[m, gd, f(rfid, "g4"), f(is_, "int"), f(lp, "g4"), f(ps, "f2"), f(ss, "f2"), f(us, "pct"),
+                   f(ppl, "int"), note] for m, gd, rfid, is_, lp, ps, ss, us, ppl, note in paper.GROUP_DECOMPOSITION]
+    sota_rows = [[m, str(fx), tok, d, v, f(r, "g4"), note] for m, fx, tok, d, v, r, note in paper.SOTA]
+    dim_vocab = [[f"{v:,}"] + [f(x) for x in vals] for v, vals in paper.DIM_VOCAB_RFID.items()]
+    spatial = [[f"F{fx}"] + [f(x) for x in vals] for fx, vals in paper.SPATIAL_RFID.items()]
+    return {"label": paper.LABEL, "source": paper.SOURCE, "group_columns": paper.GROUP_COLUMNS,
+            "group_rows": group_rows, "sota_columns": paper.SOTA_COLUMNS, "sota_rows": sota_rows,
+            "sota_note": paper.SOTA_NOTE, "dim_vocab_header": ["V \\ D", *map(str, paper.DIM_VOCAB_D)],
+            "dim_vocab": dim_vocab, "spatial_header": ["f \\ D", *map(str, paper.SPATIAL_D)], "spatial": spatial}
+
+
+# ----------------------------------------------------------------------------------------------- figures
+class Assets:
+    """Writes files under out_dir/assets/<suite>/g<i>/ and hands back paths relative to the suite page."""
+
+    def __init__(self, out_dir: Path, suite_slug: str, group_index: int):
+        self.out_dir = out_dir
+        self.parts = ("assets", suite_slug, f"g{group_index}")
+
+    def path(self, *names: str) -> Path:
+        return safe_child(self.out_dir, *self.parts, *names)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.out_dir.resolve()).as_posix()
+
+
+def group_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], list[str]]:
+    figures, notes = [], []
+    logs = {r.label: df for r in group.runs if (df := read_train_log(r.run_dir)) is not None and len(df)}
+    if logs and (p := plots.training_curves(logs, assets.path("train_curves.png"))):
+        figures.append({"src": assets.rel(p), "caption": "Training curves (train_log.csv)"})
+    elif not logs:
+        notes.append("no train_log.csv in these runs: training curves not drawn")
+    points = [{"label": r.label, "bits": _metric(r, "bits_per_token"), **{k: _metric(r, k) for k, _ in RD_METRICS}}
+              for r in group.runs]
+    p, rd_notes = plots.rate_distortion(points, RD_METRICS, assets.path("rate_distortion.png"))
+    notes += rd_notes
+    if p:
+        figures.append({"src": assets.rel(p), "caption": "Rate–distortion: bits/token vs quality"})
+    counts = {r.label: c for r in group.runs if (c := read_code_counts(r.run_dir)) is not None}
+    if counts:
+        p = plots.code_usage(counts, assets.path("code_usage.png"))
+        figures.append({"src": assets.rel(p), "caption": "Code usage per group and rank–frequency (codes.npz)"})
+    missing = [r.label for r in group.runs if r.label not in counts]
+    if missing:
+        notes.append(f"no codes.npz (V too large to store, or not evaluated) for: {', '.join(missing)}")
+    return figures, notes
+
+
+def _metric(run: Run, key: str) -> float | None:
+    m = run.metrics.get(key)
+    if m is None or m.get("unavailable") or not _finite(m.get("value")):
+        return None
+    return float(m["value"])
+
+
+def _grid_axes(run: Run) -> dict[str, float]:
+    """Numeric scaling axes from the run's grid values: dim, codebook_size, groups, compression factor."""
+    axes: dict[str, float] = {}
+    for key, text in flatten(run.info.get("grid") or {}).items():
+        leaf = key.rsplit(".", 1)[-1]
+        raw = text.strip('"')
+        if leaf in _COMPRESSION_KEYS:
+            match = re.search(r"f(\d+)", raw) or re.fullmatch(r"(\d+)", raw)
+            if match:
+                axes["compression"] = float(match.group(1))
+            continue
+        name = "dim" if leaf in _DIM_KEYS else "codebook_size" if leaf in _VOCAB_KEYS else \
+            "groups" if leaf == "groups" else None
+        if name and _finite(raw):
+            axes[name] = float(raw)
+    return axes
+
+
+def scaling_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], list[str]]:
+    """Paper-style scaling plots when the runs' grid varies along (dim × vocabulary) or (compression × groups)."""
+    axes = [_grid_axes(r) for r in group.runs]
+    metric = next(((k, t) for k, t in SCALING_METRICS if all(_metric(r, k) is not None for r in group.runs)), None)
+    varies = {a for a in ("dim", "codebook_size", "groups", "compression")
+              if len({ax.get(a) for ax in axes if a in ax}) > 1 and all(a in ax for ax in axes)}
+    if not varies:
+        return [], []
+    if metric is None:
+        return [], ["scaling plots skipped: no quality metric is available for every run"]
+    key, title = metric
+    points = [{**ax, "y": _metric(r, key)} for r, ax in zip(group.runs, axes)]
+    figures = []
+    if "codebook_size" in varies or "dim" in varies:
+        x, s = ("codebook_size", "dim") if "codebook_size" in varies else ("dim", None)
+        s = s if s in varies else None
+        p = plots.scaling(points, x, s, title, assets.path("scaling_dim_vocab.png"), log_x=True)
+        figures.append({"src": assets.rel(p), "caption": f"{title} vs {x}" + (f", one line per {s}" if s else "")
+                        + " (paper §7.9: latent dim × vocabulary)"})
+    if "groups" in varies or "compression" in varies:
+        x, s = ("groups", "compression") if "groups" in varies else ("compression", None)
+        s = s if s in varies else None
+        p = plots.scaling(points, x, s, title, assets.path("scaling_compression_groups.png"), log_x=True)
+        figures.append({"src": assets.rel(p), "caption": f"{title} vs {x}" + (f", one line per {s}" if s else "")
+                        + " (paper §7.9: spatial compression × groups)"})
+    return figures, []
+
+
+# ----------------------------------------------------------------------------------------------- images
+def recon_grid(group: Group, assets: Assets, k: int) -> dict[str, Any]:
+    """The same first-k eval image ids for every run: real, and per run recon, centre zoom, error heatmap."""
+    with_samples = [r for r in group.runs if sample_ids(r.run_dir)]
+    if not with_samples:
+        return {"ids": [], "note": "no samples/real + samples/recon images in these runs"}
+    common = sorted(set.intersection(*(set(sample_ids(r.run_dir)) for r in with_samples)))[:k]
+    if not common:
+        return {"ids": [], "note": "runs share no sample image ids; reconstruction grid not drawn"}
+    ref = with_samples[0].run_dir / "samples" / "real"
+    real = []
+    for i, image_id in enumerate(common):
+        arr = plots.load_rgb(ref / f"{image_id}.png")
+        real.append({"src": assets.rel(plots.save_png(arr, assets.path(f"real-{i}-{_slug(image_id)}.png"))),
+                     "zoom": assets.rel(plots.save_png(plots.center_zoom(arr),
+                                                       assets.path(f"real-{i}-{_slug(image_id)}-zoom.png")))})
+    rows = []
+    for r in with_samples:
+        cells = []
+        for i, image_id in enumerate(common):
+            cells.append(_recon_cell(r, image_id, f"{_slug(r.run_id)}-{i}-{_slug(image_id)}", assets))
+        rows.append({"label": r.label, "cells": cells})
+    skipped = [r.label for r in group.runs if r not in with_samples]
+    return {"ids": common, "real": real, "rows": rows,
+            "note": f"no samples for: {', '.join(skipped)}" if skipped else ""}
+
+
+def _recon_cell(run: Run, image_id: str, stem: str, assets: Assets) -> dict[str, str]:
+    real = plots.load_rgb(run.run_dir / "samples" / "real" / f"{image_id}.png")
+    recon = plots.load_rgb(run.run_dir / "samples" / "recon" / f"{image_id}.png")
+    return {
+        "recon": assets.rel(plots.save_png(recon, assets.path(f"{stem}-recon.png"))),
+        "zoom": assets.rel(plots.save_png(plots.center_zoom(recon), assets.path(f"{stem}-zoom.png"))),
+        "err": assets.rel(plots.save_png(plots.error_heatmap(real, recon), assets.path(f"{stem}-err.png"))),
+    }
+
+
+def worst_images(group: Group, assets: Assets, k: int) -> list[dict[str, Any]]:
+    """Per run, the k worst images by per-image LPIPS (alex), or by PSNR when LPIPS is unavailable."""
+    out = []
+    for r in group.runs:
+        df = read_per_image(r.run_dir)
+        if df is None or "image_id" not in df.columns:
+            continue
+        key, ascending = ("lpips@alex", False) if "lpips@alex" in df.columns and df["lpips@alex"].notna().any() \
+            else ("psnr", True) if "psnr" in df.columns else (None, True)
+        if key is None:
+            continue
+        worst = df[df[key].notna()].sort_values(key, ascending=ascending, kind="stable").head(k)
+        have = set(sample_ids(r.run_dir))
+        items = []
+        for image_id, value in zip(worst["image_id"].astype(str), worst[key]):
+            item = {"id": image_id, "value": f"{float(value):.4g}"}
+            if image_id in have:
+                item.update(_recon_cell(r, image_id, f"{_slug(r.run_id)}-worst-{_slug(image_id)}", assets))
+            items.append(item)
+        out.append({"label": r.label, "metric": key, "items": items})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- pages
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("gsqbench.report", "templates"),
+        autoescape=True,  # every user-given string (suite, subject, image id, spec values) is escaped
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    return env
+
+
+def _group_context(group: Group, index: int, out_dir: Path, suite_slug: str, k: int, worst_k: int,
+                   with_plots: bool) -> dict:
+    assets = Assets(out_dir, suite_slug, index)
+    summary, footnotes = summary_table(group.runs)
+    figures, notes, scaling_figs, scaling_notes = [], ["plots skipped (--no-plots)"], [], []
+    if with_plots:
+        figures, notes = group_plots(group, assets)
+        scaling_figs, scaling_notes = scaling_plots(group, assets)
+    return {
+        "index": index, "fairness_hash": group.fairness_hash, "card_hash": group.card_hash,
+        "n_runs": len(group.runs), "summary": summary, "footnotes": footnotes,
+        "all_metrics": all_metrics_table(group.runs), "card": card_table(group.runs),
+        "spec": spec_tables(group.runs), "figures": figures, "notes": notes + scaling_notes,
+        "scaling": scaling_figs, "recon": recon_grid(group, assets, k), "worst": worst_images(group, assets, worst_k),
+        "provenance": [(r.label, _provenance_line(r.info.get("provenance") or {})) for r in group.runs],
+    }
+
+
+def _provenance_line(prov: Mapping[str, Any]) -> str:
+    versions = prov.get("versions") or {}
+    sha = str(prov.get("git_sha") or "?")[:10] + (" (dirty)" if prov.get("git_dirty") else "")
+    libs = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k in ("torch", "torch-fidelity", "lpips"))
+    return (f"git {sha}; {prov.get('device', '?')}; {prov.get('precision', '?')}; world {prov.get('world_size', '?')};"
+            f" {prov.get('date', '?')}" + (f"; {libs}" if libs else ""))
+
+
+def suite_page_name(suite: str) -> str:
+    return f"suite-{_slug(suite)}.html"
+
+
+def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                  title: str = "gsqbench report", k_samples: int = 4, worst_k: int = 4,
+                  with_plots: bool = True) -> Path:
+    """Render index.html + one page per suite into `out_dir`; returns the index path. `with_plots=False` skips the
+    matplotlib figures (tables and image panels only), for a quick look."""
+    if k_samples < 1 or worst_k < 0:
+        raise UserError(f"report: samples must be >= 1 and worst-k >= 0, got {k_samples}, {worst_k}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"report output '{out}' exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    runs = _runs_from_frame(load_results(*results_dirs))
+    suites = group_runs(runs)
+    env = _env()
+    paper_ctx = paper_tables()
+    index_entries = []
+    for suite, groups in suites.items():
+        page = suite_page_name(suite)
+        ctx = {"title": title, "suite": suite, "reason": separation_reason(groups), "paper": paper_ctx,
+               "groups": [_group_context(g, i, out, _slug(suite), k_samples, worst_k, with_plots) for i, g in enumerate(groups)]}
+        atomic_write_text(safe_child(out, page), env.get_template("suite.html.j2").render(**ctx))
+        index_entries.append({"suite": suite, "page": page, "n_runs": sum(len(g.runs) for g in groups),
+                              "subjects": sorted({r.subject for g in groups for r in g.runs}),
+                              "n_groups": len(groups), "reason": ctx["reason"]})
+    _write_static(out)
+    regress_summary = _read_regress_summary(out)
+    index = env.get_template("index.html.j2").render(
+        title=title, suites=index_entries, regress=regress_summary,
+        sources=[str(Path(d)) for d in results_dirs])
+    path = atomic_write_text(safe_child(out, "index.html"), index)
+    log.info("report written to %s (%d suites, %d runs)", path, len(suites), len(runs))
+    return path
+
+
+def _write_static(out: Path) -> None:
+    css = resources.files("gsqbench.report").joinpath("templates", "style.css").read_bytes()
+    atomic_write_bytes(safe_child(out, "style.css"), css)
+
+
+def _read_regress_summary(out: Path) -> dict[str, Any] | None:
+    """The regress.json that `gsqbench regress -o` left in this folder, if any, for the index link."""
+    path = out / "regress.json"
+    if not (out / "regress.html").is_file() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {"page": "regress.html", "counts": data.get("counts", {}), "baseline": data.get("baseline", "")}
+
+
+def render_regress(comparison: "pd.DataFrame", out_dir: str | os.PathLike, *, baseline: str,
+                   title: str = "gsqbench regression check") -> Path:
+    """regress.html (+ regress.json with the same rows) in `out_dir`; the report index links it."""
+    from gsqbench.regress import summary
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    rows = comparison.to_dict("records")
+    counts = summary(comparison)
+    atomic_write_json(safe_child(out, "regress.json"), {
+        "baseline": baseline, "counts": counts,
+        "rows": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows],
+    })
+    for r in rows:
+        for c in ("baseline", "current", "delta"):
+            r[c] = fmt_value(r[c], "g6") if _finite(r[c]) else ""
+    html = _env().get_template("regress.html.j2").render(title=title, baseline=baseline, counts=counts, rows=rows)
+    _write_static(out)
+    return atomic_write_text(safe_child(out, "regress.html"), html)

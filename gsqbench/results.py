@@ -1,0 +1,362 @@
+"""The results store: one directory per run, written atomically, read back without torch.
+
+Layout (docs/contracts.md "Results"):
+
+    <results_root>/<suite>/<run_id>/
+        run.json  metrics.csv  per_image.csv  train_log.csv  codes.npz  samples/{real,recon}/<id>.png
+
+There is no shared index file: runs are discovered by globbing for `metrics.csv`, so any number of processes can
+write different runs into one root at once and nothing is lost (every file goes through `gsqbench.io`'s temp file
++ rename). Metric rows follow the long format of lm-evaluation-harness-style results: one row per run × metric
+with value, stderr, interval, direction and the hashes that say which rows may be compared.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from gsqbench.errors import UserError
+from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_child
+
+if TYPE_CHECKING:  # pandas is imported lazily so writers stay cheap inside training processes
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.csv"
+RUN_FILE = "run.json"
+PER_IMAGE_FILE = "per_image.csv"
+TRAIN_LOG_FILE = "train_log.csv"
+CODES_FILE = "codes.npz"
+
+#: columns of metrics.csv, in order (contracts.md)
+METRIC_COLUMNS: tuple[str, ...] = (
+    "suite", "run", "subject", "seed", "metric", "value", "stderr", "ci_low", "ci_high", "direction", "n",
+    "unavailable", "fairness_hash", "card_hash", "device",
+)
+DIRECTIONS = ("lower", "higher", "none")
+_FLOAT_COLS = ("value", "stderr", "ci_low", "ci_high")
+#: packages whose versions every run records (metrics-protocol.md §12 "Runtime")
+VERSION_PACKAGES = ("gsqbench", "torch", "torchvision", "torch-fidelity", "lpips", "scikit-image", "numpy",
+                    "pandas", "matplotlib")
+
+
+# ----------------------------------------------------------------------------------------------- provenance
+def _git(args: Sequence[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def package_versions(names: Iterable[str] = VERSION_PACKAGES) -> dict[str, str | None]:
+    """Installed versions via importlib.metadata: never imports the packages themselves (torch stays unloaded)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _default_device() -> str:
+    # Only ask torch when something already imported it: provenance must not drag torch into report processes.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return "cpu"
+
+
+def provenance(*, device: str | None = None, precision: str = "fp32", world_size: int = 1,
+               repo_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Git SHA and dirty flag, library versions, device, precision, world size and UTC date of this run."""
+    repo = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent.parent
+    sha = _git(["rev-parse", "HEAD"], repo)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], repo) if sha else None
+    return {
+        "git_sha": sha,
+        "git_dirty": None if status is None else bool(status),
+        "versions": package_versions(),
+        "device": device or _default_device(),
+        "precision": precision,
+        "world_size": int(world_size),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def run_dir_for(results_root: str | os.PathLike, suite: str, run_id: str) -> Path:
+    """`<root>/<suite>/<run_id>` with both names sanitised so they can never leave the root."""
+    return safe_child(results_root, suite, run_id)
+
+
+def _as_dict(metric: Any) -> dict[str, Any]:
+    if is_dataclass(metric) and not isinstance(metric, type):
+        return asdict(metric)
+    if isinstance(metric, Mapping):
+        return dict(metric)
+    raise UserError(f"metrics: expected MetricValue or dict, got {type(metric).__name__}")
+
+
+def _fmt_float(value: Any) -> str:
+    if value is None:
+        return ""
+    value = float(value)
+    return "nan" if math.isnan(value) else repr(value)  # repr round-trips float64 exactly
+
+
+def _fmt_opt(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def metric_rows(run_info: Mapping[str, Any], metrics: Sequence[Any]) -> list[dict[str, str]]:
+    """The metrics.csv rows (as strings) for one run; validates names and directions."""
+    prov = run_info.get("provenance") or {}
+    device = run_info.get("device") or prov.get("device") or ""
+    rows, seen = [], set()
+    for m in metrics:
+        d = _as_dict(m)
+        name = str(d.get("name") or d.get("metric") or "")
+        if not name:
+            raise UserError(f"metrics: a row has no metric name: {d!r}")
+        if name in seen:
+            raise UserError(f"metrics: metric '{name}' appears twice for run '{run_info.get('run_id')}'")
+        seen.add(name)
+        direction = d.get("direction") or "none"
+        if direction not in DIRECTIONS:
+            raise UserError(f"metrics: direction '{direction}' of '{name}' is invalid; valid: {', '.join(DIRECTIONS)}")
+        value = d.get("value")
+        rows.append({
+            "suite": str(run_info.get("suite", "")), "run": str(run_info.get("run_id", "")),
+            "subject": str(run_info.get("subject", "")), "seed": _fmt_opt(run_info.get("seed")),
+            "metric": name, "value": _fmt_float(float("nan") if value is None else value),
+            "stderr": _fmt_float(d.get("stderr")), "ci_low": _fmt_float(d.get("ci_low")),
+            "ci_high": _fmt_float(d.get("ci_high")), "direction": direction, "n": _fmt_opt(d.get("n")),
+            "unavailable": _fmt_opt(d.get("unavailable")),
+            "fairness_hash": str(run_info.get("fairness_hash", "")), "card_hash": str(run_info.get("card_hash", "")),
+            "device": str(device),
+        })
+    return rows
+
+
+def rows_to_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_run_results(run_dir: str | os.PathLike, run_info: Mapping[str, Any], metrics: Sequence[Any]) -> Path:
+    """Write `metrics.csv` and `run.json` for one run (atomically); fills `provenance` when the caller gave none.
+
+    `run_info` carries run_id, suite, subject, seed, grid, spec, fairness_hash, card, card_hash, provenance, status.
+    metrics.csv is written first so that a reader never sees a run.json without its metrics.
+    """
+    info = dict(run_info)
+    for key in ("run_id", "suite", "subject"):
+        if not info.get(key):
+            raise UserError(f"run_info: field '{key}' is missing or empty; it names the run in every result row")
+    info.setdefault("provenance", provenance())
+    info.setdefault("status", "complete")
+    info.setdefault("grid", {})
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / METRICS_FILE, rows_to_csv(metric_rows(info, metrics), METRIC_COLUMNS))
+    atomic_write_json(run_dir / RUN_FILE, info)
+    return run_dir
+
+
+def write_per_image(run_dir: str | os.PathLike, per_image: Mapping[str, Sequence[Any]]) -> Path:
+    """per_image.csv from column → values (`image_id` first, as evaluate() returns it)."""
+    if "image_id" not in per_image:
+        raise UserError("per_image: column 'image_id' is missing")
+    columns = ["image_id"] + [c for c in per_image if c != "image_id"]
+    lengths = {c: len(per_image[c]) for c in columns}
+    if len(set(lengths.values())) > 1:
+        raise UserError(f"per_image: columns have different lengths {lengths}")
+    rows = [{c: (_fmt_float(per_image[c][i]) if c != "image_id" else str(per_image[c][i])) for c in columns}
+            for i in range(lengths["image_id"])]
+    return atomic_write_text(Path(run_dir) / PER_IMAGE_FILE, rows_to_csv(rows, columns))
+
+
+def write_train_log(run_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """train_log.csv (step, loss, loss_*, lr, images_per_s, time_s) rewritten whole, atomically."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    return atomic_write_text(Path(run_dir) / TRAIN_LOG_FILE, rows_to_csv(rows, columns))
+
+
+def write_code_counts(run_dir: str | os.PathLike, counts: np.ndarray) -> Path:
+    """codes.npz with `counts` (G, V) int64: per-group code histograms for usage and Zipf plots."""
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or not np.issubdtype(counts.dtype, np.integer):
+        raise UserError(f"code counts: expected an integer (G, V) array, got {counts.dtype} {counts.shape}")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, counts=counts.astype(np.int64))
+    return atomic_write_bytes(Path(run_dir) / CODES_FILE, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
+def read_csv_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a small CSV as dicts of strings ([] when the file is absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({exc})") from None
+
+
+def read_per_image(run_dir: str | os.PathLike) -> "pd.DataFrame | None":
+    return _read_frame(Path(run_dir) / PER_IMAGE_FILE, dtype={"image_id": str})
+
+
+def read_train_log(run_dir: str | os.PathLike) -> "pd.DataFrame | None":
+    return _read_frame(Path(run_dir) / TRAIN_LOG_FILE)
+
+
+def _read_frame(path: Path, dtype: dict | None = None) -> "pd.DataFrame | None":
+    import pandas as pd
+
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, dtype=dtype, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({exc})") from None
+
+
+def read_code_counts(run_dir: str | os.PathLike) -> np.ndarray | None:
+    """The (G, V) int64 counts, or None when the run did not store them (huge V). Never unpickles."""
+    path = Path(run_dir) / CODES_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            counts = np.asarray(data["counts"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: not a codes.npz with a 'counts' array ({exc})") from None
+    if counts.ndim != 2:
+        raise UserError(f"{path}: 'counts' must be (G, V), got shape {counts.shape}")
+    return counts.astype(np.int64)
+
+
+def sample_ids(run_dir: str | os.PathLike) -> list[str]:
+    """Image ids that have both a real and a reconstructed sample PNG, sorted."""
+    root = Path(run_dir) / "samples"
+    real = {p.stem for p in (root / "real").glob("*.png")}
+    recon = {p.stem for p in (root / "recon").glob("*.png")}
+    return sorted(real & recon)
+
+
+def find_run_dirs(*roots: str | os.PathLike) -> list[Path]:
+    """Every directory below `roots` (or a root itself) that holds a metrics.csv, sorted and de-duplicated."""
+    found: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise UserError(f"results path '{root}' does not exist")
+        if root.is_file():
+            if root.name != METRICS_FILE:
+                raise UserError(f"results path '{root}' is a file; give a results directory or a metrics.csv")
+            found.add(root.parent.resolve())
+            continue
+        found.update(p.parent.resolve() for p in root.rglob(METRICS_FILE))
+    return sorted(found)
+
+
+def _read_metrics_csv(path: Path) -> "pd.DataFrame":
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable metrics CSV ({exc})") from None
+    missing = [c for c in ("metric", "value") if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(METRIC_COLUMNS)}")
+    return df
+
+
+def _parse_float(value: Any, column: str, source: str) -> float:
+    if value is None or value == "":
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: column '{column}' has non-numeric value {value!r}; expected a number, "
+                        "'nan' or empty") from None
+
+
+def normalize_metrics_frame(df: "pd.DataFrame", source: str = "results") -> "pd.DataFrame":
+    """Give a long-format frame every METRIC_COLUMNS column with numeric dtypes for the numbers."""
+    import pandas as pd
+
+    df = df.copy()
+    for col in METRIC_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+    for col in _FLOAT_COLS:
+        df[col] = [_parse_float(v, col, source) for v in df[col].tolist()]
+    df["n"] = pd.to_numeric(df["n"], errors="coerce")
+    for col in METRIC_COLUMNS:
+        if col not in _FLOAT_COLS and col != "n":
+            df[col] = df[col].fillna("").astype(str)
+    bad = sorted(set(df["direction"]) - set(DIRECTIONS) - {""})
+    if bad:
+        raise UserError(f"{source}: direction {bad[0]!r} is invalid; valid: {', '.join(DIRECTIONS)}")
+    df["direction"] = df["direction"].replace("", "none")
+    return df
+
+
+def load_results(*dirs: str | os.PathLike) -> "pd.DataFrame":
+    """Concatenate every metrics.csv found (recursively) under `dirs`; adds a `run_dir` column.
+
+    Raises UserError when a path does not exist or holds no results.
+    """
+    import pandas as pd
+
+    if not dirs:
+        raise UserError("no results directories given")
+    run_dirs = find_run_dirs(*dirs)
+    if not run_dirs:
+        raise UserError(f"no {METRICS_FILE} found under {', '.join(str(d) for d in dirs)}")
+    frames = []
+    for rd in run_dirs:
+        df = normalize_metrics_frame(_read_metrics_csv(rd / METRICS_FILE), str(rd / METRICS_FILE))
+        df["run_dir"] = str(rd)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
