@@ -41,7 +41,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -387,10 +387,20 @@ class Synthetic(ImageDataset):
         return synthetic_image(self.seed, self.split, index, self.resolution)
 
 
-def build_dataset(kind: str, *, path: str | os.PathLike | None = None, split: str = "eval", resolution: int,
-                  crop: Optional[str] = None, n: Optional[int] = None, seed: int = 0,
-                  strict: bool = False) -> ImageDataset:
-    """Dataset factory. `crop` defaults to 'gsq' for eval and 'train' for train."""
+def build_dataset(kind: Any, *, path: str | os.PathLike | None = None, split: Optional[str] = None,
+                  resolution: Optional[int] = None, crop: Optional[str] = None, n: Optional[int] = None,
+                  seed: int = 0, strict: bool = False) -> ImageDataset:
+    """Dataset factory. `crop` defaults to 'gsq' for eval and 'train' for train; `split` defaults to 'eval'.
+
+    `kind` may also be a config object with attributes kind, path, size, crop, limit, strict (and optionally
+    split, seed); explicit keyword arguments win. Without a `split` its crop decides: 'train' → train split.
+    """
+    if not isinstance(kind, str) and hasattr(kind, "kind"):
+        return _build_from_spec(kind, path=path, split=split, resolution=resolution, crop=crop, n=n, seed=seed,
+                                strict=strict)
+    split = split or "eval"
+    if resolution is None:
+        raise UserError("data.resolution: missing; expected a positive integer (image side S)")
     _check_choice("data.kind", kind, DATASET_KINDS)
     _check_choice("data.split", split, SPLITS)
     crop = crop or ("train" if split == "train" else "gsq")
@@ -405,6 +415,18 @@ def build_dataset(kind: str, *, path: str | os.PathLike | None = None, split: st
         return ImageFolder(path, split=split, resolution=resolution, crop=crop, n=n, strict=strict)
     cls = SamplePhotos if kind == "sample-photos" else Synthetic
     return cls(split=split, resolution=resolution, crop=crop, n=n, seed=seed)
+
+
+def _build_from_spec(spec: Any, **overrides: Any) -> ImageDataset:
+    """build_dataset from a config object (gsqbench.config.DataSource-like)."""
+    crop = overrides["crop"] or getattr(spec, "crop", None)
+    split = overrides["split"] or getattr(spec, "split", None) or ("train" if crop == "train" else "eval")
+    return build_dataset(
+        spec.kind, path=overrides["path"] or getattr(spec, "path", None), split=split,
+        resolution=overrides["resolution"] or getattr(spec, "size", None) or getattr(spec, "resolution", None),
+        crop=crop, n=overrides["n"] if overrides["n"] is not None else getattr(spec, "limit", None),
+        seed=overrides["seed"] or getattr(spec, "seed", 0) or 0,
+        strict=overrides["strict"] or bool(getattr(spec, "strict", False)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

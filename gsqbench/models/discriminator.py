@@ -236,6 +236,11 @@ class DinoDiscriminator(nn.Module):
         self.backbone.eval()  # frozen: its norms/dropouts never switch to training behaviour
         return self
 
+    def requires_grad_(self, requires_grad: bool = True) -> "DinoDiscriminator":
+        """Toggle the heads only: the backbone stays frozen even when a trainer toggles the whole D for a G step."""
+        self.heads.requires_grad_(requires_grad)
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
 
