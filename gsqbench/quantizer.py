@@ -51,11 +51,11 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
 def straight_through(x: Tensor, q: Tensor) -> Tensor:
     """Forward value q, gradient flows to x unchanged.
 
-    Written q + (x − sg[x]) rather than the usual x + sg[q − x]: same gradient, but the forward value is
-    exactly q (x − x = 0 exactly, whereas x + (q − x) can differ from q by an ulp), so
+    Written sg[q] + (x − sg[x]) rather than the usual x + sg[q − x]: same gradients (none to q), but the
+    forward value is exactly q (x − x = 0 exactly, whereas x + (q − x) can differ from q by an ulp), so
     `indices_to_codes(indices)` reproduces z_q bit for bit.
     """
-    return q + (x - x.detach())
+    return q.detach() + (x - x.detach())
 
 
 def _block_distances(x: Tensor, x_sq: Tensor, codes: Tensor, c_sq: Tensor, precision: LookupPrecision) -> Tensor:

@@ -5,8 +5,8 @@ Per channel k with L_k levels: bound b = tanh(z + shift)·half_l − offset with
 offset = 0.5 for even L, shift = tan(offset/half_l) (the paper's formula, ε = 1e-3); round with
 straight-through; divide by ⌊L/2⌋ so codes lie in [−1, 1]. One fused index per position by mixed radix
 (channel 0 least significant), codebook_size = Π L_k, no codebook and no aux loss. `codebook_size` may
-select a preset: the paper's recommended levels plus the project choices 8192 → [8,8,8,4,4] and
-262144 → [8,8,8,8,8,8].
+select a preset by nominal size: the paper's recommended levels (2^10 → [8,5,5,5], whose real size is
+1000) plus the project choices 8192 → [8,8,8,4,4] and 262144 → [8,8,8,8,8,8] (exact).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def resolve_levels(levels: list[int] | None, dim: int | None, codebook_size: int
             raise UserError(f"levels: FSQ needs levels (e.g. [8, 5, 5, 5]) or a preset codebook_size ({sorted(LEVEL_PRESETS)})")
         if codebook_size not in LEVEL_PRESETS:
             raise UserError(f"codebook_size: no FSQ level preset for {codebook_size}; presets: {sorted(LEVEL_PRESETS)}, or give levels")
-        levels = LEVEL_PRESETS[codebook_size]
+        # a preset is named by its nominal size; the real V is Π L (2**10 → [8, 5, 5, 5] = 1000)
+        levels, codebook_size = LEVEL_PRESETS[codebook_size], None
     levels = list(levels)
     if not levels:
         raise UserError("levels: must not be empty")

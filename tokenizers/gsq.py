@@ -125,9 +125,11 @@ class GroupedSphericalQuantizer(nn.Module):
         """z (b, D, h, w) → z_q (b, D, h, w) in z's dtype, indices (b, h, w, G) int64."""
         check_channels(z, self.dim)
         b, _, h, w = z.shape
-        z_hat = normalise(to_channels_last_groups(z.float(), self.groups), self.norm)  # (b, h, w, G, d)
+        zg = to_channels_last_groups(z.float(), self.groups)  # (b, h, w, G, d)
+        # normalise the packed (N·G, d) rows as the official lookup does: bitwise-equal inputs matter for bf16
+        flat = normalise(zg.reshape(-1, self.code_dim), self.norm)
+        z_hat = flat.view_as(zg)
         weight = self.codebook.weight
-        flat = z_hat.reshape(-1, self.code_dim)
         idx = self._lookup(flat.detach(), normalise(weight.detach().float(), self.norm))  # (b·h·w·G,)
         q = F.embedding(idx, weight).float().view_as(z_hat)  # RAW rows go to the decoder
         loss = F.mse_loss(q, z_hat.detach()) + self.commitment_weight * F.mse_loss(q.detach(), z_hat)

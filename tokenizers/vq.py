@@ -86,7 +86,9 @@ class VectorQuantizer(nn.Module):
         init_codebook(self.codebook.weight, init)
         if ema:
             self.codebook.weight.requires_grad_(False)  # moved by the EMA step, not by the optimiser
-            self.register_buffer("ema_cluster_size", torch.zeros(codebook_size))
+            # start at N = 1, S = C0 so that S/N is the initial codebook: an unused code then keeps its
+            # row (both decay alike) instead of being divided by a near-zero smoothed count
+            self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
             self.register_buffer("ema_embed_sum", self.codebook.weight.detach().clone())
         if restart_dead_codes:
             # running usage (decayed like the EMA) decides which codes are dead
@@ -103,8 +105,10 @@ class VectorQuantizer(nn.Module):
         """z (b, D, h, w) → z_q in z's dtype, indices (b, h, w, G) int64."""
         check_channels(z, self.dim)
         b, _, h, w = z.shape
-        z_n = normalise(to_channels_last_groups(z.float(), self.groups), self.norm)  # (b, h, w, G, d)
-        flat = z_n.reshape(-1, self.code_dim)
+        zg = to_channels_last_groups(z.float(), self.groups)  # (b, h, w, G, d)
+        # normalise the packed (N·G, d) rows as the official lookup does: bitwise-equal inputs matter for bf16
+        flat = normalise(zg.reshape(-1, self.code_dim), self.norm)
+        z_n = flat.view_as(zg)
         weight = self.codebook.weight
         idx = nearest_code(flat.detach(), normalise(weight.detach().float(), self.norm), precision=self.lookup_precision)
         q = F.embedding(idx, weight).float().view_as(z_n)  # rows before this step's EMA update

@@ -1,0 +1,73 @@
+"""`gsqbench list {quantizers,presets,weights,configs}`: show what this installation can build and use.
+
+Each listing reads one registry or module and degrades to "not available" when that module is absent,
+so the command works at every stage of the project.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+HELP = "list registered quantizers, model presets, known weight files or shipped configs"
+KINDS = ("quantizers", "presets", "weights", "configs")
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=KINDS, help="what to list")
+
+
+def _optional_module(name: str):  # type: ignore[no-untyped-def]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):  # the module itself is missing, not one of its deps
+            return None
+        raise
+
+
+def _rows(rows: list[tuple[str, str]]) -> list[str]:
+    width = max((len(a) for a, _ in rows), default=0)
+    return [f"{a:<{width}}  {b}".rstrip() for a, b in rows]
+
+
+def list_quantizers() -> list[str]:
+    from gsqbench.registry import describe, discover_quantizers
+
+    reg = discover_quantizers()
+    return _rows([(name, describe(reg.get(name))) for name in reg.names()])
+
+
+def list_presets() -> list[str]:
+    module = _optional_module("gsqbench.models.autoencoder")
+    presets = getattr(module, "PRESETS", None)
+    if presets is None:
+        return ["presets: not available (gsqbench.models.autoencoder not installed)"]
+    return sorted(str(name) for name in presets)
+
+
+def list_weights() -> list[str]:
+    module = _optional_module("gsqbench.weights")
+    known = getattr(module, "KNOWN_WEIGHTS", None)
+    if known is None:
+        return ["weights: not available (gsqbench.weights not installed)"]
+    rows = []
+    for name, wf in sorted(known.items()):
+        rows.append((name, str(getattr(wf, "filename", ""))))
+    return _rows(rows)
+
+
+def list_configs() -> list[str]:
+    if not CONFIGS_DIR.is_dir():
+        return ["configs: not available (no configs/ folder beside the package)"]
+    files = sorted(p.relative_to(CONFIGS_DIR.parent).as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
+    return files or ["configs: none found"]
+
+
+def run(args: argparse.Namespace) -> int:
+    listing = {"quantizers": list_quantizers, "presets": list_presets,
+               "weights": list_weights, "configs": list_configs}[args.kind]
+    for line in listing():
+        print(line)
+    return 0
