@@ -212,6 +212,8 @@ def compare(current: "pd.DataFrame", baseline: "pd.DataFrame", *,
     import pandas as pd
 
     keys = key_columns(baseline)
+    if "suite" in keys:  # a baseline may hold several suites: check only the ones these results cover
+        baseline = baseline[baseline["suite"].isin(set(current["suite"]))]
     _check_unique(current, keys, "results")
     _check_unique(baseline, keys, "baseline")
     cols = [c for c in METRIC_COLUMNS if c not in keys]
@@ -229,7 +231,8 @@ def compare(current: "pd.DataFrame", baseline: "pd.DataFrame", *,
         out.append({**ident, "metric": row["metric"],
                     "direction": (row.get("direction_c") or row.get("direction_b") or "none"),
                     "baseline": base_val, "current": cur_val, "delta": cur_val - base_val,
-                    "tolerance": str(tol), "status": status, "reason": reason})
+                    "tolerance": "info" if reason == "informational" else str(tol), "status": status,
+                    "reason": reason})
     result = pd.DataFrame(out, columns=[*_ID_COLUMNS, "metric", "direction", "baseline", "current", "delta",
                                         "tolerance", "status", "reason"])
     return result.sort_values(["suite", "run", "subject", "metric"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,166 @@
+"""`gsqbench regress`: exit codes and statuses against a baseline written here with the csv module.
+
+Expected statuses follow from the task's default tolerances, restated here (psnr 0.05 dB absolute, lpips 0.002
+absolute, rfid 2 % relative, images/s informational), not from our tolerance table.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from gsqbench.cli import main
+from gsqbench.metrics.base import MetricValue
+from gsqbench.regress import parse_tolerance, tolerance_for
+from gsqbench.results import write_run_results
+
+COLUMNS = ["suite", "run", "subject", "seed", "metric", "value", "stderr", "ci_low", "ci_high", "direction", "n",
+           "unavailable", "fairness_hash", "card_hash", "device"]
+BASE = {"psnr": (24.0, "higher"), "lpips@alex": (0.100, "lower"), "rfid@inception": (10.0, "lower"),
+        "encode_images_per_s": (400.0, "higher")}
+FAIR, CARD = "f" * 64, "c" * 64
+
+
+def _write_results(root: Path, values: dict[str, float], *, card_hash: str = CARD, spec: dict | None = None,
+                   runs: tuple[str, ...] = ("gsq-s0",)) -> Path:
+    for run in runs:
+        info = {"run_id": run, "suite": "demo", "subject": run.split("-")[0], "seed": 0, "spec": spec or {},
+                "fairness_hash": FAIR, "card_hash": card_hash, "card": {}, "provenance": {"device": "cpu"}}
+        write_run_results(root / "demo" / run, info,
+                          [MetricValue(k, v, direction=BASE[k][1]) for k, v in values.items()])
+    return root
+
+
+def _write_baseline(path: Path, runs: tuple[str, ...] = ("gsq-s0",), metrics: dict = BASE) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for run in runs:
+            for name, (value, direction) in metrics.items():
+                w.writerow({"suite": "demo", "run": run, "subject": run.split("-")[0], "seed": "0", "metric": name,
+                            "value": value, "direction": direction, "fairness_hash": FAIR, "card_hash": CARD,
+                            "device": "cpu"})
+    return path
+
+
+def _statuses(out_dir: Path) -> dict[tuple[str, str], dict]:
+    data = json.loads((out_dir / "regress.json").read_text())
+    return {(r["run"], r["metric"]): r for r in data["rows"]}
+
+
+def _regress(tmp_path: Path, results: Path, baseline: Path, *extra: str) -> tuple[int, dict]:
+    out = tmp_path / "out"
+    code = main(["regress", str(results), "--baseline", str(baseline), "-o", str(out), *extra])
+    return code, _statuses(out)
+
+
+def test_identical_results_exit_0_all_ok(tmp_path, capsys):
+    results = _write_results(tmp_path / "res", {k: v for k, (v, _) in BASE.items()})
+    code, rows = _regress(tmp_path, results, _write_baseline(tmp_path / "base.csv"))
+    assert code == 0
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert "ok 4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("metric,value,status,code", [
+    ("psnr", 24.0 - 0.06, "regressed", 1),        # 0.06 dB worse > 0.05
+    ("psnr", 24.0 - 0.04, "ok", 0),               # within 0.05
+    ("psnr", 24.0 + 0.06, "improved", 0),
+    ("lpips@alex", 0.100 + 0.0025, "regressed", 1),  # lower is better; 0.0025 > 0.002
+    ("lpips@alex", 0.100 - 0.0025, "improved", 0),
+    ("rfid@inception", 10.0 * 1.025, "regressed", 1),  # 2.5 % > 2 % relative
+    ("rfid@inception", 10.0 * 1.015, "ok", 0),
+    ("encode_images_per_s", 100.0, "ok", 0),      # informational: never regresses
+])
+def test_direction_aware_tolerances(tmp_path, metric, value, status, code):
+    values = {k: v for k, (v, _) in BASE.items()} | {metric: value}
+    results = _write_results(tmp_path / "res", values)
+    got_code, rows = _regress(tmp_path, results, _write_baseline(tmp_path / "base.csv"))
+    assert (rows[("gsq-s0", metric)]["status"], got_code) == (status, code)
+
+
+def test_card_hash_change_is_incomparable_and_says_why(tmp_path):
+    results = _write_results(tmp_path / "res", {k: v - 5 for k, (v, _) in BASE.items()}, card_hash="d" * 64)
+    code, rows = _regress(tmp_path, results, _write_baseline(tmp_path / "base.csv"))
+    assert code == 0
+    assert {r["status"] for r in rows.values()} == {"incomparable"}
+    assert "card hash (protocol) differs" in rows[("gsq-s0", "psnr")]["reason"]
+    html = (tmp_path / "out" / "regress.html").read_text()
+    assert "incomparable" in html and "card hash (protocol) differs" in html
+
+
+def test_new_and_missing_rows(tmp_path):
+    results = _write_results(tmp_path / "res", {k: v for k, (v, _) in BASE.items()}, runs=("gsq-s0", "fsq-s0"))
+    baseline = _write_baseline(tmp_path / "base.csv", runs=("gsq-s0", "vq-s0"))
+    code, rows = _regress(tmp_path, results, baseline)
+    assert code == 0
+    assert rows[("fsq-s0", "psnr")]["status"] == "new" and rows[("vq-s0", "psnr")]["status"] == "missing"
+    assert rows[("gsq-s0", "psnr")]["status"] == "ok"
+
+
+def test_update_accepts_the_current_rows(tmp_path):
+    results = _write_results(tmp_path / "res", {k: v + 1 for k, (v, _) in BASE.items()}, runs=("gsq-s0", "fsq-s0"))
+    baseline = _write_baseline(tmp_path / "base.csv", runs=("gsq-s0", "vq-s0"))
+    assert main(["regress", str(results), "--baseline", str(baseline), "--update"]) == 0
+    with baseline.open(newline="") as f:
+        rows = {(r["run"], r["metric"]): r for r in csv.DictReader(f)}
+    assert float(rows[("gsq-s0", "lpips@alex")]["value"]) == 1.1  # worsened value accepted
+    assert ("fsq-s0", "psnr") in rows and ("vq-s0", "psnr") in rows  # new added, other baseline rows kept
+    code, statuses = _regress(tmp_path, results, baseline)
+    assert code == 0 and statuses[("gsq-s0", "lpips@alex")]["status"] == "ok"
+    fresh = tmp_path / "new" / "baseline.csv"  # --update creates an absent baseline
+    assert main(["regress", str(results), "--baseline", str(fresh), "--update"]) == 0 and fresh.is_file()
+
+
+def test_tolerance_overrides_cli_beats_suite_beats_default(tmp_path):
+    values = {k: v for k, (v, _) in BASE.items()} | {"psnr": 23.8}  # 0.2 dB worse
+    spec = {"regress": {"tolerances": {"psnr": 0.3}}}
+    results = _write_results(tmp_path / "res", values, spec=spec)
+    baseline = _write_baseline(tmp_path / "base.csv")
+    code, rows = _regress(tmp_path, results, baseline)
+    assert code == 0 and rows[("gsq-s0", "psnr")]["tolerance"] == "0.3"
+    code, rows = _regress(tmp_path, results, baseline, "--tolerance", "psnr=0.1")
+    assert code == 1 and rows[("gsq-s0", "psnr")]["status"] == "regressed"
+    code, rows = _regress(tmp_path, results, baseline, "--tolerance", "psnr=1%")  # 1 % of 24 = 0.24 dB
+    assert code == 0
+
+
+def test_tolerance_lookup_and_parsing():
+    assert parse_tolerance("2%", "x").relative and parse_tolerance("2%", "x").value == pytest.approx(0.02)
+    assert tolerance_for("lpips@vgg", {"lpips": parse_tolerance(0.01, "x")}).value == 0.01
+    assert tolerance_for("usage_group_min").value == 0.01  # family default 'usage'
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    results = _write_results(tmp_path / "res", {"psnr": 24.0})
+    assert main(["regress", str(results), "--baseline", str(tmp_path / "absent.csv")]) == 2
+    assert "--update" in capsys.readouterr().err
+    baseline = _write_baseline(tmp_path / "base.csv")
+    assert main(["regress", str(results), "--baseline", str(baseline), "--tolerance", "psnr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gsqbench: error: --tolerance psnr") and err.count("\n") == 1
+    (tmp_path / "broken.csv").write_text("metric,value\npsnr,1\n")
+    assert main(["regress", str(results), "--baseline", str(tmp_path / "broken.csv")]) == 2
+    assert "run or subject" in capsys.readouterr().err
+
+
+def test_other_suites_in_the_baseline_are_not_missing(tmp_path):
+    results = _write_results(tmp_path / "res", {k: v for k, (v, _) in BASE.items()})
+    baseline = _write_baseline(tmp_path / "base.csv")
+    with baseline.open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=COLUMNS).writerow({"suite": "other", "run": "x", "subject": "x",
+                                                         "metric": "psnr", "value": 1.0, "direction": "higher"})
+    code, rows = _regress(tmp_path, results, baseline)
+    assert code == 0 and ("x", "psnr") not in rows and len(rows) == len(BASE)
+
+
+def test_report_index_links_the_regression_page(tmp_path):
+    from gsqbench.report import render_report
+
+    results = _write_results(tmp_path / "res", {k: v for k, (v, _) in BASE.items()} | {"psnr": 20.0})
+    code, _ = _regress(tmp_path, results, _write_baseline(tmp_path / "base.csv"))
+    assert code == 1
+    index = render_report([results], tmp_path / "out", with_plots=False).read_text()
+    assert 'href="regress.html"' in index and "regressed 1" in index

@@ -1,0 +1,203 @@
+"""HTML reports rendered from the committed fixture results (2 suites, 4 subjects): no torch, self-contained,
+escaped, split by fairness hash, best values marked by direction, paper rows never ranked.
+
+Expected best values are picked here from the fixture's metrics.csv with the csv module and the metric direction.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "results"))
+import build_fixtures  # noqa: E402
+
+from gsqbench.report import render_report  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Tables(HTMLParser):
+    """Collects every <table> as {"cls", "rows": [[{"text", "cls", "title"}]]} and every src/href attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict] = []
+        self.links: list[str] = []
+        self._stack: list[dict] = []
+        self._cell: dict | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.links += [a[key] for key in ("src", "href") if a.get(key)]
+        if tag == "table":
+            self._stack.append({"cls": a.get("class", ""), "rows": []})
+        elif tag == "tr" and self._stack:
+            self._stack[-1]["rows"].append([])
+        elif tag in ("td", "th") and self._stack:
+            self._cell = {"text": "", "cls": a.get("class") or "", "title": a.get("title") or ""}
+            self._stack[-1]["rows"][-1].append(self._cell)
+
+    def handle_endtag(self, tag):
+        if tag == "table" and self._stack:
+            self.tables.append(self._stack.pop())
+        elif tag in ("td", "th"):
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell["text"] += data
+
+
+def parse(path: Path) -> Tables:
+    p = Tables()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+def summary_tables(path: Path) -> list[dict]:
+    return [t for t in parse(path).tables if "summary" in t["cls"]]
+
+
+def _rows_by_subject(table: dict) -> tuple[list[str], dict[str, list[dict]]]:
+    header = [c["text"].strip() for c in table["rows"][0]]
+    return header, {r[0]["text"].strip(): r for r in table["rows"][1:]}
+
+
+@pytest.fixture(scope="module")
+def fixture_results(tmp_path_factory) -> Path:
+    return build_fixtures.materialize(tmp_path_factory.mktemp("fx") / "results")
+
+
+@pytest.fixture(scope="module")
+def report(fixture_results, tmp_path_factory) -> Path:
+    """The full report (with plots), rendered through the CLI in a fresh interpreter that must not import torch."""
+    out = tmp_path_factory.mktemp("rep") / "report"
+    code = ("import sys; from gsqbench.cli import main; "
+            f"rc = main(['report', {str(fixture_results)!r}, '-o', {str(out)!r}]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_report_renders_self_contained_without_torch(report):
+    assert {"index.html", "style.css", "suite-demo.html", "suite-scaling.html"} <= set(os.listdir(report))
+    for page in report.glob("*.html"):
+        for link in parse(page).links:
+            assert not link.startswith(("http:", "https:", "//", "/", "file:")), (page.name, link)
+            target = link.split("#")[0]
+            if target:
+                assert (report / target).is_file(), (page.name, link)
+        assert "<script" not in page.read_text()  # no JS needed
+    index = parse(report / "index.html")
+    assert "suite-demo.html" in index.links and "suite-scaling.html" in index.links
+    # figures: training curves, rate–distortion, code usage; the dim × vocabulary grid gets a scaling plot
+    demo_pngs = {p.name for p in (report / "assets" / "demo" / "g0").glob("*.png")}
+    assert {"train_curves.png", "rate_distortion.png", "code_usage.png"} <= demo_pngs
+    assert (report / "assets" / "scaling" / "g0" / "scaling_dim_vocab.png").is_file()
+
+
+def test_summary_marks_best_by_direction_and_explains_na(report, fixture_results):
+    rows = [r for f in sorted((fixture_results / "demo").rglob("metrics.csv")) for r in csv.DictReader(f.open())]
+    (table,) = summary_tables(report / "suite-demo.html")
+    header, by_subject = _rows_by_subject(table)
+    assert sorted(by_subject) == ["fsq", "gsq", "lfq", "vq"]
+    for metric, column in (("psnr", "PSNR (dB)"), ("lpips@alex", "LPIPS (alex)"), ("ssim", "SSIM")):
+        vals = {r["subject"]: float(r["value"]) for r in rows if r["metric"] == metric}
+        direction = next(r["direction"] for r in rows if r["metric"] == metric)
+        best = (min if direction == "lower" else max)(vals, key=vals.get)
+        col = header.index(column)
+        marked = [s for s, cells in by_subject.items() if "best" in cells[col]["cls"]]
+        assert marked == [best], (metric, marked, best)
+    rfid = header.index("rFID")
+    reason = next(r["unavailable"] for r in rows if r["metric"] == "rfid@inception")
+    for cells in by_subject.values():
+        assert cells[rfid]["text"].startswith("n/a") and cells[rfid]["title"] == reason
+        assert "best" not in cells[rfid]["cls"]
+    html = (report / "suite-demo.html").read_text()
+    assert "gsqbench weights download inception-fid" in html  # the footnote carries the fix command
+
+
+def test_paper_reference_rows_are_labelled_and_never_ranked(report):
+    html = (report / "suite-demo.html").read_text()
+    paper_part = html[html.index('id="paper"'):]
+    assert "paper, ImageNet 256²" in paper_part and "34.61" in paper_part  # §7.7 16×4 PSNR
+    assert "best" not in paper_part and "★" not in paper_part
+    paper_tables = [t for t in parse(report / "suite-demo.html").tables if "paper-table" in t["cls"]]
+    assert paper_tables and all("best" not in c["cls"] for t in paper_tables for r in t["rows"] for c in r)
+
+
+def _set_fairness(run_dir: Path, value: str) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    info["fairness_hash"] = value
+    (run_dir / "run.json").write_text(json.dumps(info))
+    lines = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(lines[0]))
+        w.writeheader()
+        w.writerows([{**r, "fairness_hash": value} for r in lines])
+
+
+def test_mixed_fairness_hashes_render_as_separate_tables(fixture_results, tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(fixture_results / "demo", results / "demo")
+    for run in ("vq-s0", "lfq-s0"):
+        _set_fairness(results / "demo" / run, "9" * 64)
+    render_report([results], tmp_path / "out", with_plots=False)
+    page = tmp_path / "out" / "suite-demo.html"
+    tables = summary_tables(page)
+    assert len(tables) == 2
+    subjects = sorted(sorted(_rows_by_subject(t)[1]) for t in tables)
+    assert subjects == [["fsq", "gsq"], ["lfq", "vq"]]
+    text = page.read_text()
+    fh = build_fixtures.DEMO_FAIRNESS
+    assert f"fairness hashes differ: 99999999… vs {fh[:8]}…; rows are not comparable" in text \
+        or f"fairness hashes differ: {fh[:8]}… vs 99999999…; rows are not comparable" in text
+    assert "rows are not comparable" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_hostile_names_are_escaped_and_stay_inside_the_output(fixture_results, tmp_path):
+    import shutil
+
+    evil_subject = "<script>alert(1)</script>"
+    evil_id = '"><img src=x onerror=alert(2)>'
+    results = tmp_path / "results"
+    src = fixture_results / "demo" / "gsq-s0"
+    run = results / "evil" / "x"  # the directory names are harmless; the names inside the files are not
+    shutil.copytree(src, run)
+    info = json.loads((run / "run.json").read_text())
+    info.update(subject=evil_subject, run_id="../../../escaped", suite="../../outside<b>")
+    (run / "run.json").write_text(json.dumps(info))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    with (run / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "subject": evil_subject, "run": "../../../escaped", "suite": "../../outside<b>"} for r in rows])
+    for kind in ("real", "recon"):
+        shutil.copy(run / "samples" / kind / "val_00000.png", run / "samples" / kind / f"{evil_id}.png")
+    with (run / "per_image.csv").open("a") as f:
+        f.write(f'"{evil_id.replace(chr(34), chr(34) * 2)}",1.0,0.1,0.99\n')
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "deep" / "out"
+    render_report([results], out, with_plots=False, k_samples=4, worst_k=10)
+    created = {p for p in tmp_path.rglob("*")} - before
+    outside = [p for p in created if out.resolve() not in p.resolve().parents and p.resolve() != out.resolve()
+               and p.resolve() not in out.resolve().parents]
+    assert not outside, outside
+    pages = list(out.glob("*.html"))
+    assert len(pages) == 2
+    for page in pages:
+        html = page.read_text()
+        assert evil_subject not in html and "<img src=x" not in html and "<b>" not in html
+    suite_html = next(p for p in pages if p.name != "index.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in suite_html
+    assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in suite_html  # the image id, escaped
