@@ -52,7 +52,8 @@ class DataSource:
     path: Optional[str] = None
     size: int = 64
     crop: str = "train"
-    limit: Optional[int] = None  # first N images (sorted ids); None = all
+    limit: Optional[int] = None  # N images (gsqbench.data picks them deterministically); None = all
+    seed: int = 0  # synthetic / sample-photos generation seed (a data property, not the run seed)
     strict: bool = False  # corrupt image => error instead of skip-with-warning
 
 

@@ -35,13 +35,19 @@ class SuiteResult:
 
 # ----------------------------------------------------------------------------------------------- data
 def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train") -> Any:
-    """Build a dataset through gsqbench.data; a missing/empty folder is a UserError naming the config key."""
+    """Build a dataset through gsqbench.data; errors name the config key (`shared.data.<role>.*`)."""
     from gsqbench import data
 
     try:
-        return data.build_dataset(source, strict=strict or source.strict)
-    except FileNotFoundError as exc:
-        raise UserError(f"config key 'shared.data.{role}.path': {source.path!r} does not exist ({exc})") from None
+        ds = data.build_dataset(source.kind, path=source.path, split=role, resolution=source.size, crop=source.crop,
+                                n=source.limit, seed=source.seed, strict=strict or source.strict)
+    except UserError as exc:  # data.py names its fields 'data.<field>'; point at the suite's key instead
+        msg = str(exc)
+        msg = f"shared.data.{role}.{msg[5:]}" if msg.startswith("data.") else f"shared.data.{role}: {msg}"
+        raise UserError(msg) from None
+    if len(ds) == 0:
+        raise UserError(f"config key 'shared.data.{role}.path': {source.path!r} contains no images")
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------- per run
@@ -56,14 +62,14 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-def eval_settings(run: RunSpec, require: Sequence[str] = ()) -> Any:
+def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema", progress: bool = True) -> Any:
     """gsqbench.evaluate.EvalSettings from the shared eval spec: pass the fields EvalSettings declares."""
     from gsqbench.evaluate import EvalSettings
 
     e = run.shared.eval
-    wanted = {"mode": e.mode, "batch_size": e.batch_size, "samples": e.samples, "num_samples": e.samples,
-              "metrics": tuple(e.metrics) or None, "require": tuple(sorted({*e.require, *require})),
-              "seed": run.seed, **e.options}
+    wanted = {"mode": e.mode, "batch_size": e.batch_size, "samples": e.samples, "metrics": tuple(e.metrics),
+              "require": tuple(sorted({*e.require, *require})), "seed": run.seed, "weights": weights,
+              "num_workers": run.shared.data.num_workers, "progress": progress, **e.options}
     names = {f.name for f in dataclasses.fields(EvalSettings)} if dataclasses.is_dataclass(EvalSettings) \
         else set(inspect.signature(EvalSettings).parameters)
     unknown = [k for k in e.options if k not in names]
@@ -86,7 +92,9 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
     trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
     dev = next(trained.model.parameters()).device
     with torch.no_grad():
-        ev = evaluate(trained.model, eval_ds, eval_settings(run, require), device=dev, out_dir=run_dir)
+        ev = evaluate(trained.model, eval_ds, eval_settings(run, require, trained.weights, progress), device=dev,
+                      out_dir=run_dir, model_info={"fairness_hash": run.fairness_hash, "step": trained.steps,
+                                                   "weights": trained.weights})
     metrics = [*ev.metrics, *train_metrics(trained)]
     if _is_main():
         _write_results(run, run_dir, ev, metrics, trained, device=str(dev))
@@ -162,10 +170,9 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
 
 
 def render_report(results_dir: Path, report_dir: Path) -> Path:
-    from gsqbench.report import render
+    from gsqbench.report import render_report as render
 
-    result = render(results_dir, report_dir)
-    return Path(result) if result is not None else report_dir
+    return Path(render([results_dir], report_dir))
 
 
 def format_summary(res: SuiteResult, metrics: Sequence[str] = SUMMARY_METRICS) -> str:

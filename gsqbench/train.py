@@ -79,40 +79,36 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------- data order
-def global_batch_indices(n: int, batch: int, seed: int, batch_no: int) -> list[int]:
-    """Indices of global batch number `batch_no`: a seeded permutation per epoch, batches never cross epochs."""
-    if n < 1:
-        raise UserError("training dataset is empty")
-    per_epoch = max(1, n // batch) if n >= batch else 1
-    epoch, pos = divmod(batch_no, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    if n < batch:  # tiny sets: repeat the permutation so a batch is always full
-        perm = (perm * (batch // n + 1))[:batch]
-    return perm[pos * batch:(pos + 1) * batch]
-
-
-def rank_slice(indices: list[int], ctx: DistContext) -> list[int]:
-    per = len(indices) // ctx.world_size
-    return indices[ctx.rank * per:(ctx.rank + 1) * per]
-
-
 class BatchStream:
-    """Deterministic, resumable stream of this rank's batches as float (b, 3, S, S) in [-1, 1]."""
+    """This rank's training batches as float (b, 3, S, S) in [-1, 1], from gsqbench.data.TrainLoader.
 
-    def __init__(self, dataset: Any, global_batch: int, seed: int, ctx: DistContext, position: int = 0):
+    The loader's order is a pure function of (seed, batches drawn), so the checkpointed `position` is all a
+    resume needs, and rank r of W takes the r-th block of every global batch (same images as one process).
+    """
+
+    def __init__(self, dataset: Any, global_batch: int, seed: int, ctx: DistContext, num_workers: int = 0):
+        from gsqbench.data import train_loader
+
         if global_batch % ctx.world_size:
             raise UserError(f"config key 'shared.train.batch_size': {global_batch} is not divisible by the "
                             f"world size {ctx.world_size}")
-        self.dataset, self.global_batch, self.seed, self.ctx = dataset, global_batch, seed, ctx
-        self.position = position  # global batches consumed so far (checkpointed)
+        self.loader = train_loader(dataset, global_batch // ctx.world_size, seed, ctx.rank, ctx.world_size,
+                                   num_workers=num_workers)
+        self._it: Optional[Any] = None
+
+    @property
+    def position(self) -> int:
+        return self.loader.step  # global batches drawn so far
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.loader.step, self._it = int(value), None  # restart the (worker) iterator at the new position
 
     def next(self, device: torch.device) -> Tensor:
-        idx = rank_slice(global_batch_indices(len(self.dataset), self.global_batch, self.seed, self.position), self.ctx)
-        self.position += 1
-        images = [self.dataset[i][1] for i in idx]  # (3, S, S) uint8 each
-        u8 = torch.stack(images).to(device, non_blocking=True)
-        return u8.float() / 127.5 - 1.0
+        if self._it is None:
+            self._it = iter(self.loader)
+        _, u8 = next(self._it)
+        return u8.to(device, non_blocking=True).float() / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------------------------- optimiser, LR, EMA
@@ -169,14 +165,18 @@ def build_perceptual(loss: LossSpec, device: torch.device) -> Optional[nn.Module
     return net.to(device) if net.enabled else None
 
 
-def build_discriminator(gan: GanSpec, image_size: int) -> Optional[nn.Module]:
+def build_discriminator(gan: GanSpec) -> Optional[nn.Module]:
+    """PatchGAN (NLD) or the DINOv2 discriminator; the DINO one applies DiffAugment itself (official layout)."""
     if gan.discriminator == "none":
         return None
-    from gsqbench.models import discriminator as D
+    from gsqbench.models.discriminator import build_discriminator as build
 
-    if gan.discriminator == "patchgan":
-        return D.PatchGANDiscriminator(**gan.options)
-    return D.DinoDiscriminator(**gan.options)
+    cfg = {"name": gan.discriminator, **gan.options}
+    if gan.discriminator == "dino":
+        cfg.setdefault("diffaug", bool(gan.diffaug))
+        if gan.diffaug:
+            cfg.setdefault("aug_policy", gan.diffaug)
+    return build(cfg)
 
 
 def build_diffaug(policy: str) -> Callable[[Tensor], Tensor]:
@@ -305,20 +305,21 @@ def build_trainer(run: RunSpec, dataset: Any, ctx: DistContext, device: torch.de
     opt = build_optimizer(list(model.named_parameters()), t.lr, t.betas, t.weight_decay, t.eps, t.no_decay_norm_bias)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
     ddp_model = _wrap_ddp(model, ctx, device)
-    disc = build_discriminator(g, run.shared.data.train.size)
+    disc = build_discriminator(g)
     trainer = Trainer(run=run, ctx=ctx, device=device, model=model, ddp_model=ddp_model, opt=opt, sched=sched, ema=ema)
     if disc is not None:
         disc = disc.to(device)
         trainer.disc, trainer.ddp_disc = disc, _wrap_ddp(disc, ctx, device)
         trainer.opt_d = build_optimizer(list(disc.named_parameters()), g.lr, g.betas, g.weight_decay, t.eps,
                                         t.no_decay_norm_bias)
-        trainer.augment = build_diffaug(g.diffaug)
+        if not getattr(disc, "diffaug", False):  # DINO augments inside; PatchGAN needs it here
+            trainer.augment = build_diffaug(g.diffaug)
         if g.lecam_weight > 0:
             from gsqbench.losses import LeCamEMA
 
             trainer.lecam = LeCamEMA()
     trainer.perceptual = build_perceptual(run.shared.loss, device)
-    trainer.stream = BatchStream(dataset, t.batch_size, run.seed, ctx)
+    trainer.stream = BatchStream(dataset, t.batch_size, run.seed, ctx, run.shared.data.num_workers)
     if t.compile:
         trainer.ddp_model = torch.compile(trainer.ddp_model)
     return trainer
