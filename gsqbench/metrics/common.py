@@ -1,0 +1,118 @@
+"""Plumbing shared by the metric implementations: uint8 input checks, exact-fp32 numerics, weight resolution and
+per-image (id, value) bookkeeping with the DDP gather of metrics-protocol.md §10.
+
+Every metric receives the same uint8 (real, fake) pair (§1); this module is where that contract is checked once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from gsqbench import distributed
+from gsqbench.errors import UserError
+from gsqbench.metrics.base import Direction, Metric, MetricValue, mean_with_interval
+
+log = logging.getLogger(__name__)
+
+
+def check_image_pair(real: torch.Tensor, fake: torch.Tensor, *, what: str = "images") -> None:
+    """Both sides uint8 (b, 3, H, W) of one shape: the §1 rule that every metric sees the same converter output."""
+    for side, t in (("real", real), ("fake", fake)):
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"{what} {side}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.uint8:
+            raise UserError(f"{what} {side}: dtype {t.dtype}; expected torch.uint8 (convert with round-half-even)")
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise UserError(f"{what} {side}: shape {tuple(t.shape)}; expected (b, 3, H, W)")
+    if real.shape != fake.shape:
+        raise UserError(f"{what}: real shape {tuple(real.shape)} != fake shape {tuple(fake.shape)}")
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """TF32 off for matmul and cuDNN and autocast disabled, restored afterwards (§5, §6: metrics run in full fp32)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        # an evaluator running the model under bf16 autocast must not leak it into the metric networks
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def resolve_weights(name: str, explicit: Optional[str | Path], required: bool) -> tuple[Optional[Path], Optional[str]]:
+    """(verified path, None) or (None, reason). An explicit path bypasses the manager (tests, callers that verified).
+
+    Follows docs/contracts.md: a missing/unverified file makes the metric unavailable with the fix command, unless
+    the user required the metric, in which case it is a UserError.
+    """
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise UserError(f"weights file for '{name}': {path} does not exist; pass an existing file")
+        return path, None
+    from gsqbench.weights import WeightsUnavailable, weight_path
+
+    try:
+        return weight_path(name), None
+    except WeightsUnavailable as exc:
+        if required:
+            raise UserError(f"required metric needs weights '{name}': {exc}") from None
+        log.warning("metric unavailable: %s", exc)
+        return None, str(exc)
+
+
+class PerImageMetric(Metric):
+    """Keeps (image_id, value) per column; `sync` gathers all ranks and sorts by id (§10), then means with intervals.
+
+    `columns` are the per-image values kept (default: `keys`); names starting with '_' are internal (e.g. exact
+    squared-error sums for pooled PSNR) and not reported per image.
+    """
+
+    directions: dict[str, Direction] = {}
+    columns: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.columns = self.columns or self.keys
+        self._ids: list[str] = []
+        self._values: dict[str, list[float]] = {k: [] for k in self.columns}
+        self._unavailable: Optional[str] = None
+
+    def _append(self, image_ids: Sequence[str], values: dict[str, torch.Tensor]) -> None:
+        ids = [str(i) for i in image_ids]
+        for key, v in values.items():
+            v = v.detach().to("cpu", torch.float64).reshape(-1)
+            if v.numel() != len(ids):
+                raise UserError(f"{key}: got {len(ids)} image ids for a batch of {v.numel()} images")
+            self._values[key].extend(v.tolist())
+        self._ids.extend(ids)
+
+    def sync(self) -> None:
+        """Gather (id, values) from every rank, sorted by image id on any world size so outputs never depend on it."""
+        if len(set(self._ids)) != len(self._ids):
+            raise UserError("per-image metric: duplicate image ids; every evaluated image needs a unique id")
+        rows = list(zip(*(self._values[k] for k in self.columns))) if self._ids else []
+        ids, rows = distributed.gather_per_image(self._ids, rows)  # sorted by id, also on one process
+        self._ids = list(ids)
+        self._values = {k: [float(r[j]) for r in rows] for j, k in enumerate(self.columns)}
+
+    def image_ids(self) -> list[str]:
+        """Image ids in the order of `per_image()` values (sorted by id after `sync`)."""
+        return list(self._ids)
+
+    def per_image(self) -> dict[str, list[float]]:
+        if self._unavailable is not None:
+            return {}
+        return {k: list(v) for k, v in self._values.items() if not k.startswith("_")}
+
+    def compute(self) -> list[MetricValue]:
+        if self._unavailable is not None:
+            return [MetricValue.missing(k, self._unavailable, self.directions[k]) for k in self.keys]
+        return [mean_with_interval(self._values[k], k, self.directions[k]) for k in self.keys]
