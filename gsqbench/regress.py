@@ -235,7 +235,11 @@ def compare(current: "pd.DataFrame", baseline: "pd.DataFrame", *,
                     "reason": reason})
     result = pd.DataFrame(out, columns=[*_ID_COLUMNS, "metric", "direction", "baseline", "current", "delta",
                                         "tolerance", "status", "reason"])
-    return result.sort_values(["suite", "run", "subject", "metric"], kind="stable").reset_index(drop=True)
+    # problems first, so a long table starts with what needs a look
+    rank = {s: i for i, s in enumerate(("regressed", "incomparable", "missing", "new", "improved", "ok"))}
+    result["_rank"] = result["status"].map(rank)
+    result = result.sort_values(["_rank", "suite", "run", "subject", "metric"], kind="stable")
+    return result.drop(columns="_rank").reset_index(drop=True)
 
 
 def exit_code(comparison: "pd.DataFrame") -> int:

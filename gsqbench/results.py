@@ -214,6 +214,25 @@ def write_code_counts(run_dir: str | os.PathLike, counts: np.ndarray) -> Path:
     return atomic_write_bytes(Path(run_dir) / CODES_FILE, buf.getvalue())
 
 
+def write_samples(run_dir: str | os.PathLike, image_ids: Sequence[str], real_u8: Any, recon_u8: Any) -> list[Path]:
+    """samples/real/<id>.png and samples/recon/<id>.png from uint8 (N, 3, H, W) arrays (numpy or CPU tensors):
+    the exact evaluated pixels, losslessly. Ids are sanitised into file names (safe_name)."""
+    from PIL import Image
+
+    real, recon = (np.asarray(a.cpu() if hasattr(a, "cpu") else a) for a in (real_u8, recon_u8))
+    if real.dtype != np.uint8 or recon.dtype != np.uint8 or real.shape != recon.shape or real.ndim != 4 \
+            or real.shape[1] != 3 or len(image_ids) != real.shape[0]:
+        raise UserError(f"samples: expected two uint8 (N, 3, H, W) arrays and N ids, got {real.dtype} {real.shape}, "
+                        f"{recon.dtype} {recon.shape}, {len(image_ids)} ids")
+    written = []
+    for kind, arr in (("real", real), ("recon", recon)):
+        for image_id, img in zip(image_ids, arr):
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0))).save(buf, format="PNG")
+            written.append(atomic_write_bytes(safe_child(run_dir, "samples", kind, f"{image_id}.png"), buf.getvalue()))
+    return written
+
+
 # ----------------------------------------------------------------------------------------------- reading
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / RUN_FILE

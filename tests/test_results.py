@@ -19,8 +19,8 @@ import pytest
 from gsqbench.errors import UserError
 from gsqbench.metrics.base import MetricValue
 from gsqbench.results import (
-    load_results, provenance, read_code_counts, read_per_image, run_dir_for, write_code_counts, write_per_image,
-    write_run_results,
+    load_results, provenance, read_code_counts, read_per_image, run_dir_for, sample_ids, write_code_counts,
+    write_per_image, write_run_results, write_samples,
 )
 
 CONTRACT_COLUMNS = ["suite", "run", "subject", "seed", "metric", "value", "stderr", "ci_low", "ci_high", "direction",
@@ -152,3 +152,18 @@ def test_two_processes_writing_one_root_lose_nothing(tmp_path):
         for i in range(n_runs):
             assert psnr[f"w{w}-r{i:02d}"] == w * 1000 + i + 0.5
     assert not list(tmp_path.rglob("*.tmp"))  # no half-written temp files left behind
+
+
+def test_samples_are_written_losslessly(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, size=(2, 3, 5, 7), dtype=np.uint8)
+    recon = rng.integers(0, 256, size=(2, 3, 5, 7), dtype=np.uint8)
+    write_samples(tmp_path, ["id_b", "id_a"], real, recon)
+    for i, image_id in enumerate(["id_b", "id_a"]):
+        got = np.asarray(Image.open(tmp_path / "samples" / "recon" / f"{image_id}.png"))  # (H, W, 3)
+        np.testing.assert_array_equal(got, recon[i].transpose(1, 2, 0))
+    assert sample_ids(tmp_path) == ["id_a", "id_b"]
+    with pytest.raises(UserError, match="uint8"):
+        write_samples(tmp_path, ["x"], real[:1].astype(np.float32), recon[:1])

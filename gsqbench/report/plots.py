@@ -147,7 +147,7 @@ def scaling(points: Sequence[Mapping[str, Any]], x_key: str, series_key: str | N
     for name, pts in sorted(series.items(), key=lambda kv: str(kv[0])):
         pts.sort()
         ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", linewidth=1.2,
-                label=f"{series_key}={_text(name)}" if series_key else None)
+                label=f"{series_key}={_num(name)}" if series_key else None)
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(x_key, fontsize=8)
@@ -157,6 +157,10 @@ def scaling(points: Sequence[Mapping[str, Any]], x_key: str, series_key: str | N
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _num(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else _text(x)
 
 
 def _finite(x: Any) -> bool:

@@ -181,12 +181,14 @@ def summary_table(runs: Sequence[Run]) -> tuple[dict[str, Any], list[tuple[int, 
     unavailable cells carry a footnote number whose text is the reason with the fix command."""
     footnotes: dict[str, int] = {}
     rows = [{"label": r.subject, "run": r.run_id, "seed": r.seed, "cells": []} for r in runs]
-    for key, _title, kind in SUMMARY_COLUMNS:
+    # a column no run measured at all (not even as n/a) is noise; unavailable metrics keep their column
+    columns = [c for c in SUMMARY_COLUMNS if any(c[0] in r.metrics for r in runs)]
+    for key, _title, kind in columns:
         best = _best_value([r.metrics.get(key) for r in runs])
         for run, row in zip(runs, rows):
             m = run.metrics.get(key)
             row["cells"].append(_cell(m, kind, best, footnotes))
-    table = {"columns": [t for _, t, _ in SUMMARY_COLUMNS], "keys": [k for k, _, _ in SUMMARY_COLUMNS], "rows": rows}
+    table = {"columns": [t for _, t, _ in columns], "keys": [k for k, _, _ in columns], "rows": rows}
     return table, sorted(((n, reason) for reason, n in footnotes.items()))
 
 
@@ -511,11 +513,15 @@ def _read_regress_summary(out: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return {"page": "regress.html", "counts": data.get("counts", {}), "baseline": data.get("baseline", "")}
+    from gsqbench.regress import STATUSES
+
+    counts = data.get("counts") or {}
+    return {"page": "regress.html", "counts": {s: counts.get(s, 0) for s in STATUSES},
+            "baseline": data.get("baseline", "")}
 
 
 def render_regress(comparison: "pd.DataFrame", out_dir: str | os.PathLike, *, baseline: str,
-                   title: str = "gsqbench regression check") -> Path:
+                   title: str = "gsqbench report") -> Path:
     """regress.html (+ regress.json with the same rows) in `out_dir`; the report index links it."""
     from gsqbench.regress import summary
 
@@ -530,7 +536,7 @@ def render_regress(comparison: "pd.DataFrame", out_dir: str | os.PathLike, *, ba
     })
     for r in rows:
         for c in ("baseline", "current", "delta"):
-            r[c] = fmt_value(r[c], "g6") if _finite(r[c]) else ""
+            r[c] = fmt_value(r[c], "g7") if _finite(r[c]) else ""
     html = _env().get_template("regress.html.j2").render(title=title, baseline=baseline, counts=counts, rows=rows)
     _write_static(out)
     return atomic_write_text(safe_child(out, "regress.html"), html)
