@@ -194,33 +194,46 @@ def vgg_features_to_lpips(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_vgg_trunk(lpips_model: nn.Module, path: str | Path) -> None:
-    """Load the torchvision VGG16 trunk file into an lpips.LPIPS(net='vgg') model; UserError if it does not fit."""
+def _read_vgg_trunk(path: str | Path, expected: set[str]) -> dict[str, Tensor]:
+    """torchvision VGG16 file → lpips `net.*` tensors; UserError naming the file if it is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unreadable / not a tensor-only file
-        raise UserError(f"VGG16 trunk file {path}: cannot load ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"VGG16 trunk file {path}: cannot load ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
     if not isinstance(state, dict):
         raise UserError(f"VGG16 trunk file {path}: expected a state dict, got {type(state).__name__}")
     mapped = vgg_features_to_lpips(state)
-    expected = {k for k in lpips_model.state_dict() if k.startswith("net.")}
     if set(mapped) != expected:
         missing = sorted(expected - set(mapped))[:3]
         raise UserError(f"VGG16 trunk file {path}: not a torchvision vgg16 state dict (missing {missing}); "
                         "expected keys features.<i>.weight/bias")
-    try:
-        lpips_model.load_state_dict(mapped, strict=False)
-    except RuntimeError as exc:
-        raise UserError(f"VGG16 trunk file {path}: shapes do not match torchvision vgg16 ({exc})".replace("\n", " "))
+    return mapped
 
 
-def _build_lpips_vgg() -> nn.Module:
+def build_lpips_vgg(trunk: str | Path) -> nn.Module:
+    """lpips.LPIPS(net='vgg', v0.1) with the v0.1 heads from the lpips wheel and the VGG16 trunk from `trunk`.
+
+    Built on the meta device: otherwise lpips makes torchvision construct and randomly initialise the whole
+    VGG16 including its 120M-parameter classifier (seconds of CPU) only to drop it. Every tensor is then
+    loaded explicitly (strict), so nothing uninitialised survives.
+    """
     import lpips
 
-    # pnet_rand: never let torchvision fetch the trunk; the v0.1 heads load from the lpips wheel.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation chatter
-        return lpips.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False)
+        model = lpips.LPIPS(net="vgg", version="0.1", pretrained=False, pnet_rand=True, verbose=False)
+    model = model.to_empty(device="cpu")
+    model.scaling_layer = type(model.scaling_layer)()  # lpips' constant shift/scale, rebuilt off the meta device
+    heads = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth", map_location="cpu",
+                       weights_only=True)
+    heads.update({k.replace("lin", "lins.", 1): v for k, v in heads.items()})  # lpips registers heads twice
+    scaling = {f"scaling_layer.{k}": v for k, v in model.scaling_layer.state_dict().items()}
+    trunk_state = _read_vgg_trunk(trunk, {k for k in model.state_dict() if k.startswith("net.")})
+    try:
+        model.load_state_dict({**scaling, **heads, **trunk_state}, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"VGG16 trunk file {trunk}: does not fit lpips' VGG16 ({exc})".replace("\n", " ")) from None
+    return model.eval().requires_grad_(False)
 
 
 class PerceptualLoss(nn.Module):
@@ -245,9 +258,7 @@ class PerceptualLoss(nn.Module):
             if not path.is_file():
                 self._unavailable(f"VGG16 trunk file {path} does not exist", required)
             else:
-                model = _build_lpips_vgg()
-                load_vgg_trunk(model, path)
-                self.model = model.eval().requires_grad_(False)
+                self.model = build_lpips_vgg(path)
                 self.trunk_path = path
 
     def _trunk_from_weight_manager(self, required: bool) -> Optional[Path]:
