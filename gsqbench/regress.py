@@ -8,7 +8,7 @@ Each (suite, run, metric) row gets one status:
   missing      in the baseline but not in the results (or now unavailable)
   incomparable fairness hash, card hash (protocol) or device differ, so the numbers are not comparable
 
-Tolerances: built-in defaults < the suite's `regress: {tolerances: {...}}` block (stored in run.json's spec) <
+Tolerances: built-in defaults < the suite's `regress:` block (stored in run.json's spec; see suite_tolerances) <
 `--tolerance metric=value` on the command line. A plain number is an absolute tolerance, "2%" a relative one.
 A key may name a metric exactly (`lpips@alex`), its base before '@' (`lpips`), or its family before '_' (`usage`).
 """
@@ -100,14 +100,23 @@ def parse_cli_tolerances(items: Iterable[str]) -> dict[str, Tolerance]:
 
 
 def suite_tolerances(run_info: Mapping[str, Any], source: str) -> dict[str, Tolerance]:
-    """Tolerances from a run's resolved spec: `spec["regress"]["tolerances"]` (absent → {})."""
-    block = ((run_info.get("spec") or {}).get("regress") or {})
-    if not isinstance(block, Mapping):
-        raise UserError(f"{source}: spec.regress must be a mapping, got {type(block).__name__}")
-    tols = block.get("tolerances") or {}
-    if not isinstance(tols, Mapping):
-        raise UserError(f"{source}: spec.regress.tolerances must be a mapping metric -> tolerance")
-    return {str(k): parse_tolerance(v, f"{source}: spec.regress.tolerances.{k}") for k, v in tols.items()}
+    """Tolerances a suite stored with its runs. Accepted places (first found wins): `spec["regress"]["tolerances"]`,
+    `spec["regress"]` as a flat metric -> tolerance mapping (config.Suite.regress), and the same two forms under a
+    top-level `regress` key of run.json. Absent → {}."""
+    spec = run_info.get("spec") or {}
+    for where, block in (("spec.regress", spec.get("regress") if isinstance(spec, Mapping) else None),
+                         ("regress", run_info.get("regress"))):
+        if block is None:
+            continue
+        if not isinstance(block, Mapping):
+            raise UserError(f"{source}: {where} must be a mapping, got {type(block).__name__}")
+        if "tolerances" in block:
+            where, block = f"{where}.tolerances", block["tolerances"] or {}
+            if not isinstance(block, Mapping):
+                raise UserError(f"{source}: {where} must be a mapping metric -> tolerance")
+        if block:
+            return {str(k): parse_tolerance(v, f"{source}: {where}.{k}") for k, v in block.items()}
+    return {}
 
 
 def _candidates(metric: str) -> list[str]:

@@ -127,6 +127,15 @@ def test_tolerance_overrides_cli_beats_suite_beats_default(tmp_path):
     assert code == 0
 
 
+def test_flat_suite_regress_block_is_read(tmp_path):
+    values = {k: v for k, (v, _) in BASE.items()} | {"psnr": 23.8}
+    results = _write_results(tmp_path / "res", values, spec={"regress": {"psnr": 0.3}})  # config.Suite.regress form
+    code, rows = _regress(tmp_path, results, _write_baseline(tmp_path / "base.csv"))
+    assert code == 0 and rows[("gsq-s0", "psnr")]["tolerance"] == "0.3"
+    bad = _write_results(tmp_path / "bad", values, spec={"regress": {"psnr": "lots"}})
+    assert main(["regress", str(bad), "--baseline", str(tmp_path / "base.csv")]) == 2
+
+
 def test_tolerance_lookup_and_parsing():
     assert parse_tolerance("2%", "x").relative and parse_tolerance("2%", "x").value == pytest.approx(0.02)
     assert tolerance_for("lpips@vgg", {"lpips": parse_tolerance(0.01, "x")}).value == 0.01

@@ -415,8 +415,10 @@ def worst_images(group: Group, assets: Assets, k: int) -> list[dict[str, Any]]:
         items = []
         for image_id, value in zip(worst["image_id"].astype(str), worst[key]):
             item = {"id": image_id, "value": f"{float(value):.4g}"}
-            if image_id in have:
-                item.update(_recon_cell(r, image_id, f"{_slug(r.run_id)}-worst-{_slug(image_id)}", assets))
+            # evaluation names sample files safe_name(image_id).png; ids that needed no sanitising match directly
+            stem = image_id if image_id in have else safe_name(image_id)
+            if stem in have:
+                item.update(_recon_cell(r, stem, f"{_slug(r.run_id)}-worst-{_slug(image_id)}", assets))
             items.append(item)
         out.append({"label": r.label, "metric": key, "items": items})
     return out
@@ -471,6 +473,8 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
     matplotlib figures (tables and image panels only), for a quick look."""
     if k_samples < 1 or worst_k < 0:
         raise UserError(f"report: samples must be >= 1 and worst-k >= 0, got {k_samples}, {worst_k}")
+    if isinstance(results_dirs, (str, os.PathLike)):  # one directory given on its own
+        results_dirs = [results_dirs]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"report output '{out}' exists and is not a directory")
