@@ -91,12 +91,17 @@ def _torch_load_safe(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: ([^\n]*?)(?: was not|\n|$)", str(exc))
-        what = found.group(1) if found else " ".join(str(exc).split())[:160]
-        raise UserError(
-            f"{path}: refused to load: it contains a pickled object other than tensors and plain containers "
-            f"({what}); nothing in it was executed. Only tensors, numbers, strings, lists and dicts are accepted"
-        ) from None
+        text = str(exc)
+        found = re.search(r"Unsupported global: ([^\n]*?)(?: was not|\n|$)", text)
+        if found:  # a class/function reference: exactly what a code-running payload needs
+            raise UserError(
+                f"{path}: refused to load: it contains a pickled object other than tensors and plain containers "
+                f"({found.group(1)}); nothing in it was executed. Only tensors, numbers, strings, lists and dicts "
+                "are accepted"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        reason = detail.group(1).strip() if detail else " ".join(text.split())[:160]
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (weights-only unpickler: {reason})") from None
     except Exception as exc:  # zip/EOF/runtime errors: a truncated or foreign file
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None

@@ -41,12 +41,17 @@ SPEC_COUNTS = [
 ]
 
 
+def _meta_backbone(preset: str, D: int, quantizer: dict) -> Tokenizer:
+    # encoder/decoder on the meta device: shapes only, no memory, no compute. The codebook (at most 4M floats)
+    # is built on CPU: meta-device norms pull in torch._dynamo, seconds of import for nothing.
+    q = build_quantizer(quantizer)
+    with torch.device("meta"):
+        return Tokenizer(preset_config(preset, D), q)
+
+
 @pytest.mark.parametrize("preset,D,G,V,millions,tensors", SPEC_COUNTS)
 def test_parameter_and_tensor_counts_match_spec(preset, D, G, V, millions, tensors):
-    # meta device: shapes only, no memory and no compute
-    with torch.device("meta"):
-        tok = build_tokenizer({"preset": preset, "latent_dim": D},
-                              {"name": "gsq", "dim": D, "codebook_size": V, "groups": G})
+    tok = _meta_backbone(preset, D, {"name": "gsq", "dim": D, "codebook_size": V, "groups": G})
     n = sum(p.numel() for p in tok.parameters())
     assert round(n / 1e6, 2) == millions
     assert len(tok.state_dict()) == tensors
@@ -55,9 +60,7 @@ def test_parameter_and_tensor_counts_match_spec(preset, D, G, V, millions, tenso
 
 
 def test_f8_encoder_decoder_split_matches_spec():
-    with torch.device("meta"):
-        tok = build_tokenizer({"preset": "f8", "latent_dim": 64},
-                              {"name": "gsq", "dim": 64, "codebook_size": 8192, "groups": 16})
+    tok = _meta_backbone("f8", 64, {"name": "gsq", "dim": 64, "codebook_size": 8192, "groups": 16})
     enc = sum(p.numel() for p in tok.encoder.parameters())
     dec = sum(p.numel() for p in tok.decoder.parameters())
     assert (round(enc / 1e6, 2), round(dec / 1e6, 2)) == (30.16, 41.24)

@@ -153,6 +153,8 @@ def preset_config(name: str, embedding_dim: int) -> AutoencoderConfig:
 
 def _kaiming_linear_(conv: nn.Conv2d, scale: float = 1.0) -> None:
     """Official init: kaiming-normal with linear gain, optionally rescaled (spec §3.2 table)."""
+    if conv.weight.is_meta:  # shape-only builds (parameter counts, architecture inference): no values to set
+        return
     nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
     if scale != 1.0:
         with torch.no_grad():
