@@ -340,3 +340,54 @@ def test_vq_restart_replaces_dead_codes_with_batch_latents() -> None:
     rows = q.codebook.weight.detach()[1:]
     assert all(any(torch.equal(r, l) for l in lat) for r in rows)  # every dead row is now a batch latent
     assert math.isclose(float(q.codebook.weight.detach()[0].abs().sum()), 0.0)
+
+
+_DDP_SCRIPT = '''
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from gsqbench.registry import build_quantizer
+    torch.manual_seed(0)
+    q = build_quantizer({"name": "vq", "dim": 2, "codebook_size": 4, "ema": True, "ema_decay": 0.9}).train()
+    z = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(1))  # the global batch
+    q(z[rank:rank + 1])  # each rank sees its half
+    torch.save(q.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(2, int(sys.argv[1]), sys.argv[2]), nprocs=2)
+'''
+
+
+@pytest.mark.slow
+def test_vq_ema_all_reduces_statistics_across_two_gloo_ranks(tmp_path) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp_vq.py"
+    script.write_text(_DDP_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)
+    single = build_quantizer({"name": "vq", "dim": 2, "codebook_size": 4, "ema": True, "ema_decay": 0.9}).train()
+    half = build_quantizer({"name": "vq", "dim": 2, "codebook_size": 4, "ema": True, "ema_decay": 0.9}).train()
+    half.load_state_dict(single.state_dict())
+    z = torch.randn(2, 2, 3, 3, generator=_gen(1))
+    single(z)  # one process on the whole global batch
+    half(z[:1])  # what rank 0 would hold without the all-reduce
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(r0[key], value)
+        torch.testing.assert_close(r1[key], value)
+    assert not torch.allclose(half.codebook.weight, single.codebook.weight)

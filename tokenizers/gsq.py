@@ -134,7 +134,8 @@ class GroupedSphericalQuantizer(nn.Module):
         q = F.embedding(idx, weight).float().view_as(z_hat)  # RAW rows go to the decoder
         loss = F.mse_loss(q, z_hat.detach()) + self.commitment_weight * F.mse_loss(q.detach(), z_hat)
         if self.training and self.entropy_weight > 0:
-            ent = sample_entropy_of_distance(flat, normalise(weight.float(), self.norm), self.entropy_temperature)
+            with torch.autocast(device_type=z.device.type, enabled=False):  # distances near-tie: keep fp32
+                ent = sample_entropy_of_distance(flat, normalise(weight.float(), self.norm), self.entropy_temperature)
             loss = loss + self.entropy_weight * ent
         z_q = from_channels_last_groups(straight_through(z_hat, q)).to(z.dtype)
         indices = idx.view(b, h, w, self.groups)
