@@ -532,7 +532,8 @@ def read_official(folder: str | Path, flags: Mapping[str, Any] | None = None) ->
         "official_path": str(folder.resolve()),
         "checkpoint_sha256": sha256_file(ckpt),
         "official_config": yaml_cfg,
-        "official_name": (yaml_cfg or {}).get("name"),
+        "official_name": folder.resolve().name,  # the release repo name, e.g. GSQ-F16-D16-G8-V256k
+        "official_model_class": (yaml_cfg or {}).get("name"),
         "inferred_from_shapes": inferred,
         **info,
         **notes,

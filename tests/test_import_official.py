@@ -192,7 +192,7 @@ def test_import_reduced_width_release_strict_and_same_function(tmp_path, capsys,
     assert all(torch.equal(tok.state_dict()[k], v) for k, v in state.items())
     assert meta["quantizer_spec"] == {"name": "gsq", "dim": D, "codebook_size": V, "groups": G, "norm": "l2",
                                       "init": "spherical", "commitment_weight": 0.25}
-    assert meta["official_quantize_type"] == "gvq"
+    assert meta["official_quantize_type"] == "gvq" and meta["official_name"] == "release"
     # kwargs the release's config.yaml leaves out come from shapes, never the kwargs it states
     assert set(meta["inferred_from_shapes"]) == {"attention_resolutions", "mid_block_attn", "input_channels",
                                                   "residual_conv_kernel_size", "input_conv_kernel_size",
@@ -244,6 +244,37 @@ def test_without_config_yaml_architecture_is_inferred_but_flags_required(tmp_pat
     assert meta["model_spec"]["use_adaptive_norm"] and meta["model_spec"]["use_learnable_up_down_sample"]
     assert meta["quantizer_spec"]["groups"] == 16 and meta["quantizer_flags_from"] == "command line"
     assert "channel_multipliers" in meta["inferred_from_shapes"]
+    assert main(args) == 2  # an existing checkpoint is not overwritten without --force
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(mid_block_attn=True, attention_resolutions=(2,), encoder_layer_configs=(1, 2, 1, 3),
+         decoder_layer_configs=(2, 1, 1, 2)),
+    dict(use_adaptive_norm=False, use_learnable_up_down_sample=False, encoder_layer_configs=(1, 0, 2, 2),
+         decoder_layer_configs=(0, 1, 1, 1), residual_conv_kernel_size=5, output_conv_kernel_size=1),
+    dict(attention_resolutions=(1, 4), channel_multipliers=(1, 2, 4), encoder_layer_configs=(1, 1, 1, 1),
+         decoder_layer_configs=(1, 1, 1, 1)),
+])
+def test_architecture_inference_recovers_variants(kwargs):
+    # weights of a variant built from known kwargs: shape inference must rebuild a model with the same keys/shapes
+    from gsqbench.checkpoints import infer_architecture, state_dict_mismatch
+    from gsqbench.models.autoencoder import AutoencoderConfig, Decoder, Encoder
+
+    cfg = AutoencoderConfig(hidden_channels=32, channel_multipliers=kwargs.pop("channel_multipliers", (1, 2, 2)),
+                            embedding_dim=6, **kwargs)
+    with torch.device("meta"):
+        sd = {f"encoder.{k}": v for k, v in Encoder(cfg).state_dict().items()}
+        sd.update({f"decoder.{k}": v for k, v in Decoder(cfg).state_dict().items()})
+    got = AutoencoderConfig.from_dict(infer_architecture(sd))
+    for field in ("channel_multipliers", "use_adaptive_norm", "use_learnable_up_down_sample", "embedding_dim",
+                  "residual_conv_kernel_size", "output_conv_kernel_size", "hidden_channels"):
+        assert getattr(got, field) == getattr(cfg, field), field
+    with torch.device("meta"):
+        rebuilt = {f"encoder.{k}": v for k, v in Encoder(got).state_dict().items()}
+        rebuilt.update({f"decoder.{k}": v for k, v in Decoder(got).state_dict().items()})
+    assert state_dict_mismatch(rebuilt, sd) is None
 
 
 def test_flag_conflicting_with_config_yaml_is_refused(tmp_path, capsys):
