@@ -23,7 +23,7 @@ import logging
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -395,8 +395,15 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
                     f"put the release's {OFFICIAL_CONFIG} next to {OFFICIAL_CHECKPOINT}")
 
 
-def _candidates(base, enc_counts, dec_counts, attn_res, has_attn, known_dec_mid, n_stages):
-    """Plausible kwargs in order of preference (released layout first)."""
+def _candidates(
+    base: dict[str, Any], enc_counts: list[int], dec_counts: list[int], attn_res: list[int], has_attn: bool,
+    known_dec_mid: int | None, n_stages: int,
+) -> Iterator[dict[str, Any]]:
+    """Plausible kwargs in order of preference (released layout first).
+
+    enc_counts: same-width ResBlocks per encoder stage (last = last stage + middle blocks); dec_counts: the
+    same per decoder stage in decoder order (first = middle blocks + first stage).
+    """
     def order(total: int, prefer: int | None) -> list[int]:
         first = [v for v in (prefer, 2, total // 2) if v is not None and 0 <= v <= total]
         return list(dict.fromkeys(first + list(range(total + 1))))
@@ -519,6 +526,8 @@ def _official_quantizer(
 def read_official(folder: str | Path, flags: Mapping[str, Any] | None = None) -> OfficialRelease:
     """Read an official release folder into our model/quantizer specs (no model is built, no pickle runs)."""
     folder = Path(folder)
+    if folder.is_file() and folder.name in (OFFICIAL_CHECKPOINT, OFFICIAL_CONFIG):
+        folder = folder.parent
     ckpt = folder / OFFICIAL_CHECKPOINT
     if not ckpt.is_file():
         raise UserError(f"{folder}: no {OFFICIAL_CHECKPOINT} (an official GSQ release folder has "
@@ -552,6 +561,6 @@ def import_official(
         raise UserError(f"--out {out}: already holds a checkpoint; choose another directory or pass --force")
     release = read_official(folder, flags)
     tok = build_tokenizer(release.model, release.quantizer)
-    load_state_strict(tok, release.state_dict, str(Path(folder) / OFFICIAL_CHECKPOINT))
+    load_state_strict(tok, release.state_dict, str(Path(release.meta["official_path"]) / OFFICIAL_CHECKPOINT))
     save_tokenizer(out, tok, release.model, release.quantizer, release.meta)
     return out, release.meta

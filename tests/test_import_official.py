@@ -282,6 +282,8 @@ def test_flag_conflicting_with_config_yaml_is_refused(tmp_path, capsys):
     src = write_release(tmp_path / "rel", state, official_kwargs("f8", 64, 8192, 16, 32))
     assert main(["import-official", str(src), "--out", str(tmp_path / "o"), "--norm", "none"]) == 2
     assert "conflicts with config.yaml" in capsys.readouterr().err
+    # a consistent flag is fine, and the checkpoint file itself may be named instead of its folder
+    assert main(["import-official", str(src / "checkpoint.pt"), "--out", str(tmp_path / "o"), "--norm", "l2"]) == 0
 
 
 @pytest.mark.parametrize("qflags,expected", [
