@@ -201,3 +201,24 @@ def test_hostile_names_are_escaped_and_stay_inside_the_output(fixture_results, t
     suite_html = next(p for p in pages if p.name != "index.html").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in suite_html
     assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in suite_html  # the image id, escaped
+
+
+def test_card_hash_split_names_the_differing_card_fields(fixture_results, tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(fixture_results / "demo", results / "demo")
+    run = results / "demo" / "vq-s0"
+    info = json.loads((run / "run.json").read_text())
+    info["card"]["ssim"]["sigma"] = 2.0
+    info["card_hash"] = "e" * 64
+    (run / "run.json").write_text(json.dumps(info))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    with (run / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "card_hash": "e" * 64} for r in rows])
+    render_report(results, tmp_path / "out", with_plots=False)
+    page = tmp_path / "out" / "suite-demo.html"
+    assert len(summary_tables(page)) == 2
+    assert "protocol card hashes differ" in page.read_text() and "card fields that differ: ssim.sigma" in page.read_text()

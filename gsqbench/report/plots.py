@@ -60,7 +60,8 @@ def training_curves(logs: Mapping[str, "pd.DataFrame"], path: Path) -> Path | No
     for ax, col in zip(axes.flat, columns):
         for label, df in logs.items():
             if col in df.columns and "step" in df.columns:
-                ax.plot(df["step"], df[col], label=_text(label), linewidth=1.2)
+                few = int(df[col].notna().sum()) < 20  # sparse series (e.g. GAN losses that start late) need markers
+                ax.plot(df["step"], df[col], label=_text(label), linewidth=1.2, marker="." if few else None)
         ax.set_title(col, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -107,8 +107,18 @@ def separation_reason(groups: Sequence[Group]) -> str | None:
     if len(fair) > 1:
         parts.append("fairness hashes differ: " + " vs ".join(f"{h[:8]}…" for h in fair))
     if len(cards) > 1:
-        parts.append("protocol card hashes differ: " + " vs ".join(f"{h[:8]}…" for h in cards))
+        fields = _differing_card_fields(groups)
+        parts.append("protocol card hashes differ: " + " vs ".join(f"{h[:8]}…" for h in cards)
+                     + (f" (card fields that differ: {', '.join(fields[:8])}{', …' if len(fields) > 8 else ''})"
+                        if fields else ""))
     return "; ".join(parts) + "; rows are not comparable"
+
+
+def _differing_card_fields(groups: Sequence[Group]) -> list[str]:
+    """Card fields whose value differs between the groups' first runs: tells the user what split the table."""
+    cards = [flatten(g.runs[0].info.get("card") or {}) for g in groups]
+    keys = sorted(set().union(*cards)) if cards else []
+    return [k for k in keys if k != "card_hash" and len({c.get(k, "∅") for c in cards}) > 1]
 
 
 # ----------------------------------------------------------------------------------------------- formatting
