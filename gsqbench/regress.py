@@ -268,7 +268,7 @@ def format_table(comparison: "pd.DataFrame") -> str:
 
     header = ["suite", "run", "metric", "baseline", "current", "delta", "tol", "status", "reason"]
     rows = [[str(r["suite"]), str(r["run"] or r["subject"]), str(r["metric"]), num(r["baseline"]),
-             num(r["current"]), num(r["delta"]), str(r["tolerance"]), str(r["status"]), str(r["reason"])]
+             num(r["current"]), num(r["delta"]), str(r["tolerance"]), str(r["status"]), " ".join(str(r["reason"]).split())]
             for r in comparison.to_dict("records")]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     right = {3, 4, 5}

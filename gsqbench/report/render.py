@@ -411,7 +411,9 @@ def _recon_cell(run: Run, image_id: str, stem: str, assets: Assets) -> dict[str,
 
 def worst_images(group: Group, assets: Assets, k: int) -> list[dict[str, Any]]:
     """Per run, the k worst images by per-image LPIPS (alex), or by PSNR when LPIPS is unavailable."""
-    out = []
+    out: list[dict[str, Any]] = []
+    if k <= 0:
+        return out
     for r in group.runs:
         df = read_per_image(r.run_dir)
         if df is None or "image_id" not in df.columns:
