@@ -1,0 +1,119 @@
+"""torch.distributed plumbing shared by evaluation, metrics and training: init from torchrun env vars, rank/world
+helpers, and the reductions metrics-protocol.md §10 prescribes (sum float64 / int64, gather (id, value) pairs).
+
+Backend: NCCL when CUDA is available, gloo otherwise (CPU tests run 2 gloo processes). Every helper is a no-op
+(returns its input) when torch.distributed is not initialised, so single-process code needs no branches.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(timeout_s: float = 1800.0) -> bool:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1). Returns whether DDP is active.
+
+    Sets the CUDA device to LOCAL_RANK first, so NCCL and every later `.cuda()` use the right GPU.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("initialised %s process group: rank %d of %d", backend, rank(), world_size())
+    return True
+
+
+def local_device() -> torch.device:
+    """The device this rank should compute on (its LOCAL_RANK GPU, else CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo only CPU ones."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, returned on t's device and dtype (use float64 sums and int64 counts; never means)."""
+    if not is_distributed():
+        return t
+    buf = t.detach().to(_comm_device()).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return t
+    buf = t.detach().to(_comm_device()).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.to(t.device)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable; only ever our own in-process values), in rank order."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_per_image(image_ids: Sequence[str], values: Sequence[Any]) -> tuple[list[str], list[Any]]:
+    """Gather (id, value) pairs from all ranks and sort by id; asserts every id is unique (§10)."""
+    pairs = [p for part in all_gather_objects(list(zip(image_ids, values))) for p in part]
+    pairs.sort(key=lambda p: p[0])
+    ids = [p[0] for p in pairs]
+    if len(set(ids)) != len(ids):
+        raise AssertionError("an image was evaluated on more than one rank (duplicate image ids after gather)")
+    return ids, [p[1] for p in pairs]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
