@@ -124,7 +124,6 @@ def code_usage(counts_by_run: Mapping[str, np.ndarray], path: Path) -> Path:
     ax_u.set_xlabel("group", fontsize=8)
     ax_u.set_ylabel("codes used / V", fontsize=8)
     ax_u.set_title("usage per group", fontsize=9)
-    ax_u.legend(fontsize=6)
     ax_z.set_xscale("log")
     ax_z.set_yscale("log")
     ax_z.minorticks_off()  # minor log ticks cost most of the drawing time and add nothing here
@@ -133,7 +132,11 @@ def code_usage(counts_by_run: Mapping[str, np.ndarray], path: Path) -> Path:
     ax_z.set_title("rank–frequency (Zipf), one line per group", fontsize=9)
     for ax in (ax_u, ax_z):
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
+    # one legend under both panels (same colour per run in both), so it never hides a bar or a curve
+    handles, labels = ax_u.get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 4)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, min(0.4, 0.09 * rows + 0.02), 1, 1))
     return save_figure(fig, path)
 
 
