@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from gsqbench.errors import UserError
 from gsqbench.io import atomic_write_text
 from gsqbench.results import (
-    METRIC_COLUMNS, _fmt_float, normalize_metrics_frame, read_run_info, rows_to_csv,
+    METRIC_COLUMNS, fmt_float, normalize_metrics_frame, read_run_info, rows_to_csv,
 )
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ def update_baseline(path: str | os.PathLike, current: "pd.DataFrame", baseline: 
     for r in cur.to_dict("records"):
         row = {c: ("" if r[c] is None else str(r[c])) for c in METRIC_COLUMNS}
         for c in ("value", "stderr", "ci_low", "ci_high"):
-            row[c] = _fmt_float(r[c]) if not (c != "value" and math.isnan(r[c])) else ""
+            row[c] = fmt_float(r[c]) if not (c != "value" and math.isnan(r[c])) else ""
         n = r["n"]
         row["n"] = "" if n is None or (isinstance(n, float) and math.isnan(n)) else str(int(n))
         rows.append(row)

@@ -115,7 +115,7 @@ def _as_dict(metric: Any) -> dict[str, Any]:
     raise UserError(f"metrics: expected MetricValue or dict, got {type(metric).__name__}")
 
 
-def _fmt_float(value: Any) -> str:
+def fmt_float(value: Any) -> str:
     if value is None:
         return ""
     value = float(value)
@@ -146,9 +146,9 @@ def metric_rows(run_info: Mapping[str, Any], metrics: Sequence[Any]) -> list[dic
         rows.append({
             "suite": str(run_info.get("suite", "")), "run": str(run_info.get("run_id", "")),
             "subject": str(run_info.get("subject", "")), "seed": _fmt_opt(run_info.get("seed")),
-            "metric": name, "value": _fmt_float(float("nan") if value is None else value),
-            "stderr": _fmt_float(d.get("stderr")), "ci_low": _fmt_float(d.get("ci_low")),
-            "ci_high": _fmt_float(d.get("ci_high")), "direction": direction, "n": _fmt_opt(d.get("n")),
+            "metric": name, "value": fmt_float(float("nan") if value is None else value),
+            "stderr": fmt_float(d.get("stderr")), "ci_low": fmt_float(d.get("ci_low")),
+            "ci_high": fmt_float(d.get("ci_high")), "direction": direction, "n": _fmt_opt(d.get("n")),
             "unavailable": _fmt_opt(d.get("unavailable")),
             "fairness_hash": str(run_info.get("fairness_hash", "")), "card_hash": str(run_info.get("card_hash", "")),
             "device": str(device),
@@ -191,7 +191,7 @@ def write_per_image(run_dir: str | os.PathLike, per_image: Mapping[str, Sequence
     lengths = {c: len(per_image[c]) for c in columns}
     if len(set(lengths.values())) > 1:
         raise UserError(f"per_image: columns have different lengths {lengths}")
-    rows = [{c: (_fmt_float(per_image[c][i]) if c != "image_id" else str(per_image[c][i])) for c in columns}
+    rows = [{c: (fmt_float(per_image[c][i]) if c != "image_id" else str(per_image[c][i])) for c in columns}
             for i in range(lengths["image_id"])]
     return atomic_write_text(Path(run_dir) / PER_IMAGE_FILE, rows_to_csv(rows, columns))
 

@@ -222,3 +222,14 @@ def test_card_hash_split_names_the_differing_card_fields(fixture_results, tmp_pa
     page = tmp_path / "out" / "suite-demo.html"
     assert len(summary_tables(page)) == 2
     assert "protocol card hashes differ" in page.read_text() and "card fields that differ: ssim.sigma" in page.read_text()
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    from gsqbench.cli import main
+
+    assert main(["report", str(tmp_path / "nope"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gsqbench: error: results path") and "nope" in err and err.count("\n") == 1
+    (tmp_path / "file").write_text("x")
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "file")]) == 2
+    assert "not a directory" in capsys.readouterr().err
