@@ -129,6 +129,7 @@ def test_paper_reference_rows_are_labelled_and_never_ranked(report):
     html = (report / "suite-demo.html").read_text()
     paper_part = html[html.index('id="paper"'):]
     assert "paper, ImageNet 256²" in paper_part and "34.61" in paper_part  # §7.7 16×4 PSNR
+    assert "99.98%" in paper_part and "0.50" in paper_part  # §7.7 16×4 usage, 8×2 rFID: no precision lost
     assert "best" not in paper_part and "★" not in paper_part
     paper_tables = [t for t in parse(report / "suite-demo.html").tables if "paper-table" in t["cls"]]
     assert paper_tables and all("best" not in c["cls"] for t in paper_tables for r in t["rows"] for c in r)

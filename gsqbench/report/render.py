@@ -133,8 +133,8 @@ def fmt_value(value: Any, kind: str) -> str:
     if not _finite(value):
         return "n/a"
     v = float(value)
-    if kind == "pct":
-        return f"{v * 100:.1f}%"
+    if kind == "pct":  # two decimals: 99.98 % (a few dead codes) must not read as 100.0 %
+        return f"{v * 100:.2f}%"
     if kind == "int":
         return f"{v:,.0f}"
     if kind == "params":
@@ -151,7 +151,7 @@ def fmt_interval(row: Mapping[str, Any], kind: str) -> str:
         err = (float(row["ci_high"]) - float(row["ci_low"])) / 2
     if not _finite(err):
         return ""
-    scale, digits = (100.0, "f1") if kind == "pct" else (1.0, kind if kind.startswith("f") else "g2")
+    scale, digits = (100.0, "f2") if kind == "pct" else (1.0, kind if kind.startswith("f") else "g2")
     e = float(err) * scale
     return f"± {e:.{int(digits[1:])}f}" if digits.startswith("f") else f"± {e:.2g}"
 
@@ -270,7 +270,7 @@ def paper_tables() -> dict[str, Any]:
     def f(v: Any, kind: str = "g4") -> str:
         return "" if v is None else fmt_value(v, kind)
 
-    group_rows = [[m, gd, f(rfid, "g4"), f(is_, "int"), f(lp, "g4"), f(ps, "f2"), f(ss, "f2"), f(us, "pct"),
+    group_rows = [[m, gd, f(rfid, "f2"), f(is_, "int"), f(lp, "g4"), f(ps, "f2"), f(ss, "f2"), f(us, "pct"),
                    f(ppl, "int"), note] for m, gd, rfid, is_, lp, ps, ss, us, ppl, note in paper.GROUP_DECOMPOSITION]
     sota_rows = [[m, str(fx), tok, d, v, f(r, "g4"), note] for m, fx, tok, d, v, r, note in paper.SOTA]
     dim_vocab = [[f"{v:,}"] + [f(x) for x in vals] for v, vals in paper.DIM_VOCAB_RFID.items()]
