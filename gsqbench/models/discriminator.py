@@ -149,11 +149,17 @@ def build_dinov2_backbone(img_size: int, weights: str | Path | None, allow_rando
     """timm ViT-S/14-reg4 at `img_size`, frozen; returns (model, source) where source is the file or 'random'."""
     import timm
 
-    model = timm.create_model(DINO_TIMM_NAME, pretrained=False, img_size=img_size, num_classes=0)
     path = Path(weights) if weights is not None else _dino_weight_path(allow_random)
-    if path is not None:
+    if path is None:
+        model = timm.create_model(DINO_TIMM_NAME, pretrained=False, img_size=img_size, num_classes=0)
+    else:
         if not path.is_file():
             raise UserError(f"discriminator.weights: DINOv2 file '{path}' does not exist")
+        # Skip the random init the file overwrites anyway; the strict load then fills every tensor
+        # (this ViT has no non-persistent buffers that to_empty would leave uninitialised).
+        with torch.device("meta"):
+            model = timm.create_model(DINO_TIMM_NAME, pretrained=False, img_size=img_size, num_classes=0)
+        model = model.to_empty(device="cpu")
         load_dinov2_backbone(model, path)
     source = str(path) if path is not None else "random"
     return model.eval().requires_grad_(False), source
