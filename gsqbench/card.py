@@ -24,6 +24,7 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "model.checkpoint_sha256", "model.step", "model.tokenizer_spec_hash", "model.fairness_hash",
     "model.code_agreement",
     "codebook.V", "codebook.G", "codebook.d", "codebook.tokens_counted",
+    "codebook.codebook_V", "codebook.codebook_G", "codebook.tokens_per_group",  # the subject's size, measured T
     "precision.device", "precision.driver",
     "psnr.psnr_capped_images",  # a measured count (identical reconstructions), not a setting
     "fid.is_std_over_splits", "fid.fid_reference_source",  # a measured spread; where the same statistics came from

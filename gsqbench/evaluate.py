@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import io
 import logging
 import time
@@ -52,8 +51,6 @@ REQUIRED_WEIGHTS: dict[str, str] = {
     "rfid@inception": "inception-fid", "is@inception": "inception-fid",
     "lpips@alex": "alexnet", "lpips@vgg": "vgg16",
 }
-#: codebooks with more than this many (group, code) cells keep no dense count table (contracts: codes.npz absent)
-MAX_COUNT_CELLS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,8 @@ class EvalSettings:
     metrics: tuple[str, ...] = ()
     require: tuple[str, ...] = ()
     samples: int = 8  # first k (real, recon) pairs saved as PNG under out_dir/samples
-    fid_reference_stats: Optional[str] = None  # cached real-side statistics file (FID metric verifies its key)
+    fid_reference_stats: Optional[str] = None  # real-side statistics file (the FID metric verifies its key)
+    fid_cache_dir: Optional[str] = None  # cache real-side statistics here, keyed by data + extractor (§6)
     seed: int = 0
     precision: Optional[Literal["fp32", "bf16"]] = None  # model precision; None = mode default (fp32 / bf16)
     weights: Literal["ema", "raw"] = "ema"  # which weights the caller loaded (recorded in the card)
@@ -167,9 +165,12 @@ def compat_fake_uint8(x_hat: Tensor) -> Tensor:
 # Metric construction
 
 
-def build_metrics(settings: EvalSettings, device: torch.device) -> list[Metric]:
+def build_metrics(settings: EvalSettings, device: torch.device, tokenizer: Optional[nn.Module] = None,
+                  fid_reference: Optional[Mapping[str, Any]] = None) -> list[Metric]:
     """The metric objects for the selected families (cost and code agreement are handled by evaluate itself).
 
+    The codebook metric is sized from `tokenizer.quantizer` (V cannot be inferred from the indices seen);
+    `fid_reference` holds the data key fields that FID reference statistics are verified / cached under.
     A metric whose weights are missing comes back unavailable (reason + fix command) unless it is required.
     """
     families = settings.families()
@@ -184,25 +185,17 @@ def build_metrics(settings: EvalSettings, device: torch.device) -> list[Metric]:
 
         metrics += [LPIPSMetric(net, device, required=f"lpips@{net}" in required) for net in settings.lpips_nets]
     if "fid" in families:
-        metrics += _optional_family("fid", settings, device, required)
-    if "codebook" in families:
-        metrics += _optional_family("codebook", settings, device, required)
+        from gsqbench.metrics.fid import FIDMetric
+
+        metrics.append(FIDMetric(device, required=bool(required & {"rfid@inception", "is@inception"}),
+                                 reference=fid_reference, cache_dir=settings.fid_cache_dir,
+                                 reference_stats=settings.fid_reference_stats))
+    quantizer = getattr(tokenizer, "quantizer", None)
+    if "codebook" in families and quantizer is not None:
+        from gsqbench.metrics.codebook import CodebookMetric
+
+        metrics.append(CodebookMetric.for_quantizer(quantizer, device))
     return metrics
-
-
-def _optional_family(family: str, settings: EvalSettings, device: torch.device, required: set[str]) -> list[Metric]:
-    """FID/IS and codebook metrics (constructed per their modules' signatures)."""
-    try:
-        module = importlib.import_module(f"gsqbench.metrics.{family}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"gsqbench.metrics.{family}":
-            raise
-        log.warning("metric module gsqbench.metrics.%s is not installed; its metrics are skipped", family)
-        return []
-    if family == "fid":
-        return [module.FIDMetric(device=device, required=bool(required & {"rfid@inception", "is@inception"}),
-                                 reference_stats=settings.fid_reference_stats)]
-    return [module.CodebookMetric()]
 
 
 def check_required_weights(require: Sequence[str]) -> None:
@@ -224,10 +217,10 @@ def check_required_weights(require: Sequence[str]) -> None:
 
 
 def _shard(n: int) -> list[int]:
+    """This rank's indices: each image on exactly one rank, no padding, nothing dropped (§10)."""
     from gsqbench.data import shard_indices
 
-    idx = list(shard_indices(n, ddp.rank(), ddp.world_size()))
-    return idx
+    return list(shard_indices(n, ddp.rank(), ddp.world_size()))
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -252,7 +245,7 @@ def _collate(items: list) -> tuple[list[int], list[str], Tensor]:
     return [i for i, _, _ in items], [s for _, s, _ in items], torch.stack([im for _, _, im in items])
 
 
-def _batches(dataset: Any, settings: EvalSettings) -> tuple[Iterator, int]:
+def _batches(dataset: Any, settings: EvalSettings, device: torch.device) -> tuple[Iterator, int]:
     """Batches of this rank's shard and the dataset's total size N."""
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise UserError("evaluation dataset: needs len() and indexing (a map-style dataset) to be sharded")
@@ -261,7 +254,7 @@ def _batches(dataset: Any, settings: EvalSettings) -> tuple[Iterator, int]:
         raise UserError("evaluation dataset: has no images")
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset, _shard(n)), batch_size=settings.batch_size, shuffle=False, drop_last=False,
-        num_workers=settings.num_workers, collate_fn=_collate,
+        num_workers=settings.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
     )
     return iter(loader), n
 
@@ -322,24 +315,22 @@ class _PassState:
     image_digests: list[str] = field(default_factory=list)
     agree: int = 0
     agree_total: int = 0
-    counts: Optional[Tensor] = None  # (G, V) int64
     tokens_per_image: Optional[int] = None
     image_hw: Optional[tuple[int, int]] = None
     saved: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _timed(state: _PassState, key: str, device: torch.device) -> contextlib.AbstractContextManager:
-    @contextlib.contextmanager
-    def cm() -> Iterator[None]:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        state.timings[key] = state.timings.get(key, 0.0) + time.perf_counter() - t0
-    return cm()
+@contextlib.contextmanager
+def _timed(state: _PassState, key: str, device: torch.device) -> Iterator[None]:
+    """Adds the wall time of the block to state.timings[key] (CUDA synchronised, so kernels are counted)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    state.timings[key] = state.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> tuple[Tensor, Tensor]:
@@ -356,16 +347,6 @@ def _model_step(tokenizer: nn.Module, x: Tensor, settings: EvalSettings, meter: 
         with meter.time("decode"):
             x_hat = tokenizer.decode(qout.z_q)
     return qout, x_hat
-
-
-def _count_codes(state: _PassState, quantizer: Any, indices: Tensor) -> None:
-    groups = indices.shape[-1]
-    size = int(getattr(quantizer, "codebook_size", 0) or 0)
-    if size <= 0 or groups * size > MAX_COUNT_CELLS:
-        return
-    flat = (indices.reshape(-1, groups) + torch.arange(groups, device=indices.device) * size).reshape(-1)
-    counts = torch.bincount(flat, minlength=groups * size).view(groups, size).to("cpu", torch.int64)
-    state.counts = counts if state.counts is None else state.counts + counts
 
 
 def _save_samples(out_dir: Path, gidx: Sequence[int], ids: Sequence[str], real: Tensor, fake: Tensor,
@@ -395,7 +376,7 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
     quantizer = getattr(tokenizer, "quantizer", None)
     agreement = hasattr(quantizer, "lookup_precision") and "codebook" in settings.families()
     capture = _QuantizerInput(quantizer) if agreement else None
-    batches, n = _batches(dataset, settings)
+    batches, n = _batches(dataset, settings, device)
     from tqdm import tqdm
 
     bar = tqdm(total=len(_shard(n)), unit="img", desc="evaluate", disable=not settings.progress or not ddp.is_main())
@@ -430,7 +411,6 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capt
         with _timed(state, "code_agreement", device):
             a, t = _code_agreement(tokenizer.quantizer, capture.z, qout.indices)
         state.agree, state.agree_total = state.agree + a, state.agree_total + t
-    _count_codes(state, getattr(tokenizer, "quantizer", None), qout.indices)
     meter.images += len(ids)
     state.ids += ids
     state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_u8)]
@@ -445,6 +425,25 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capt
 # After the pass: reduce, assemble
 
 
+def _fid_reference(dataset: Any, settings: EvalSettings, device: torch.device) -> Optional[dict[str, Any]]:
+    """Data key fields for FID reference statistics, only when a statistics file or cache is in use.
+
+    Needs the originals hash before the pass, so it costs one extra read of the (sharded) data then.
+    """
+    if "fid" not in settings.families() or not (settings.fid_reference_stats or settings.fid_cache_dir):
+        return None
+    state = _PassState()
+    batches, n = _batches(dataset, settings, device)
+    for _, ids, real_u8 in batches:
+        state.ids += ids
+        state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_u8)]
+    ids, originals_hash = _gather_ids(state, n)
+    info = _dataset_info(dataset)
+    return {"dataset": info.get("dataset", info.get("kind")), "split": info.get("split"), "crop": info.get("crop"),
+            "resolution": info.get("resolution", info.get("size")), "n": n, "ids_hash": id_list_hash(ids),
+            "originals_hash": originals_hash}
+
+
 def _gather_ids(state: _PassState, n: int) -> tuple[list[str], str]:
     """All image ids sorted, and the originals hash; asserts each of the N images was seen exactly once."""
     ids, digests = ddp.gather_per_image(state.ids, state.image_digests)
@@ -453,19 +452,23 @@ def _gather_ids(state: _PassState, n: int) -> tuple[list[str], str]:
     return ids, hashlib.sha256("".join(digests).encode("ascii")).hexdigest()
 
 
-def _reduce_codes(state: _PassState, quantizer: Any) -> tuple[Optional[np.ndarray], list[MetricValue]]:
-    rows: list[MetricValue] = []
-    counts = None
-    size = int(getattr(quantizer, "codebook_size", 0) or 0)
-    groups = int(getattr(quantizer, "groups", 0) or 0)
-    if 0 < size and groups and groups * size <= MAX_COUNT_CELLS:
-        local = state.counts if state.counts is not None else torch.zeros(groups, size, dtype=torch.int64)
-        counts = ddp.all_reduce_sum(local).numpy()
-    if hasattr(quantizer, "lookup_precision"):
-        t = ddp.all_reduce_sum(torch.tensor([state.agree, state.agree_total], dtype=torch.int64))
-        if int(t[1]) > 0:
-            rows.append(MetricValue("code_agreement", int(t[0]) / int(t[1]), direction="higher", n=int(t[1])))
-    return counts, rows
+def _code_counts(metrics: Sequence[Metric]) -> Optional[np.ndarray]:
+    """(G, V) int64 counts from the codebook metric (after its sync), None when absent or V is too large."""
+    for metric in metrics:
+        counts = getattr(metric, "code_counts", None)
+        if callable(counts):
+            return counts()
+    return None
+
+
+def _agreement_rows(state: _PassState, quantizer: Any) -> list[MetricValue]:
+    """`code_agreement`: fraction of tokens whose code is the same under fp32 and bf16 lookups (int64 sums)."""
+    if not hasattr(quantizer, "lookup_precision"):
+        return []
+    t = ddp.all_reduce_sum(torch.tensor([state.agree, state.agree_total], dtype=torch.int64))
+    if int(t[1]) == 0:
+        return []
+    return [MetricValue("code_agreement", int(t[0]) / int(t[1]), direction="higher", n=int(t[1]))]
 
 
 def _per_image_table(metrics: Sequence[Metric], ids: list[str]) -> dict[str, list]:
@@ -574,7 +577,9 @@ def evaluate(
     device = torch.device(device)
     check_required_weights(settings.require)
     torch.manual_seed(settings.seed)
-    metrics = list(build_metrics(settings, device) if metrics is None else metrics)
+    if metrics is None:
+        metrics = build_metrics(settings, device, tokenizer, _fid_reference(dataset, settings, device))
+    metrics = list(metrics)
     meter = CostMeter(device)
     out = Path(out_dir) if out_dir is not None else None
     with torch.no_grad(), _eval_state(tokenizer, settings):
@@ -583,8 +588,14 @@ def evaluate(
             with _timed(state, f"sync:{type(metric).__name__}", device):
                 metric.sync()
         ids, originals_hash = _gather_ids(state, n)
-        counts, extra_rows = _reduce_codes(state, getattr(tokenizer, "quantizer", None))
-        rows = [row for metric in metrics for row in metric.compute()] + extra_rows
+        counts = _code_counts(metrics)
+        extra_rows = _agreement_rows(state, getattr(tokenizer, "quantizer", None)) \
+            if "codebook" in settings.families() else []
+        rows = []
+        for metric in metrics:
+            with _timed(state, f"compute:{type(metric).__name__}", device):
+                rows += metric.compute()
+        rows += extra_rows
         if "cost" in settings.families():
             rows += meter.values(tokenizer, image_hw=state.image_hw, tokens_per_image=state.tokens_per_image)
     _check_required(rows, settings.require)

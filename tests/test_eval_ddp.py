@@ -116,8 +116,9 @@ def _evaluate_and_dump(out_path: str) -> None:
     settings = EvalSettings(batch_size=2, lpips_nets=("alex",), progress=False,
                             metrics=("pixel", "lpips", "codebook"))
     # FID at the 64-d feature layer: the same streaming sums and reduction as 2048-d, without a 2048² eig per rank
-    metrics = build_metrics(settings, torch.device("cpu")) + [FIDMetric("cpu", required=True, feature_layer="64")]
-    res = evaluate(_Tokenizer().eval(), _Images(), settings, device="cpu", metrics=metrics)
+    tok = _Tokenizer().eval()
+    metrics = build_metrics(settings, torch.device("cpu"), tok) + [FIDMetric("cpu", required=True, feature_layer="64")]
+    res = evaluate(tok, _Images(), settings, device="cpu", metrics=metrics)
     if not ddp.is_main():
         return
     fid = next(m for m in metrics if isinstance(m, FIDMetric))
@@ -174,6 +175,7 @@ def test_two_process_gloo_equals_single_process(tmp_path, monkeypatch):
         a, b = np.array(a), np.array(b)
         assert np.abs(b - a).max() <= 1e-6 * np.abs(a).max()  # relative to the statistic's scale
     assert two["metrics"]["rfid@inception"] == pytest.approx(one["metrics"]["rfid@inception"], rel=1e-6)
-    assert two["metrics"]["is@inception"] == pytest.approx(one["metrics"]["is@inception"], rel=1e-6)
+    # IS needs more images than its 10 splits: with N = 5 both runs must agree that it is unavailable
+    assert ("is@inception" in two["metrics"]) == ("is@inception" in one["metrics"])
     assert two["card_hash"] == one["card_hash"]  # world size is run-specific, not protocol
     assert one["conformant"] is False

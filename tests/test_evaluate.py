@@ -277,3 +277,63 @@ def test_bad_settings_and_train_mode_refused():
     with pytest.raises(AssertionError, match="eval mode"):
         evaluate(StandInTokenizer().train(), ListDataset(_images(1, 16), ["a"]), EvalSettings(progress=False),
                  device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `gsqbench eval` end to end (real tiny tokenizer checkpoint, synthetic data, no weights installed)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    from gsqbench.checkpoints import save_tokenizer
+    from gsqbench.models.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    model = {"preset": "tiny-f8", "latent_dim": 8}
+    quantizer = {"name": "gsq", "dim": 8, "codebook_size": 16, "groups": 2}
+    tok = build_tokenizer(model, quantizer)
+    return save_tokenizer(tmp_path / "ckpt", tok, model, quantizer, {"weights": "raw", "step": 3})
+
+
+def test_eval_cli_without_weights(no_weights, tiny_checkpoint, tmp_path, capsys):
+    from gsqbench.cli import main
+    from gsqbench.results import read_csv_rows, read_run_info
+
+    out = tmp_path / "run"
+    args = ["eval", str(tiny_checkpoint), "--data", "synthetic", "--resolution", "32", "--n", "3",
+            "--batch-size", "2", "--samples", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "psnr" in printed and "unavailable" in printed
+    rows = {r["metric"]: r for r in read_csv_rows(out / "metrics.csv")}
+    assert "gsqbench weights download alexnet" in rows["lpips@alex"]["unavailable"]
+    assert "gsqbench weights download inception-fid" in rows["rfid@inception"]["unavailable"]
+    assert float(rows["bits_per_token"]["value"]) == 2 * 4  # G·log2 V = 2·log2 16
+    assert not rows["psnr"]["unavailable"] and 0 < float(rows["usage_pooled"]["value"]) <= 1
+    info = read_run_info(out)
+    assert info["card"]["model"]["weights"] == "raw" and info["card"]["data"]["N"] == 3
+    assert (out / "per_image.csv").exists() and (out / "codes.npz").exists()
+    assert len(list((out / "samples" / "recon").glob("*.png"))) == 1
+
+    assert main(args + ["--require", "rfid@inception"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rfid@inception" in err[0] and "gsqbench weights download inception-fid" in err[0]
+
+
+def test_fid_reference_key_fields_match_the_card(no_weights, tmp_path):
+    from gsqbench.card import id_list_hash
+    from gsqbench.evaluate import _fid_reference
+
+    u8 = _images(n=3, size=16)
+    ds = ListDataset(u8, ["c", "a", "b"])
+    settings = EvalSettings(metrics=("pixel", "fid"), fid_cache_dir=str(tmp_path / "fidcache"), progress=False)
+    ref = _fid_reference(ds, settings, torch.device("cpu"))
+    res = evaluate(StandInTokenizer().eval(), ds, settings, device="cpu")
+    assert ref["n"] == 3 and ref["ids_hash"] == id_list_hash(["a", "b", "c"])
+    assert ref["originals_hash"] == res.card["data"]["originals_hash"]
+    # originals hash oracle: sha256 over the per-image sha256(id \0 pixel bytes), in id order
+    digests = [hashlib.sha256(i.encode() + b"\0" + u8[j].tobytes()).hexdigest() for j, i in sorted(
+        enumerate(["c", "a", "b"]), key=lambda p: p[1])]
+    assert ref["originals_hash"] == hashlib.sha256("".join(digests).encode()).hexdigest()
+    assert math.isnan(_by_name(res)["rfid@inception"].value)  # no weights: unavailable, run still completes
+    assert _fid_reference(ds, EvalSettings(metrics=("pixel",)), torch.device("cpu")) is None

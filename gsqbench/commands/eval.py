@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metric family (pixel, lpips, fid, codebook, cost) or key; repeatable (default all)")
     parser.add_argument("--require", action="append", default=[], metavar="METRIC",
                         help="fail (exit 2) if this metric is unavailable, e.g. rfid@inception; repeatable")
-    parser.add_argument("--fid-reference-stats", default=None, metavar="FILE", help="cached real-side FID statistics")
+    parser.add_argument("--fid-reference-stats", default=None, metavar="FILE",
+                        help="real-side FID statistics (.npz); its key must match this data and extractor")
+    parser.add_argument("--fid-cache-dir", default=None, metavar="DIR",
+                        help="cache real-side FID statistics here, keyed by data, crop, N and extractor")
     parser.add_argument("--samples", type=int, default=8, help="image pairs saved as PNG (default 8)")
     parser.add_argument("--weights", default=None, help="ema | raw: which weights the checkpoint holds "
                         "(default: from the checkpoint, else ema)")
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     kind, path = _parse_data(args.data)
     settings = EvalSettings(
         mode=args.mode, batch_size=args.batch_size, metrics=tuple(args.metrics), require=tuple(args.require),
-        samples=args.samples, fid_reference_stats=args.fid_reference_stats, seed=args.seed,
+        samples=args.samples, fid_reference_stats=args.fid_reference_stats, fid_cache_dir=args.fid_cache_dir,
+        seed=args.seed,
         num_workers=args.num_workers, progress=not args.no_progress,
         weights=args.weights or "ema",
     )
