@@ -23,7 +23,8 @@ Kinds:
   dataset is built: unreadable files are skipped with a counted warning, or refused (UserError) with
   `strict=True`. A file whose body fails to decode later raises a UserError naming it (skipping at read time
   would change the set mid-run). Conversion to RGB uint8: grayscale/bilevel are replicated, palette images
-  are expanded, 16-bit images are scaled by 255/65535 with rounding, images with alpha (RGBA, LA, palette with
+  are expanded, 16-bit grayscale is scaled by 255/65535 with rounding (16-bit RGB files reach us already
+  reduced by Pillow to their high byte, within one level of that), images with alpha (RGBA, LA, palette with
   transparency) are composited over WHITE. EXIF orientation is not applied (as in timm/torchvision).
   `n` picks n evenly spaced files (floor(i·N/n)), so a subset spans all classes instead of the first few.
 - `synthetic`: procedural images (smooth colour gradient + a few flat shapes + mild noise), a pure function of

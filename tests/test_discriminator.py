@@ -150,6 +150,17 @@ def test_dino_one_discriminator_step(dino56):
     assert all(p.grad is None for p in disc.backbone.parameters())
     assert fake.grad is not None and fake.grad.abs().sum() > 0 and torch.isfinite(fake.grad).all()
     assert set(map(id, disc.trainable_parameters())) == set(map(id, disc.heads.parameters()))
+    state = disc.state_dict()
+    assert state and not any(k.startswith("backbone.") for k in state)  # the frozen backbone is not checkpointed
+    assert set(state) == {f"heads.{k}" for k in disc.heads.state_dict()}
+    before = {k: v.clone() for k, v in disc.backbone.state_dict().items()}
+    wrapped = torch.nn.ModuleDict({"d": disc})  # as inside a trainer / DDP (prefixed keys)
+    saved = wrapped.state_dict()
+    with torch.no_grad():
+        disc.heads[0].cls.weight.add_(1.0)
+    wrapped.load_state_dict(saved, strict=True)
+    assert torch.equal(disc.heads[0].cls.weight, saved["d.heads.0.cls.weight"])
+    assert all(torch.equal(v, before[k]) for k, v in disc.backbone.state_dict().items())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the recipe's precision
         assert torch.isfinite(disc(real[:1]).float()).all()
 

@@ -17,6 +17,8 @@ and return logits (b, ...) for the losses in `gsqbench.losses`.
   tokens (cls + 4 registers + patches) after the patch/position embedding and after blocks 2, 5, 8, 11 (no
   final norm), (b, 384, T) each; one trainable head per feature map; logits concatenated to (b, 5·T).
   The backbone is always in eval mode with requires_grad False; gradients still flow through it to the input.
+  Its tensors are left out of `state_dict()` (the heads and their BatchNorm statistics are what trains).
+  DiffAugment runs inside (`diffaug=True`, as the official code); a trainer must not augment again outside.
 """
 from __future__ import annotations
 
@@ -210,6 +212,17 @@ class DiscHead(nn.Module):
         return self.cls(self.main(x)).flatten(1)
 
 
+def _drop_backbone_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+        del state_dict[key]
+
+
+def _keep_backbone_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Loading a heads-only state dict keeps the current backbone (a file with backbone keys still loads them)."""
+    for key, value in module.backbone.state_dict().items():
+        state_dict.setdefault(f"{prefix}backbone.{key}", value)
+
+
 class DinoDiscriminator(nn.Module):
     """Frozen DINOv2-ViT-S/14-reg backbone + 5 trainable heads; forward(x01 (b, 3, H, W)) → logits (b, 5·T)."""
 
@@ -231,6 +244,10 @@ class DinoDiscriminator(nn.Module):
         self.heads = nn.ModuleList(DiscHead(DINO_EMBED_DIM) for _ in range(len(self.hooks) + 1))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # The frozen backbone comes from its weight file at construction; checkpoints carry only the heads
+        # (88 MB less per save, and DINOv2 weights never get copied into training states).
+        self.register_state_dict_post_hook(_drop_backbone_keys)
+        self.register_load_state_dict_pre_hook(_keep_backbone_keys)
 
     @property
     def num_tokens(self) -> int:
