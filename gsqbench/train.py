@@ -105,9 +105,14 @@ class BatchStream:
         self.loader.step, self._it = int(value), None  # restart the (worker) iterator at the new position
 
     def next(self, device: torch.device) -> Tensor:
+        # DataLoader draws a base seed from the global RNG when its iterator starts (lazily, on the first next);
+        # keep data loading out of the training RNG stream, or a resumed run (whose iterator starts later)
+        # would diverge from an uninterrupted one
+        state = torch.get_rng_state()
         if self._it is None:
             self._it = iter(self.loader)
         _, u8 = next(self._it)
+        torch.set_rng_state(state)
         return u8.to(device, non_blocking=True).float() / 127.5 - 1.0
 
 
