@@ -266,6 +266,13 @@ class SamplePhotos(ImageDataset):
             return apply_crop(img, self.crop, self.resolution)
         return pil_to_u8(self._random_crop(img, index))
 
+    def describe(self) -> dict:
+        card = super().describe()
+        if self.split == "train":  # the crop protocol is not used: seeded random crops (module docstring)
+            card.update(crop="seeded-random-crop", crop_pct=None, resize="PIL bilinear, shorter side ~ U[S, short]",
+                        crop_offsets="uniform")
+        return card
+
     def _random_crop(self, img: Image.Image, index: int) -> Image.Image:
         size = self.resolution
         rng = np.random.default_rng([self.seed, index])
@@ -386,6 +393,10 @@ class Synthetic(ImageDataset):
     def load(self, index: int) -> Tensor:
         # Generated directly at S×S: there is no original to crop, so the crop protocol is moot here.
         return synthetic_image(self.seed, self.split, index, self.resolution)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "crop": "none (generated at S)", "crop_pct": None, "resize": None,
+                "crop_offsets": None, "seed": self.seed}
 
 
 def build_dataset(kind: Any, *, path: str | os.PathLike | None = None, split: Optional[str] = None,

@@ -327,3 +327,13 @@ def test_train_loader_with_workers_matches_in_process():
     for k, (ids, x) in enumerate(got):
         ref_ids, ref_x = loader.batch(k)
         assert ids == ref_ids and torch.equal(x, ref_x)
+
+
+def test_describe_names_what_was_done():
+    ev = data.build_dataset("sample-photos", split="eval", resolution=32, crop="adm").describe()
+    assert (ev["dataset"], ev["split"], ev["n"], ev["crop"], ev["resolution"]) == ("sample-photos", "eval", 5, "adm", 32)
+    gsq = data.build_dataset("sample-photos", split="eval", resolution=32).describe()
+    assert gsq["crop"] == "gsq" and gsq["crop_pct"] == 0.875 and gsq["ids_sha256"] == ev["ids_sha256"]
+    assert data.build_dataset("sample-photos", split="train", resolution=32, n=3).describe()["crop"] == \
+        "seeded-random-crop"
+    assert data.build_dataset("synthetic", resolution=8, n=2).describe()["crop"].startswith("none")
