@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 
 import pytest
 import torch
@@ -173,6 +172,9 @@ def test_dino_through_weight_manager_and_errors(fb_weights, tmp_path, monkeypatc
     with pytest.raises(UserError) as err:
         D.build_discriminator({"name": "dino", "img_size": 112})
     assert "dinov2-vits14-reg" in str(err.value) and "\n" not in str(err.value)
+    random_disc = D.DinoDiscriminator(img_size=56, allow_random_backbone=True)  # opt-in smoke mode only
+    assert random_disc.backbone_source == "random"
+    assert any("RANDOM" in r.getMessage() for r in caplog.records)
     (home / "weights").mkdir(parents=True)
     (home / "weights" / FB_FILENAME).write_bytes(path.read_bytes())
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
