@@ -5,6 +5,7 @@ a grouped toy case with pooled / per-group / product values worked out by hand; 
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -125,3 +126,50 @@ def test_for_quantizer_and_directions():
     rows = {v.name: v.direction for v in (m.sync(), m.compute())[1]}
     assert rows["dead_codes"] == "lower" and rows["tokens_counted"] == "none"
     assert all(rows[k] == "higher" for k in rows if k.startswith(("usage", "ppl", "entropy")))
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0 counts two batches, rank 1 has an empty shard (uneven sharding, §10): sync must still agree."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        m = CodebookMetric(8, 2)
+        if rank == 0:
+            for part in _ddp_indices().split(2):
+                m.update_indices(part)
+        m.sync()
+        if rank == 0:
+            np.save(out, m.code_counts())
+            with open(out + ".json", "w") as f:
+                json.dump({v.name: v.value for v in m.compute()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_indices() -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(4).integers(0, 8, size=(3, 2, 2, 2)))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_sync_with_an_empty_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "counts.npy")
+    mp.start_processes(_ddp_worker, args=(port, out), nprocs=2, join=True, start_method="spawn")
+    idx = _ddp_indices().numpy()
+    expected = np.stack([np.bincount(idx[..., g].ravel(), minlength=8) for g in range(2)])
+    np.testing.assert_array_equal(np.load(out), expected)
+    single = CodebookMetric(8, 2)
+    single.update_indices(_ddp_indices())
+    with open(out + ".json") as f:
+        assert json.load(f) == _values(single)
