@@ -185,7 +185,11 @@ def build_card(
         "data": dict(data),
         "conversion": {"uint8_rule": "trunc-compat" if compat else "round-half-even",
                        "model_input": "ToTensor+Normalize(0.5,0.5) fp32" if compat else "u8/127.5-1 fp32",
-                       "clamp": [-1, 1], "converted_once": True},
+                       "clamp": [-1, 1], "converted_once": True,
+                       # the metric contract is uint8-only: in gsq-compat PSNR/SSIM/LPIPS see the truncated uint8,
+                       # where the official code fed them float [0, 1] (a documented deviation)
+                       "metric_inputs": "uint8 (trunc-compat; official: float for PSNR/SSIM/LPIPS)" if compat
+                       else "uint8"},
         "model": dict(model),
         "precision": dict(precision),
     }

@@ -107,13 +107,13 @@ def _setup_weights(tmp, monkeypatch) -> dict[str, str]:
     return env
 
 
-def _evaluate_and_dump(out_path: str) -> None:
+def _evaluate_and_dump(out_path: str, batch_size: int) -> None:
     """Evaluate the stand-in with the default metric set; dump values, per-image table and FID statistics."""
     from gsqbench import distributed as ddp
     from gsqbench.evaluate import EvalSettings, build_metrics, evaluate
     from gsqbench.metrics.fid import FIDMetric
 
-    settings = EvalSettings(batch_size=2, lpips_nets=("alex",), progress=False,
+    settings = EvalSettings(batch_size=batch_size, lpips_nets=("alex",), progress=False,
                             metrics=("pixel", "lpips", "codebook"))
     # FID at the 64-d feature layer: the same streaming sums and reduction as 2048-d, without a 2048² eig per rank
     tok = _Tokenizer().eval()
@@ -133,7 +133,7 @@ def _evaluate_and_dump(out_path: str) -> None:
         json.dump(dump, f)
 
 
-def _worker(rank: int, port: int, env: dict, out_path: str) -> None:
+def _worker(rank: int, port: int, env: dict, out_path: str, batch_size: int) -> None:
     os.environ.update(env)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD)})
@@ -142,7 +142,7 @@ def _worker(rank: int, port: int, env: dict, out_path: str) -> None:
 
     assert ddp.init_from_env(timeout_s=120) and ddp.world_size() == WORLD
     try:
-        _evaluate_and_dump(out_path)
+        _evaluate_and_dump(out_path, batch_size)
     finally:
         ddp.shutdown()
 
@@ -156,8 +156,10 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_gloo_equals_single_process(tmp_path, monkeypatch):
     env = _setup_weights(tmp_path, monkeypatch)
-    _evaluate_and_dump(str(tmp_path / "single.json"))
-    mp.start_processes(_worker, args=(_free_port(), env, str(tmp_path / "ddp.json")), nprocs=WORLD,
+    # single process in one batch of 5; ranks in batches of 2 over shards of 3 and 2 (batches 2+1 and 2):
+    # world size and batch composition both differ, so both must not matter
+    _evaluate_and_dump(str(tmp_path / "single.json"), batch_size=N)
+    mp.start_processes(_worker, args=(_free_port(), env, str(tmp_path / "ddp.json"), 2), nprocs=WORLD,
                        join=True, start_method="spawn")
     one = json.loads((tmp_path / "single.json").read_text())
     two = json.loads((tmp_path / "ddp.json").read_text())
