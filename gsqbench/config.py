@@ -385,9 +385,29 @@ def suite_from_dict(raw: dict, *, validate_quantizers: bool = True) -> Suite:
     suite = Suite(suite=raw["suite"], shared=shared, subjects=subjects, seeds=seeds, grid=grid, regress=regress)
     _check_semantics(suite)
     if validate_quantizers:
-        for run in expand_runs(suite):
+        runs = expand_runs(suite)
+        for run in runs:
             validate_quantizer_kwargs(run.quantizer, f"subject '{run.subject}' quantizer")
+        for shared in {r.fairness_hash: r.shared for r in runs}.values():
+            validate_shared(shared)
     return suite
+
+
+def validate_shared(shared: SharedSpec) -> None:
+    """Check the parts other modules interpret (backbone preset/overrides, eval settings) before any training."""
+    from gsqbench.models.tokenizer import resolve_model_config
+
+    m = shared.model
+    resolve_model_config({"preset": m.preset, "latent_dim": m.latent_dim, **m.options})
+    e = shared.eval
+    from gsqbench.evaluate import EvalSettings
+
+    names = {f.name for f in dataclasses.fields(EvalSettings)}
+    for key in e.options:
+        if key not in names:
+            raise UserError(f"unknown config key 'shared.eval.options.{key}'{did_you_mean(key, names)}")
+    EvalSettings(mode=e.mode, batch_size=e.batch_size, metrics=tuple(e.metrics), require=tuple(e.require),
+                 samples=e.samples, weights=e.weights, **e.options)
 
 
 def _parse_subjects(raw: Any) -> tuple[Subject, ...]:
