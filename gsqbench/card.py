@@ -28,6 +28,7 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "precision.device", "precision.driver",
     "psnr.psnr_capped_images",  # a measured count (identical reconstructions), not a setting
     "fid.is_std_over_splits", "fid.fid_reference_source",  # a measured spread; where the same statistics came from
+    "fid.fid_reference_key",  # derived from data + extractor fields (hashed already); set only when caching
     "runtime",
 )
 

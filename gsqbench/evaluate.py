@@ -386,8 +386,9 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
                 batch = next(batches, None)
             if batch is None:
                 break
-            gidx, ids, real_u8 = batch
-            real_u8 = real_u8.to(device, non_blocking=True)
+            gidx, ids, real_cpu = batch
+            state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_cpu)]  # before the copy
+            real_u8 = real_cpu.to(device, non_blocking=True)
             _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capture, gidx, ids, real_u8)
             bar.update(len(ids))
     finally:
@@ -413,7 +414,6 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capt
         state.agree, state.agree_total = state.agree + a, state.agree_total + t
     meter.images += len(ids)
     state.ids += ids
-    state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_u8)]
     state.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
     state.image_hw = (int(real_u8.shape[-2]), int(real_u8.shape[-1]))
     if out_dir is not None and settings.samples:

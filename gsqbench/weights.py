@@ -391,6 +391,14 @@ def download(
     dst = weights_dir() / entry.filename
     part = dst.with_name(dst.name + ".part")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_file():
+        try:
+            weight_path(name)
+            log.info("%s is already installed and verified: %s", name, dst)
+            _expose_quietly(name)
+            return dst
+        except WeightsUnavailable:
+            log.warning("%s fails its hash check; downloading it again", dst)
     for attempt in range(1, max_attempts + 1):
         try:
             _fetch_into(url, part, timeout=timeout, progress=progress, opener=opener, desc=entry.filename)

@@ -102,6 +102,8 @@ def test_download_resumes_verifies_and_exposes(store, monkeypatch, capsys):
     link = store / "torch" / "hub" / "checkpoints" / "w.pth"
     assert link.is_symlink() and link.resolve() == path.resolve()
     assert weights.is_conformant("test-net") is False  # manifest files never are
+    # already installed and verified: no network (the server is gone, so a request would fail)
+    assert weights.download("test-net", max_attempts=1, progress=False) == path
 
 
 def test_download_hash_mismatch_leaves_nothing(store, monkeypatch, capsys):
