@@ -197,7 +197,7 @@ def test_bad_options_refused():
         ssim_per_image(real[..., :8, :8], real[..., :8, :8])
     with pytest.raises(UserError, match="shape"):
         psnr_per_image(real, real[..., :8])
-    with pytest.raises(UserError, match="duplicate"):
+    with pytest.raises(UserError, match="evaluated twice"):
         m = PSNRMetric()
         m.update(real, real, ["x"])
         m.update(real, real, ["x"])

@@ -84,8 +84,11 @@ class PerImageMetric(Metric):
         self._ids: list[str] = []
         self._values: dict[str, list[float]] = {k: [] for k in self.columns}
         self._unavailable: Optional[str] = None
+        self._synced = False
 
     def _append(self, image_ids: Sequence[str], values: dict[str, torch.Tensor]) -> None:
+        if self._synced:
+            raise RuntimeError(f"{type(self).__name__}.update after sync(): create a new metric per evaluation")
         ids = [str(i) for i in image_ids]
         for key, v in values.items():
             v = v.detach().to("cpu", torch.float64).reshape(-1)
@@ -95,13 +98,23 @@ class PerImageMetric(Metric):
         self._ids.extend(ids)
 
     def sync(self) -> None:
-        """Gather (id, values) from every rank, sorted by image id on any world size so outputs never depend on it."""
-        if len(set(self._ids)) != len(self._ids):
-            raise UserError("per-image metric: duplicate image ids; every evaluated image needs a unique id")
+        """Gather (id, values) from every rank, sorted by image id on any world size so outputs never depend on it.
+
+        Runs once (a second gather would duplicate every image). Duplicate ids are checked on the gathered list,
+        which every rank sees identically, so all ranks fail together instead of leaving the others waiting.
+        """
+        if self._synced:
+            return
         rows = list(zip(*(self._values[k] for k in self.columns))) if self._ids else []
-        ids, rows = distributed.gather_per_image(self._ids, rows)  # sorted by id, also on one process
-        self._ids = list(ids)
-        self._values = {k: [float(r[j]) for r in rows] for j, k in enumerate(self.columns)}
+        parts = distributed.all_gather_objects(list(zip(self._ids, rows)))
+        pairs = sorted((p for part in parts for p in part), key=lambda p: p[0])
+        ids = [p[0] for p in pairs]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i, j in zip(ids, ids[1:]) if i == j)
+            raise UserError(f"per-image metric: image id '{dup}' was evaluated twice; every image needs a unique id")
+        self._ids = ids
+        self._values = {k: [float(p[1][j]) for p in pairs] for j, k in enumerate(self.columns)}
+        self._synced = True
 
     def image_ids(self) -> list[str]:
         """Image ids in the order of `per_image()` values (sorted by id after `sync`)."""

@@ -237,6 +237,10 @@ class FIDMetric(Metric):
         is_seed: int = IS_SEED,
         extractor: Optional[torch.nn.Module] = None,
     ) -> None:
+        if feature_layer not in FEATURE_LAYERS:
+            raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {', '.join(FEATURE_LAYERS)}")
+        if int(is_splits) < 1:
+            raise UserError(f"IS splits: {is_splits!r}; expected a positive integer (default {IS_SPLITS})")
         self.device = torch.device(device)
         self.feature_layer, self.is_splits, self.is_seed = feature_layer, int(is_splits), int(is_seed)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -256,6 +260,7 @@ class FIDMetric(Metric):
         self.reference_source = "computed"
         self._ref: Optional[tuple[np.ndarray, np.ndarray, Optional[int]]] = None
         self.is_std: Optional[float] = None  # population std over splits (torch-fidelity's "±"), set by compute
+        self._synced = False
         if self.model is not None:
             self._init_reference(reference, reference_stats)
 
@@ -312,8 +317,9 @@ class FIDMetric(Metric):
 
     def sync(self) -> None:
         """All-reduce the float64 sums/int64 counts; gather fake logits by image id (sorted) for IS."""
-        if self.model is None:
+        if self.model is None or self._synced:
             return
+        self._synced = True
         self.real.sync()
         self.fake.sync()
         local = torch.cat(self._logits) if self._logits else torch.zeros(0, 1008)
@@ -348,17 +354,20 @@ class FIDMetric(Metric):
             return [MetricValue.missing(k, self._unavailable, d) for k, d in zip(self.keys, ("lower", "higher"))]
         n_fake, n_real = int(self.fake.n), int(self.real.n) if self._ref is None else 2
         if min(n_fake, n_real) < 2:
-            fid = MetricValue.missing("rfid@inception", f"FID needs at least 2 images per side, got {n_fake}", "lower")
+            fid = MetricValue.missing(
+                "rfid@inception", f"FID needs at least 2 images per side, got {n_real} real and {n_fake} fake", "lower"
+            )
         else:
             mu_r, sigma_r = self._real_stats()
             mu_f, sigma_f = self.fake.mean_cov()
             fid = MetricValue("rfid@inception", frechet_distance(mu_r, sigma_r, mu_f, sigma_f), direction="lower", n=n_fake)
         logits = torch.cat(self._logits) if self._logits else torch.zeros(0, 1008)
         try:
-            mean, std, _ = inception_score(logits, self.is_splits, self.is_seed)
+            mean, std, scores = inception_score(logits, self.is_splits, self.is_seed)
             self.is_std = std
-            is_value = MetricValue("is@inception", mean, stderr=std / math.sqrt(self.is_splits), direction="higher",
-                                   n=logits.shape[0])
+            # stderr of the mean over splits (sample std); the population std torch-fidelity prints is `is_std`
+            stderr = float(np.std(scores, ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else None
+            is_value = MetricValue("is@inception", mean, stderr=stderr, direction="higher", n=logits.shape[0])
         except ValueError as exc:
             is_value = MetricValue.missing("is@inception", str(exc), "higher")
         return [fid, is_value]
