@@ -76,11 +76,10 @@ class EvalSettings:
         _check_choice("mode", self.mode, ("gsqbench", "gsq-compat"))
         _check_choice("precision", self.precision, (None, "fp32", "bf16"))
         _check_choice("weights", self.weights, ("ema", "raw"))
-        for field_name in ("batch_size",):
-            if not isinstance(getattr(self, field_name), int) or getattr(self, field_name) < 1:
-                raise UserError(f"eval.{field_name}: {getattr(self, field_name)!r}; expected an integer >= 1")
-        if not isinstance(self.samples, int) or self.samples < 0:
-            raise UserError(f"eval.samples: {self.samples!r}; expected an integer >= 0")
+        for name, low in (("batch_size", 1), ("samples", 0), ("num_workers", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"eval.{name}: {value!r} is not valid; expected an integer >= {low}")
         for name in self.metrics:
             if name not in FAMILIES and name not in METRIC_FAMILIES:
                 raise UserError(f"eval.metrics: unknown metric '{name}'{did_you_mean(name, [*FAMILIES, *METRIC_FAMILIES])}")
@@ -110,7 +109,8 @@ def _check_choice(name: str, value: Any, valid: Sequence[Any]) -> None:
 
 @dataclass
 class EvalResult:
-    """What one evaluation produced (docs/contracts.md). Only rank 0's result is complete under DDP."""
+    """What one evaluation produced (docs/contracts.md). Under DDP every rank holds the same reduced metrics;
+    only rank 0 should write them. `samples` and `timings` are this rank's own."""
 
     metrics: list[MetricValue]
     per_image: dict[str, list]
