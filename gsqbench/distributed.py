@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from gsqbench.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -102,12 +104,13 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def gather_per_image(image_ids: Sequence[str], values: Sequence[Any]) -> tuple[list[str], list[Any]]:
-    """Gather (id, value) pairs from all ranks and sort by id; asserts every id is unique (§10)."""
+    """Gather (id, value) pairs from all ranks and sort by id; every id must be unique (§10)."""
     pairs = [p for part in all_gather_objects(list(zip(image_ids, values))) for p in part]
     pairs.sort(key=lambda p: p[0])
     ids = [p[0] for p in pairs]
-    if len(set(ids)) != len(ids):
-        raise AssertionError("an image was evaluated on more than one rank (duplicate image ids after gather)")
+    dup = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
+    if dup is not None:
+        raise UserError(f"image id '{dup}' occurs more than once in the evaluation set; image ids must be unique")
     return ids, [p[1] for p in pairs]
 
 

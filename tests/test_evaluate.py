@@ -337,3 +337,9 @@ def test_fid_reference_key_fields_match_the_card(no_weights, tmp_path):
     assert ref["originals_hash"] == hashlib.sha256("".join(digests).encode()).hexdigest()
     assert math.isnan(_by_name(res)["rfid@inception"].value)  # no weights: unavailable, run still completes
     assert _fid_reference(ds, EvalSettings(metrics=("pixel",)), torch.device("cpu")) is None
+
+
+def test_duplicate_image_ids_are_a_user_error():
+    ds = ListDataset(_images(n=2, size=16), ["same", "same"])
+    with pytest.raises(UserError, match="'same'"):
+        evaluate(StandInTokenizer().eval(), ds, EvalSettings(metrics=("codebook",), progress=False), device="cpu")
