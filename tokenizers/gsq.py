@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
@@ -40,31 +39,58 @@ from gsqbench.registry import register_quantizer
 Norm = Literal["l2", "l1", "none", "clip"]
 
 
-def _entropy_chunk(z: Tensor, codes: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Per-row logsumexp of s = dist/T over one block of codes, and Σ softmax(s)·s over that block."""
-    dist = (z * z).sum(1, keepdim=True) + (codes * codes).sum(1)[None, :] - 2.0 * z @ codes.T
-    s = dist / temperature
-    lse = torch.logsumexp(s, dim=1)
-    return lse, (torch.exp(s - lse[:, None]) * s).sum(1)
+def _scaled_distances(z: Tensor, z_sq: Tensor, codes: Tensor, temperature: float) -> Tensor:
+    """s = (‖z‖² + ‖c‖² − 2⟨z, c⟩) / T for one block of codes, (N, m): the official expanded distance."""
+    dist = torch.addmm(z_sq[:, None] + (codes * codes).sum(1)[None, :], z, codes.T, beta=1.0, alpha=-2.0)
+    return dist.div_(temperature)
+
+
+class _DistanceSoftmaxEntropy(torch.autograd.Function):
+    """mean_i H(softmax_v(s_iv)), s = dist/T, in blocks of codes in forward and backward (never N×V).
+
+    Forward keeps a running logsumexp L_i and E_i = Σ_v p_iv s_iv; H_i = L_i − E_i. Backward uses
+    ∂H_i/∂s_iv = −p_iv (s_iv − E_i) and ∂dist/∂z = 2(z − c), ∂dist/∂c = 2(c − z), block by block.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, codes: Tensor, temperature: float, step: int) -> Tensor:  # type: ignore[override]
+        z_sq = (z * z).sum(1)
+        lse = torch.full_like(z_sq, -float("inf"))
+        expect = torch.zeros_like(z_sq)
+        for c0 in range(0, codes.shape[0], step):
+            s = _scaled_distances(z, z_sq, codes[c0:c0 + step], temperature)
+            lse_b = torch.logsumexp(s, dim=1)
+            exp_b = (torch.exp(s - lse_b[:, None]) * s).sum(1)
+            new = torch.logaddexp(lse, lse_b)
+            expect = expect * torch.exp(lse - new) + exp_b * torch.exp(lse_b - new)
+            lse = new
+        ctx.save_for_backward(z, codes, lse, expect)
+        ctx.temperature, ctx.step = temperature, step
+        return (lse - expect).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        z, codes, lse, expect = ctx.saved_tensors
+        z_sq = (z * z).sum(1)
+        g_z, g_c = torch.zeros_like(z), torch.zeros_like(codes)
+        scale = grad / (z.shape[0] * ctx.temperature)
+        for c0 in range(0, codes.shape[0], ctx.step):
+            block = codes[c0:c0 + ctx.step]
+            s = _scaled_distances(z, z_sq, block, ctx.temperature)
+            g_dist = -torch.exp(s - lse[:, None]) * (s - expect[:, None]) * scale  # ∂loss/∂dist, (N, m)
+            g_z += 2.0 * (z * g_dist.sum(1, keepdim=True) - g_dist @ block)
+            g_c[c0:c0 + ctx.step] = 2.0 * (block * g_dist.sum(0)[:, None] - g_dist.T @ z)
+        return g_z, g_c, None, None
 
 
 def sample_entropy_of_distance(z: Tensor, codebook: Tensor, temperature: float, block_elems: int = 1 << 22) -> Tensor:
     """Mean over rows of H(softmax(dist/T)), exactly, over code blocks (official `vq` entropy quirk, §2.5).
 
     The official code passes the distance itself (not −distance) as the affinity; we keep that quirk.
-    Each block is recomputed in backward (checkpoint), so memory stays ~block_elems, never N×V.
+    Memory stays ~block_elems in forward and backward, never N×V.
     """
-    n, v = z.shape[0], codebook.shape[0]
-    step = max(1, block_elems // max(n, 1))
-    lses, sums = [], []
-    for c0 in range(0, v, step):
-        lse, s = checkpoint(_entropy_chunk, z, codebook[c0:c0 + step], temperature, use_reentrant=False)
-        lses.append(lse)
-        sums.append(s)
-    lse_blocks = torch.stack(lses, dim=1)  # (n, blocks)
-    lse_all = torch.logsumexp(lse_blocks, dim=1)
-    expect_s = (torch.exp(lse_blocks - lse_all[:, None]) * torch.stack(sums, dim=1)).sum(1)
-    return (lse_all - expect_s).mean()
+    step = max(1, block_elems // max(z.shape[0], 1))
+    return _DistanceSoftmaxEntropy.apply(z, codebook, temperature, step)
 
 
 @register_quantizer("gsq")

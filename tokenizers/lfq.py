@@ -6,7 +6,8 @@ significant); implicit codebook {±1}^K of size 2^K; straight-through. Aux losse
 MSE(z, sg[q]) (weight 0.25) and the entropy loss mean_i H(p_i) − H(mean_i p_i) (weight 0.1) with
 p_i = softmax_c(2⟨z_i, c⟩/τ), τ = 0.01. Because the logits are separable, p_i(c) = Π_k σ(c_k·4z_ik/τ):
 the per-sample entropy is an exact sum of binary entropies, and the batch distribution mean_i p_i is
-computed exactly in blocks of codes (recomputed in backward), so K = 18 never holds N×2^18 at once.
+computed exactly in blocks of codes (recomputed in a hand-written backward), so K = 18 never holds
+N×2^18 at once.
 """
 from __future__ import annotations
 
@@ -16,17 +17,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from gsqbench.errors import UserError
 from gsqbench.quantizer import QuantizerOutput, batch_usage, check_channels, check_indices, straight_through
 from gsqbench.registry import register_quantizer
 
 
-def code_bits(start: int, stop: int, k: int, device: torch.device) -> Tensor:
-    """(stop − start, K) float 0/1: bit k of each code index (channel 0 least significant)."""
-    codes = torch.arange(start, stop, device=device)
-    return ((codes[:, None] >> torch.arange(k, device=device)) & 1).float()
+def code_bits(start: int, stop: int, k: int, like: Tensor) -> Tensor:
+    """(stop − start, K) 0/1 in `like`'s dtype/device: bit k of each code index (channel 0 least significant)."""
+    codes = torch.arange(start, stop, device=like.device)
+    return ((codes[:, None] >> torch.arange(k, device=like.device)) & 1).to(like.dtype)
 
 
 def binary_entropy_from_logit(a: Tensor) -> Tensor:
@@ -35,26 +35,61 @@ def binary_entropy_from_logit(a: Tensor) -> Tensor:
     return p * F.softplus(-a) + (1.0 - p) * F.softplus(a)
 
 
-def _mean_prob_block(log_neg_sum: Tensor, log_diff: Tensor, bits: Tensor) -> Tensor:
-    # log p_i(c) = Σ_k [c_k=+1]·log σ(a_ik) + [c_k=−1]·log σ(−a_ik)
-    #            = Σ_k log σ(−a_ik) + Σ_k bit_ck·(log σ(a_ik) − log σ(−a_ik))   → one small matmul per block
-    return torch.exp(log_neg_sum[:, None] + log_diff @ bits.T).mean(dim=0)
+def _block_probs(log_neg_sum: Tensor, log_diff: Tensor, bits: Tensor, work: Tensor) -> Tensor:
+    """p_i(c) for one block of m codes, (N, m), written into the reused buffer `work`.
+
+    log p_i(c) = Σ_k [c_k=+1]·log σ(a_ik) + [c_k=−1]·log σ(−a_ik)
+               = Σ_k log σ(−a_ik) + Σ_k bit_ck·(log σ(a_ik) − log σ(−a_ik))   → one small matmul per block
+    Reusing one buffer (instead of fresh N×m tensors per block) keeps the process's peak memory flat.
+    """
+    n, m = log_diff.shape[0], bits.shape[0]
+    block = work[: n * m].view(n, m)
+    torch.matmul(log_diff, bits.T, out=block)
+    return block.add_(log_neg_sum[:, None]).exp_()
+
+
+class _BatchMeanProbs(torch.autograd.Function):
+    """avg(c) = mean_i p_i(c) over all 2^K codes, block by block in forward AND backward.
+
+    A hand-written backward (rather than checkpointing) keeps memory at one N×m block: each block's
+    probabilities are recomputed, used and freed. With P = p_i(c): ∂avg_c/∂log_neg_sum_i = P_ic/N and
+    ∂avg_c/∂log_diff_ik = P_ic·bit_ck/N.
+    """
+
+    @staticmethod
+    def forward(ctx, log_neg_sum: Tensor, log_diff: Tensor, step: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(log_neg_sum, log_diff)
+        ctx.step = step
+        k = log_diff.shape[1]
+        out = log_diff.new_empty(2 ** k)
+        work = log_diff.new_empty(log_diff.shape[0] * min(step, 2 ** k))
+        for c0 in range(0, 2 ** k, step):
+            c1 = min(2 ** k, c0 + step)
+            bits = code_bits(c0, c1, k, log_diff)
+            out[c0:c1] = _block_probs(log_neg_sum, log_diff, bits, work).mean(dim=0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        log_neg_sum, log_diff = ctx.saved_tensors
+        n, k = log_diff.shape
+        g_sum, g_diff = torch.zeros_like(log_neg_sum), torch.zeros_like(log_diff)
+        work = log_diff.new_empty(n * min(ctx.step, 2 ** k))
+        for c0 in range(0, 2 ** k, ctx.step):
+            c1 = min(2 ** k, c0 + ctx.step)
+            bits = code_bits(c0, c1, k, log_diff)
+            weighted = _block_probs(log_neg_sum, log_diff, bits, work).mul_(grad[c0:c1] / n)  # (N, m)
+            g_sum += weighted.sum(dim=1)
+            g_diff.addmm_(weighted, bits)
+        return g_sum, g_diff, None
 
 
 def batch_mean_probs(a: Tensor, block_elems: int = 1 << 22) -> Tensor:
     """mean_i Π_k σ(c_k·a_ik) for every c ∈ {±1}^K, exactly, in code blocks of ~block_elems/N each."""
-    n, k = a.shape
+    n = a.shape[0]
     log_pos, log_neg = F.logsigmoid(a), F.logsigmoid(-a)
-    log_neg_sum, log_diff = log_neg.sum(dim=1), log_pos - log_neg
     step = max(1, block_elems // max(n, 1))
-    blocks = []
-    for c0 in range(0, 2 ** k, step):
-        bits = code_bits(c0, min(2 ** k, c0 + step), k, a.device)
-        if a.requires_grad:  # recompute in backward: memory stays one block, not N×2^K
-            blocks.append(checkpoint(_mean_prob_block, log_neg_sum, log_diff, bits, use_reentrant=False))
-        else:
-            blocks.append(_mean_prob_block(log_neg_sum, log_diff, bits))
-    return torch.cat(blocks)
+    return _BatchMeanProbs.apply(log_neg.sum(dim=1), log_pos - log_neg, step)
 
 
 def lfq_entropy_terms(z: Tensor, tau: float, block_elems: int = 1 << 22) -> tuple[Tensor, Tensor]:
