@@ -1,0 +1,224 @@
+"""Metric speed: our batched SSIM against scikit-image, and the whole evaluation pass against its bare parts.
+
+1. SSIM (Wang et al. 2004 with the protocol's settings: Gaussian σ = 1.5, K1 = 0.01, K2 = 0.03, population
+   covariance, data range 255; metrics-protocol.md) — `gsqbench.metrics.pixel.ssim_per_image` on a batch of
+   256² uint8 pairs vs `skimage.metrics.structural_similarity` image by image; values must agree to 1e-4.
+2. `gsqbench.evaluate.evaluate` (one streaming pass, all metric families) vs the sum of its bare parts on the
+   same batches: tokenizer forward, torch-fidelity Inception forward on real and reconstructed images, LPIPS
+   forward. The difference is the harness overhead (conversions, per-image bookkeeping, PSNR/SSIM, codes, I/O).
+   Installed weights are used when present; otherwise random-init stand-ins with the official layouts are
+   registered through the weights manifest override in a temporary home (same cost, meaningless values).
+
+    python benchmarks/metrics.py [--device cuda] [--repeats 3] [--json out.json] [--images 16]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import _common as C
+from _common import Row
+
+WEIGHTS = {"inception-fid": "inception-random.pt", "alexnet": "alexnet-random.pth", "vgg16": "vgg16-random.pth"}
+
+
+# ------------------------------------------------------------------------------------------------------ SSIM
+
+
+def ssim_pairs(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random images and a noisy, shifted copy: realistic SSIM values (not 1, not 0)."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 255, size=(n, 3, size // 16, size // 16))
+    real = np.clip(np.kron(base, np.ones((16, 16))) + rng.normal(0, 12, (n, 3, size, size)), 0, 255)
+    fake = np.clip(np.roll(real, 1, axis=-1) + rng.normal(0, 20, real.shape), 0, 255)
+    return torch.from_numpy(real.astype(np.uint8)), torch.from_numpy(fake.astype(np.uint8))
+
+
+def skimage_ssim(real: torch.Tensor, fake: torch.Tensor) -> np.ndarray:
+    from skimage.metrics import structural_similarity
+
+    r, f = real.permute(0, 2, 3, 1).numpy(), fake.permute(0, 2, 3, 1).numpy()
+    return np.array([structural_similarity(a, b, data_range=255, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, K1=0.01, K2=0.03) for a, b in zip(r, f)])
+
+
+def bench_ssim(n: int, size: int, device: torch.device, repeats: int) -> tuple[list[Row], float]:
+    from gsqbench.metrics.pixel import ssim_per_image
+
+    real, fake = ssim_pairs(n, size)
+    case = f"SSIM {n} images {size}x{size}"
+    want = skimage_ssim(real, fake)
+    got = ssim_per_image(real.to(device), fake.to(device)).cpu().numpy()
+    max_diff = float(np.abs(got - want).max())
+    rows = [C.run_row(case, "scikit-image (per image)", lambda: skimage_ssim(real, fake), torch.device("cpu"),
+                      repeats, reference=True),
+            C.run_row(case, "gsqbench ssim_per_image (float64)",
+                      lambda: ssim_per_image(real.to(device), fake.to(device)), device, repeats,
+                      max_abs_diff_vs_skimage=max_diff)]
+    got32 = ssim_per_image(real.to(device), fake.to(device), dtype=torch.float32).cpu().numpy()
+    rows.append(C.run_row(case, "gsqbench ssim_per_image (float32)",
+                          lambda: ssim_per_image(real.to(device), fake.to(device), dtype=torch.float32), device,
+                          repeats, max_abs_diff_vs_skimage=float(np.abs(got32 - want).max())))
+    return rows, max_diff
+
+
+# ----------------------------------------------------------------------------------------- weights stand-ins
+
+
+def _random_inception_state() -> dict[str, torch.Tensor]:
+    """torch-fidelity's InceptionV3 at its random init, built without its weight download."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pt"
+        torch.save({}, empty)
+        original = FeatureExtractorInceptionV3.load_state_dict
+        FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # keep the init
+        try:
+            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                feature_extractor_weights_path=str(empty))
+        finally:
+            FeatureExtractorInceptionV3.load_state_dict = original
+    return model.state_dict()
+
+
+def _random_trunk(net: str) -> dict[str, torch.Tensor]:
+    import torchvision
+
+    features = torchvision.models.alexnet().features if net == "alexnet" else torchvision.models.vgg16().features
+    return {f"features.{k}": v for k, v in features.state_dict().items()}
+
+
+def ensure_weights(nets: tuple[str, ...], home: Path) -> bool:
+    """Use installed weights if all are verified; else install random stand-ins under `home`. True = real."""
+    from gsqbench import weights
+
+    needed = ["inception-fid"] + [{"alex": "alexnet", "vgg": "vgg16"}[n] for n in nets]
+    try:
+        for name in needed:
+            weights.weight_path(name)
+        return True
+    except weights.WeightsUnavailable:
+        pass
+    torch.manual_seed(0)
+    home.mkdir(parents=True, exist_ok=True)
+    manifest = {}
+    for name in needed:
+        path = home / WEIGHTS[name]
+        torch.save(_random_inception_state() if name == "inception-fid" else _random_trunk(name), path)
+        manifest[name] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    os.environ["GSQBENCH_HOME"] = str(home / "home")
+    os.environ["TORCH_HOME"] = str(home / "torch")
+    os.environ["GSQBENCH_WEIGHTS_MANIFEST"] = json.dumps(manifest)
+    for name in needed:
+        weights.import_file(home / WEIGHTS[name], name)
+    return False
+
+
+# ---------------------------------------------------------------------------------------- evaluation pass
+
+
+def bench_eval(n_images: int, batch: int, nets: tuple[str, ...], device: torch.device, repeats: int,
+               tmp: Path) -> tuple[list[Row], dict[str, Any]]:
+    from gsqbench.data import build_dataset
+    from gsqbench.evaluate import EvalSettings, evaluate, to_model_input
+    from gsqbench.metrics.fid import build_inception
+    from gsqbench.metrics.lpips import build_lpips, u8_to_lpips_input
+    from gsqbench.models.tokenizer import build_tokenizer
+    from gsqbench.weights import weight_path
+
+    real_weights = ensure_weights(nets, tmp / "weights")
+    torch.manual_seed(0)
+    tok = build_tokenizer({"preset": "tiny-f8", "latent_dim": 8},
+                          {"name": "gsq", "dim": 8, "codebook_size": 64, "groups": 2}).to(device).eval()
+    data = build_dataset("synthetic", resolution=64, n=n_images)
+    settings = EvalSettings(batch_size=batch, samples=0, lpips_nets=nets, progress=False)
+    case = f"eval pass {n_images} images 64x64, batch {batch}"
+
+    batches = [torch.stack([data[i][1] for i in range(s, min(n_images, s + batch))]).to(device)
+               for s in range(0, n_images, batch)]
+    inception = build_inception(weight_path("inception-fid"), device)
+    lpips_models = [build_lpips(n, weight_path({"alex": "alexnet", "vgg": "vgg16"}[n]), device) for n in nets]
+    fakes = []
+
+    @torch.no_grad()
+    def model_part() -> None:
+        fakes.clear()
+        for u8 in batches:
+            x_hat, _ = tok(to_model_input(u8))
+            fakes.append(((x_hat.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+
+    @torch.no_grad()
+    def inception_part() -> None:
+        for u8, f in zip(batches, fakes):
+            inception(u8)
+            inception(f)
+
+    @torch.no_grad()
+    def lpips_part() -> None:
+        for u8, f in zip(batches, fakes):
+            for m in lpips_models:
+                m(u8_to_lpips_input(u8), u8_to_lpips_input(f))
+
+    model_part()
+    rows = C.run_interleaved(case, [("evaluate() whole pass", lambda: evaluate(tok, data, settings, device=device)),
+                                    ("bare: tokenizer forward", model_part),
+                                    ("bare: Inception forward (real+fake)", inception_part),
+                                    (f"bare: LPIPS forward ({'+'.join(nets)})", lpips_part)], device, repeats)
+    parts = rows[1:]
+    bare = sum(p.median for p in parts)
+    rows.append(Row(case, "bare parts, sum of medians", [bare], None))
+    overhead = rows[0].median / bare - 1
+    return rows, {"eval_overhead": overhead, "weights": "installed" if real_weights else "random stand-ins"}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    C.add_common_args(parser, repeats=3)
+    parser.add_argument("--images", type=int, default=8, help="evaluation images (default 8)")
+    parser.add_argument("--batch", type=int, default=8, help="evaluation batch size (default 8)")
+    parser.add_argument("--ssim-images", type=int, default=8, help="SSIM pairs of 256x256 (default 8)")
+    parser.add_argument("--lpips-nets", default="alex", help="comma-separated LPIPS nets (alex, vgg); default alex")
+    parser.add_argument("--only", default="ssim,eval", help="comma-separated subset of ssim, eval")
+    args = parser.parse_args(argv)
+    C.setup_logging()
+    device = torch.device(args.device)
+    machine = C.machine_info(device)
+    sections = set(args.only.split(","))
+    rows: list[Row] = []
+    extra: dict[str, Any] = {}
+    if "ssim" in sections:
+        ssim_rows, max_diff = bench_ssim(args.ssim_images, 256, device, args.repeats)
+        rows += ssim_rows
+        extra["ssim_max_abs_diff"] = max_diff
+        extra["ssim_speedup"] = ssim_rows[0].median / ssim_rows[1].median
+    if "eval" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            eval_rows, info = bench_eval(args.images, args.batch, tuple(args.lpips_nets.split(",")), device,
+                                         args.repeats, Path(tmp))
+        rows += eval_rows
+        extra.update(info)
+    print(f"# machine: {machine}")
+    print(C.format_table(rows))
+    if "ssim_speedup" in extra:
+        ok = extra["ssim_speedup"] >= 20 and extra["ssim_max_abs_diff"] <= 1e-4
+        print(f"# goal: SSIM {extra['ssim_speedup']:.1f}x faster than scikit-image (goal >= 20x), max |diff| "
+              f"{extra['ssim_max_abs_diff']:.1e} (goal <= 1e-4): {'MET' if ok else 'NOT MET'}")
+    if "eval_overhead" in extra:
+        print(f"# goal: evaluation overhead over bare parts {100 * extra['eval_overhead']:.1f} % (goal <= 15 %): "
+              f"{'MET' if extra['eval_overhead'] <= 0.15 else 'NOT MET'}  [weights: {extra['weights']}]")
+    C.write_json(args.json, "metrics", machine, rows, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
