@@ -130,13 +130,14 @@ def test_for_quantizer_and_directions():
 
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     """Rank 0 counts two batches, rank 1 has an empty shard (uneven sharding, §10): sync must still agree."""
+    import datetime
     import os
 
     import torch.distributed as dist
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         m = CodebookMetric(8, 2)
         if rank == 0:
@@ -165,7 +166,9 @@ def test_two_process_gloo_sync_with_an_empty_rank(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "counts.npy")
-    mp.start_processes(_ddp_worker, args=(port, out), nprocs=2, join=True, start_method="spawn")
+    # fork, like DataLoader workers: no re-import of torch (spawn costs ~10 s on a busy 2-core machine); the
+    # children run single-threaded tiny ops only, so the parent's thread pools do not matter
+    mp.start_processes(_ddp_worker, args=(port, out), nprocs=2, join=True, start_method="fork")
     idx = _ddp_indices().numpy()
     expected = np.stack([np.bincount(idx[..., g].ravel(), minlength=8) for g in range(2)])
     np.testing.assert_array_equal(np.load(out), expected)
