@@ -1,0 +1,53 @@
+"""Smoke and arithmetic checks of the benchmark scripts (benchmarks/): they run, write JSON, and their ratio
+and memory columns mean what the header says.
+
+Oracles: hand-computed ratios of given timings; a tensor of known byte size for the peak-memory sampler.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+
+
+def test_table_speedup_and_memory_fraction_against_reference() -> None:
+    rows = [C.Row("case", "ref", [2.0, 4.0, 3.0], 200.0, reference=True),
+            C.Row("case", "fast", [1.0, 1.5, 0.5], 25.0),
+            C.Row("case", "gone", skipped="needs ~48 GB, does not fit")]
+    table = C.format_table(rows).splitlines()
+    fast = next(line for line in table if " fast " in line)
+    assert "3.00x" in fast and "0.125" in fast  # 3.0 s / 1.0 s median; 25 MB / 200 MB
+    assert "skipped: needs ~48 GB" in next(line for line in table if " gone " in line)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS sampling needs Linux /proc")
+def test_peak_memory_sees_a_transient_allocation() -> None:
+    with C.PeakMemory(torch.device("cpu")) as mem:
+        t = torch.ones(48 << 20, dtype=torch.uint8)  # 48 MiB, pages touched by the fill
+        time.sleep(0.02)  # lives 20 ms: long enough for the 1 ms sampler even on a busy machine
+        del t
+    assert 40 <= mem.peak_mb <= 200
+
+
+def test_quantizer_benchmark_demo_section_writes_json(tmp_path: Path) -> None:
+    import quantizers
+
+    out = tmp_path / "q.json"
+    assert quantizers.main(["--only", "demo", "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    impls = {r["impl"]: r for r in data["rows"]}
+    assert set(impls) == {"straightforward full matrix", "gsq module fwd+bwd (ours)",
+                          "nearest_code search only (ours)", "vector-quantize-pytorch cosine"}
+    assert all(r["skipped"] is None and len(r["times_s"]) == 1 and r["median_s"] > 0 for r in impls.values())
+    assert impls["straightforward full matrix"]["reference"] and data["matmul_gflops"] > 0
+    bound = data["lower_bounds"][0]
+    assert bound["dot_gflop"] == pytest.approx(2 * 512 * 2 * 64 * 4 / 1e9)  # 2·N·V·d, N = 512 positions × G = 2
