@@ -392,3 +392,24 @@ def test_vq_ema_all_reduces_statistics_across_two_gloo_ranks(tmp_path) -> None:
         torch.testing.assert_close(r0[key], value)
         torch.testing.assert_close(r1[key], value)
     assert not torch.allclose(half.codebook.weight, single.codebook.weight)
+
+
+def test_gsq_tie_break_options_training_only() -> None:
+    # official `gsq` class options: 'random' picks uniformly among exactly tied codes, 'softmax' samples
+    # softmax(−dist/τ); evaluation always takes the first index
+    torch.manual_seed(0)
+    q = build_quantizer({"name": "gsq", "dim": 2, "codebook_size": 70000, "tie_break": "random"})
+    with torch.no_grad():
+        q.codebook.weight[:] = torch.tensor([0.0, -1.0])
+        q.codebook.weight[3] = torch.tensor([1.0, 0.0])
+        q.codebook.weight[69000] = torch.tensor([2.0, 0.0])  # same direction: an exact tie after l2 norm, other block
+    z = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 10, 10).contiguous()
+    picked = q.train()(z).indices.flatten()
+    assert set(picked.tolist()) == {3, 69000} and 0.3 < (picked == 3).float().mean() < 0.7
+    assert set(q.eval()(z).indices.flatten().tolist()) == {3}
+    q.tie_break = "softmax"
+    q.softmax_tau = 1e-3  # near-argmax: the two tied codes only (others are ≥ 2 away in squared distance)
+    assert set(q.train()(z).indices.flatten().tolist()) <= {3, 69000}
+    q.softmax_tau = 1e6  # near-uniform over all V codes
+    spread = q.train()(z).indices.flatten()
+    assert spread.unique().numel() > 90
