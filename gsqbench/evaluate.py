@@ -531,7 +531,10 @@ def _card(tokenizer: nn.Module, settings: EvalSettings, dataset: Any, metrics: S
         getattr(quantizer, "groups", 1) or 1)
     runtime = {"versions": _versions(), "world_size": ddp.world_size(), "batch_size": settings.batch_size,
                "seed": settings.seed}
-    return build_card(mode=settings.mode, families=settings.families(), data=data, model=model,
+    # the groups describe the metrics actually run (a caller may pass its own metric objects)
+    families = {METRIC_FAMILIES[k] for m in metrics for k in m.keys if k in METRIC_FAMILIES}
+    families |= {f for f in ("cost",) if f in settings.families()}
+    return build_card(mode=settings.mode, families=families, data=data, model=model,
                       precision=precision, runtime=runtime, quantizer=quantizer, tokens_counted=tokens,
                       lpips_nets=settings.lpips_nets, extra=_metric_card_fields(metrics))
 
