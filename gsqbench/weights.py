@@ -333,9 +333,11 @@ def _infer_name(src: Path) -> str:
 def _check_new_file(entry: WeightFile, actual: str, what: str) -> None:
     expected, is_full = expected_sha256(entry)
     if not _hash_ok(actual, expected, is_full):
+        pinned = is_full and expected != entry.sha256
+        hint = f" (pinned locally in {_pins_path()}; remove that entry to accept another file)" if pinned else ""
         raise UserError(
             f"{what}: sha256 {actual} does not match the expected {'hash' if is_full else 'prefix'} {expected} "
-            f"for '{entry.name}' ({entry.filename})"
+            f"for '{entry.name}' ({entry.filename}){hint}"
         )
 
 

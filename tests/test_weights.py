@@ -170,3 +170,20 @@ def test_manifest_override_marks_builtin_non_conformant(store, monkeypatch, tmp_
     assert main(["weights", "list"]) == 0
     out = capsys.readouterr().out
     assert "inception-fid" in out and "ok" in out and "missing" in out  # alexnet etc. still missing
+
+
+def test_unknown_hash_is_recorded_on_import(store, tmp_path):
+    src = tmp_path / "dinov2_vits14_reg4_pretrain.pth"  # built-in entry without a published hash
+    src.write_bytes(b"dino stand-in")
+    assert weights.import_file(src).name == src.name
+    assert weights.status("dinov2-vits14-reg")[0] == "ok"
+    pins = json.loads((store / "home" / "weights" / "pins.json").read_text())
+    assert pins["dinov2-vits14-reg"] == hashlib.sha256(b"dino stand-in").hexdigest()
+    assert weights.is_conformant("dinov2-vits14-reg") is False  # nothing official to compare with
+    link = store / "torch" / "hub" / "checkpoints" / src.name
+    assert link.is_symlink()
+    other = tmp_path / "x" / src.name
+    other.parent.mkdir()
+    other.write_bytes(b"a different file")
+    with pytest.raises(UserError, match="pinned locally"):  # the pin now guards the name
+        weights.import_file(other)
