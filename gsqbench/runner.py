@@ -152,6 +152,11 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
     from gsqbench.results import run_dir_for
 
     runs = expand_runs(suite, only)
+    if require:  # fail before hours of training, not after
+        from gsqbench.evaluate import check_required_weights
+
+        eval_settings(runs[0], require)
+        check_required_weights(tuple(require))
     out = SuiteResult()
     for i, run in enumerate(runs):
         run_dir = run_dir_for(results_root, suite.suite, run.run_id)

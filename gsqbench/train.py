@@ -59,8 +59,9 @@ def init_distributed(device: str) -> DistContext:
     if world <= 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistContext(rank=rank, world_size=world, local_rank=local_rank)
 
 

@@ -159,3 +159,13 @@ def test_cli_bad_data_exit_2_one_line(tmp_path, capsys):
     assert code == 2 and "broken.png" in err and "\n" not in err
     code, err = _cli(capsys, _suite_file(tmp_path, tiny_raw()), "--set", "train.steps=0")
     assert code == 2 and "'shared.train.steps': 0" in err
+
+
+def test_cli_require_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GSQBENCH_HOME", str(tmp_path / "home"))  # no weights installed there
+    code, err = _cli(capsys, _suite_file(tmp_path, tiny_raw()), "--require", "rfid@inception",
+                     "--results", str(tmp_path / "r"))
+    assert code == 2 and "inception-fid" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()  # nothing was trained
+    code, err = _cli(capsys, _suite_file(tmp_path, tiny_raw()), "--require", "rfid", "--results", str(tmp_path / "r"))
+    assert code == 2 and "unknown metric 'rfid'" in err

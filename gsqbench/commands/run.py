@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "train + evaluate every run of a suite (subjects x seeds x grid), write results and an optional report"
 
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.overrides)
     res = run_suite(suite, args.results, args.only or None, device=args.device, report_dir=args.report,
                     strict_data=args.strict_data, require=args.require, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
+        return 0
     print(format_summary(res))
     if res.skipped:
         print(f"skipped (finished earlier): {', '.join(res.skipped)}")
