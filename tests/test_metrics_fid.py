@@ -153,7 +153,7 @@ def test_frechet_distance_closed_forms():
 
 
 def test_streaming_stats_float64_self_fid_and_batch_independence():
-    """§13 #13: features far from the origin break float32 Σffᵀ − Nμμᵀ; float64 streaming keeps self-FID ≈ 0."""
+    """§13 #13: features far from the origin break a float32 Σffᵀ − Nμμᵀ; float64 streaming keeps self-FID ≈ 0."""
     rng = np.random.default_rng(1)
     feats = 100.0 + rng.normal(0, 0.1, size=(10_000, 32)) @ rng.normal(size=(32, 32))
     t = torch.from_numpy(feats).float()  # the extractor hands over float32 features

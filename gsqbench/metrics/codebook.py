@@ -107,7 +107,9 @@ class CodebookMetric(Metric):
         self.device = torch.device(device) if device is not None else None
         self.levels = [int(x) for x in levels] if levels is not None else None
         if self.levels is not None and math.prod(self.levels) != self.V:
-            raise UserError(f"codebook metric: levels {self.levels} multiply to {math.prod(self.levels)}, not V={self.V}")
+            raise UserError(
+                f"codebook metric: levels {self.levels} multiply to {math.prod(self.levels)}, not V={self.V}"
+            )
         self.dense = self.V is not None and self.V <= MAX_DENSE_CODES
         self.counts: Optional[torch.Tensor] = None  # (G, V) int64, allocated on the first batch's device
         self.dim_counts: Optional[list[torch.Tensor]] = None  # per digit (G, L_k) when V > 2^24
@@ -215,5 +217,6 @@ class CodebookMetric(Metric):
 
     def card(self) -> dict:
         t_g = int(self.n_images) * (self.tokens_per_image or 0)
-        return {"codebook_V": self.V, "codebook_G": self.G, "tokens_per_group": t_g, "tokens_counted": t_g * (self.G or 0),
-                "codebook_definitions": "metrics-protocol §8 v1", "codebook_dense_histogram": self.dense}
+        return {"codebook_V": self.V, "codebook_G": self.G, "tokens_per_group": t_g,
+                "tokens_counted": t_g * (self.G or 0), "codebook_definitions": "metrics-protocol §8 v1",
+                "codebook_dense_histogram": self.dense}

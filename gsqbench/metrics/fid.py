@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYERS = ("64", "192", "768", "2048")
+_LAYERS = ", ".join(FEATURE_LAYERS)
 LOGITS = "logits_unbiased"
 RESIZE_MODE = "tf1-bilinear-299-align_corners_false-no-antialias"
 DTYPES = "extractor float32 (tf32 off); statistics float64"
@@ -80,7 +81,7 @@ class FeatureStats:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2·Σ Re √eig(Σ1Σ2), float64 (the eigenvalue form torch-fidelity uses).
+    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2·Σ Re √eig(Σ1Σ2) in float64, the eigenvalue form torch-fidelity uses.
 
     eig(Σ1Σ2) of two PSD matrices is real and ≥ 0 in exact arithmetic; rounding can give tiny negative or complex
     values, so the square root is taken in complex128 and only the real part kept.
@@ -132,7 +133,7 @@ def build_inception(
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if feature_layer not in FEATURE_LAYERS:
-        raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {', '.join(FEATURE_LAYERS)}")
+        raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {_LAYERS}")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -148,7 +149,9 @@ def build_inception(
             feature_extractor_internal_dtype="float32",
         )
     except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
-        raise UserError(f"Inception weights {weights_path}: not a torch-fidelity InceptionV3 state dict ({exc})") from None
+        raise UserError(
+            f"Inception weights {weights_path}: not a torch-fidelity InceptionV3 state dict ({exc})"
+        ) from None
     return model.to(device).eval()
 
 
@@ -160,13 +163,17 @@ def reference_key(caller_fields: Mapping[str, Any], extractor_fields: Mapping[st
     """The §6 key (caller's data fields + extractor fields) and its SHA-256 over canonical JSON."""
     missing = [f for f in CALLER_KEY_FIELDS if f not in caller_fields]
     if missing:
-        raise UserError(f"FID reference key: missing field(s) {', '.join(missing)}; expected {', '.join(CALLER_KEY_FIELDS)}")
+        raise UserError(
+            f"FID reference key: missing field(s) {', '.join(missing)}; expected {', '.join(CALLER_KEY_FIELDS)}"
+        )
     key = {**{k: caller_fields[k] for k in sorted(caller_fields)}, **extractor_fields}
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return json.loads(canonical), hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def save_reference_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: Mapping, key_sha: str) -> Path:
+def save_reference_stats(
+    path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: Mapping, key_sha: str
+) -> Path:
     """Write μ, Σ (float64), N and the key fields as one npz, atomically."""
     buf = io.BytesIO()
     np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(n),
@@ -174,7 +181,9 @@ def save_reference_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_reference_stats(path: str | Path, expected_key: Optional[Mapping] = None) -> tuple[np.ndarray, np.ndarray, Optional[int], Optional[dict]]:
+def load_reference_stats(
+    path: str | Path, expected_key: Optional[Mapping] = None
+) -> tuple[np.ndarray, np.ndarray, Optional[int], Optional[dict]]:
     """(μ, Σ, N or None, key or None) from an npz, verified: shapes, finiteness and, when given, every key field."""
     path = Path(path)
     try:
@@ -186,7 +195,9 @@ def load_reference_stats(path: str | Path, expected_key: Optional[Mapping] = Non
         raise UserError(f"FID reference statistics {path}: needs arrays 'mu' and 'sigma' (found {sorted(data)})")
     mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(f"FID reference statistics {path}: mu {mu.shape} / sigma {sigma.shape} are not (d,), (d, d) finite")
+        raise UserError(
+            f"FID reference statistics {path}: mu {mu.shape} / sigma {sigma.shape}; expected finite (d,) and (d, d)"
+        )
     n = int(data["n"]) if "n" in data else None
     stored = json.loads(str(data["key_json"])) if "key_json" in data else None
     if expected_key is not None and stored is not None:
@@ -205,7 +216,7 @@ def _verify_key(path: Path, stored: Mapping, expected: Mapping) -> None:
         )
     unverified = sorted(set(expected) - set(stored))
     if unverified:
-        log.warning("reference statistics %s do not record %s: those fields are unverified", path, ", ".join(unverified))
+        log.warning("reference statistics %s do not record %s: unverified", path, ", ".join(unverified))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,7 +249,7 @@ class FIDMetric(Metric):
         extractor: Optional[torch.nn.Module] = None,
     ) -> None:
         if feature_layer not in FEATURE_LAYERS:
-            raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {', '.join(FEATURE_LAYERS)}")
+            raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {_LAYERS}")
         if int(is_splits) < 1:
             raise UserError(f"IS splits: {is_splits!r}; expected a positive integer (default {IS_SPLITS})")
         self.device = torch.device(device)
@@ -281,10 +292,13 @@ class FIDMetric(Metric):
         if reference_stats is not None:
             mu, sigma, n, stored = load_reference_stats(reference_stats, self.key)
             if mu.size != int(self.feature_layer):
-                raise UserError(f"FID reference statistics {reference_stats}: {mu.size}-d, layer needs {self.feature_layer}")
+                raise UserError(
+                    f"FID reference statistics {reference_stats}: {mu.size}-d; layer {self.feature_layer} needs "
+                    f"{self.feature_layer}-d"
+                )
             self._ref, self.reference_source = (mu, sigma, n), f"file:{Path(reference_stats).name}"
             if stored is None:
-                log.warning("reference statistics %s carry no key fields: data/crop/N cannot be verified", reference_stats)
+                log.warning("reference statistics %s carry no key fields: data/crop unverified", reference_stats)
             return
         cache = self._cache_file()
         if cache is not None and cache.is_file():
@@ -360,7 +374,8 @@ class FIDMetric(Metric):
         else:
             mu_r, sigma_r = self._real_stats()
             mu_f, sigma_f = self.fake.mean_cov()
-            fid = MetricValue("rfid@inception", frechet_distance(mu_r, sigma_r, mu_f, sigma_f), direction="lower", n=n_fake)
+            value = frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
+            fid = MetricValue("rfid@inception", value, direction="lower", n=n_fake)
         logits = torch.cat(self._logits) if self._logits else torch.zeros(0, 1008)
         try:
             mean, std, scores = inception_score(logits, self.is_splits, self.is_seed)

@@ -53,8 +53,8 @@ def psnr_per_image(real_u8: torch.Tensor, fake_u8: torch.Tensor, cap_db: float =
 
 
 class PSNRMetric(PerImageMetric):
-    """`psnr` (mean of per-image PSNR ± CI, higher is better) and `psnr_pooled` (official GSQ: 10·log10(255²/(ΣSE/Σn)),
-    higher is better) per metrics-protocol.md §3. By Jensen psnr ≥ psnr_pooled."""
+    """`psnr` (mean of per-image PSNR ± CI, higher is better) and `psnr_pooled` (the official GSQ definition
+    10·log10(255²/(ΣSE/Σn)), higher is better), metrics-protocol.md §3. By Jensen psnr ≥ psnr_pooled."""
 
     keys = ("psnr", "psnr_pooled")
     directions = {"psnr": "higher", "psnr_pooled": "higher"}
@@ -128,7 +128,9 @@ def _filter_valid(maps: torch.Tensor, taps: torch.Tensor, use_conv: Optional[boo
     return res
 
 
-def _ssim_chunk(x: torch.Tensor, y: torch.Tensor, taps: torch.Tensor, c1: float, c2: float, border: str) -> torch.Tensor:
+def _ssim_chunk(
+    x: torch.Tensor, y: torch.Tensor, taps: torch.Tensor, c1: float, c2: float, border: str
+) -> torch.Tensor:
     """Per-image SSIM (b,) for float (b, C, H, W) inputs already in the working dtype."""
     r = taps.numel() // 2
     b, c = x.shape[:2]
