@@ -208,10 +208,8 @@ def test_fsq_matches_spec_and_vector_quantize_pytorch() -> None:
     assert torch.equal(out.z_q.permute(0, 2, 3, 1)[away], ref_codes.permute(0, 2, 3, 1)[away])
     all_away = away.all(dim=-1)
     assert torch.equal(out.indices[..., 0][all_away], ref_idx.long()[all_away])  # same mixed radix
-    digits = torch.stack([(ref_idx.long() // b) % l for b, l in zip([1, 8, 40, 200, 600], levels)], -1)
     assert torch.equal(ours.indices_to_codes(out.indices).permute(0, 2, 3, 1)[all_away],
                        ref.indices_to_codes(ref_idx).permute(0, 2, 3, 1)[all_away])
-    assert digits.shape[-1] == 5
 
 
 def test_fsq_level_sets_and_presets() -> None:
