@@ -9,7 +9,6 @@ padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import logging

@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,6 @@ def _checkpoint_file(path: Path) -> Path | None:
 def _model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
     from gsqbench.card import canonical_json
     from gsqbench.weights import sha256_file
-    import hashlib
 
     f = _checkpoint_file(ckpt)
     spec = {"model": meta.get("model_spec"), "quantizer": meta.get("quantizer_spec")}
