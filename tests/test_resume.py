@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -22,6 +23,16 @@ from gsqbench.checkpoints import load_tokenizer, load_train_state
 from gsqbench.config import expand_runs, load_suite
 from gsqbench.runner import open_dataset
 from gsqbench.train import train_run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded, and far more predictably on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 STEPS = 4
 RAW = {
@@ -47,6 +58,7 @@ def _train_cmd(suite: Path, results: Path) -> list[str]:
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # same thread count as the in-process reference (bitwise comparison)
     return env
 
 

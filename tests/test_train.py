@@ -18,6 +18,16 @@ from gsqbench.config import TrainSpec, expand_runs, suite_from_dict
 from gsqbench.runner import open_dataset, run_suite
 from gsqbench.train import DistContext, build_trainer, lr_factor, train_step
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded, and far more predictably on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 QUANTIZERS = [
     {"name": "gsq", "quantizer": {"name": "gsq", "dim": 8, "codebook_size": 16, "groups": 2}},
     {"name": "vq", "quantizer": {"name": "vq", "dim": 8, "codebook_size": 256}},
@@ -77,9 +87,11 @@ def test_gan_path_and_ema_closed_form(tmp_path):
     assert {"loss_adv", "loss_d", "loss_lecam"} <= set(rows[1]) and all(math.isfinite(v) for v in rows[2].values())
     assert tr.stream.position == 1 + 2 * 2  # G batch each step + a fresh D batch once D is active
     assert any(not torch.equal(a, b) for a, b in zip(d0, tr.disc.parameters()))
-    assert all(p.grad is None or p.grad.abs().sum() >= 0 for p in tr.disc.parameters())
+    for e, b in zip(tr.ema.model.buffers(), tr.model.buffers()):  # buffers are copied, not averaged
+        assert torch.equal(e, b)
 
 
+@pytest.mark.slow
 def test_dino_discriminator_from_local_weights_runs_one_step(tmp_path):
     import timm
 

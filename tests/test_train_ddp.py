@@ -21,6 +21,16 @@ from gsqbench.config import expand_runs, suite_from_dict
 from gsqbench.runner import open_dataset
 from gsqbench.train import train_run
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded, and far more predictably on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SUBJECTS = [
     {"name": "gsq", "quantizer": {"name": "gsq", "dim": 8, "codebook_size": 16, "groups": 2}},
     {"name": "vq-ema", "quantizer": {"name": "vq", "dim": 8, "codebook_size": 16, "ema": True}},
