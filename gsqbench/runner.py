@@ -113,6 +113,7 @@ def _write_results(run: RunSpec, run_dir: Path, ev: Any, metrics: list, trained:
         "spec": {"shared": spec_to_dict(run.shared), "quantizer": dict(run.quantizer)},
         "fairness_hash": run.fairness_hash, "card": ev.card, "card_hash": ev.card_hash,
         "weights": trained.weights, "train_steps": trained.steps, "resumed_from": trained.resumed_from,
+        "train": trained.card,
         "provenance": results.provenance(device=device, precision=run.shared.train.precision,
                                          world_size=_world_size()),
         "status": DONE,

@@ -161,14 +161,14 @@ class Ema:
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def build_perceptual(loss: LossSpec, device: torch.device) -> Optional[nn.Module]:
-    """LPIPS-VGG (gsqbench.losses.PerceptualLoss), or None when off or its weights are missing (logged there)."""
+def build_perceptual(loss: LossSpec, device: torch.device) -> tuple[Optional[nn.Module], dict[str, Any]]:
+    """LPIPS-VGG (gsqbench.losses.PerceptualLoss) and its card; None when off or its weights are missing."""
     if loss.perceptual_weight <= 0:
-        return None
+        return None, {"perceptual_loss": "off"}
     from gsqbench.losses import PerceptualLoss
 
     net = PerceptualLoss(required=loss.perceptual_required, input_range=loss.perceptual_input_range)
-    return net.to(device) if net.enabled else None
+    return (net.to(device) if net.enabled else None), net.card()
 
 
 def build_discriminator(gan: GanSpec) -> Optional[nn.Module]:
@@ -216,6 +216,7 @@ class Trainer:
     elapsed_s: float = 0.0
     lecam: Any = None  # gsqbench.losses.LeCamEMA when LeCAM is on
     log_rows: list = field(default_factory=list)
+    card: dict = field(default_factory=dict)  # what the training actually used (perceptual loss on/off, D, ...)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -324,7 +325,11 @@ def build_trainer(run: RunSpec, dataset: Any, ctx: DistContext, device: torch.de
             from gsqbench.losses import LeCamEMA
 
             trainer.lecam = LeCamEMA()
-    trainer.perceptual = build_perceptual(run.shared.loss, device)
+    trainer.perceptual, trainer.card = build_perceptual(run.shared.loss, device)
+    trainer.card.update(discriminator=g.discriminator, world_size=ctx.world_size, device=str(device),
+                        precision=t.precision)
+    if disc is not None and hasattr(disc, "backbone_source"):
+        trainer.card["discriminator_backbone"] = disc.backbone_source  # 'random' marks a non-conformant run
     trainer.stream = BatchStream(dataset, t.batch_size, run.seed, ctx, run.shared.data.num_workers)
     if t.compile:
         trainer.ddp_model = torch.compile(trainer.ddp_model)
@@ -492,6 +497,7 @@ class TrainResult:
     resumed_from: Optional[int]
     weights: str  # "ema" or "raw": which weights were exported for evaluation
     model: nn.Module  # the exported (EMA by default) tokenizer, eval mode
+    card: dict = field(default_factory=dict)  # training facts for run.json (perceptual loss, discriminator, ...)
 
 
 def train_run(run: RunSpec, run_dir: str | Path, dataset: Any, *, device: str = "cpu",
@@ -521,7 +527,7 @@ def train_run(run: RunSpec, run_dir: str | Path, dataset: Any, *, device: str = 
     if tr.step >= t.steps and ctx.is_main:
         export_tokenizer(run, run_dir, exported, tr.step, weights)
     return TrainResult(steps=tr.step, images_per_s=_images_per_s(tr), time_s=tr.elapsed_s,
-                       resumed_from=resumed, weights=weights, model=exported.eval())
+                       resumed_from=resumed, weights=weights, model=exported.eval(), card=dict(tr.card))
 
 
 def _images_per_s(tr: Trainer) -> float:

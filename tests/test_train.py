@@ -56,7 +56,7 @@ def test_suite_of_four_subjects_shares_one_fairness_hash(tmp_path):
     hashes = set()
     for d in res.run_dirs:
         info = json.loads((d / "run.json").read_text())
-        assert info["status"] == "done" and info["weights"] == "ema"
+        assert info["status"] == "done" and info["weights"] == "ema" and info["train"]["discriminator"] == "none"
         assert (d / "checkpoint" / "model.safetensors").exists() and (d / "train_log.csv").exists()
         with open(d / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
