@@ -101,13 +101,15 @@ def _prepare_operands(x: Tensor, codebook: Tensor, precision: LookupPrecision, e
 
 
 def _fill_distances(out: Tensor, tmp: Tensor, a: Tensor, b: Tensor, xs: Tensor, cs: Tensor, elementwise: bool,
-                    precision: LookupPrecision) -> None:
-    """out ← fl(fl(‖x‖² + ‖c‖²) − 2⟨x, c⟩) for one (rows × codes) block.
+                    precision: LookupPrecision, uniform_rows: bool) -> Tensor:
+    """fl(fl(‖x‖² + ‖c‖²) − 2⟨x, c⟩) for one (rows × codes) block, in `tmp` (uniform_rows) or `out`.
 
     a: (r, 1) row norms; b: (c,) code norms; xs: (d, r) or (r, d); cs: (d, c) holding −2·c. The element-wise
     dot product accumulates with fused multiply-adds in index order (`addcmul`), which is what the BLAS GEMM
     does for small K (checked against torch.mm in tests/test_nearest_code.py), so the indices match the
     straightforward full-matrix lookup; every pair gets the same value whichever block computes it.
+    uniform_rows: all rows share one ‖x‖² (the usual case for l2-normalised latents once rows are sorted by
+    it), so fl(‖x‖² + ‖c‖²) is a single row and the block needs one pass less; same roundings.
     """
     if elementwise:
         torch.mul(xs[0][:, None], cs[0], out=tmp)
@@ -119,24 +121,43 @@ def _fill_distances(out: Tensor, tmp: Tensor, a: Tensor, b: Tensor, xs: Tensor, 
         tmp.copy_(torch.mm(xs, cs))  # bf16 result, widened exactly
     else:
         torch.mm(xs, cs, out=tmp)
+    if uniform_rows:
+        return tmp.add_(torch.add(b, a[0]))
     torch.add(a, b, out=out)
-    out.add_(tmp)
+    return out.add_(tmp)
 
 
-def _merge_block(dist: Tensor, c0: int, best_val: Tensor, best_idx: Tensor) -> None:
+def _merge_block(dist: Tensor, c0: int, best_val: Tensor, best_idx: Tensor, nan_aware: bool) -> None:
     """Fold one later code block into the running (value, first index); strict < keeps earlier blocks on ties.
 
     Only rows whose minimum improves need an argmin (about ln(blocks) of them per row over the whole search),
-    so the block is first reduced with the much cheaper value-only `amin`.
+    so the block is first reduced with the much cheaper value-only `amin`. `nan_aware` (inputs hold NaN) makes a
+    NaN distance win as in torch.argmin; it costs extra passes, so it is only on when needed.
     """
     block_min = torch.amin(dist, dim=1)
-    better = (block_min < best_val) | (block_min.isnan() & ~best_val.isnan())  # torch.argmin returns NaN first
+    better = block_min < best_val
+    if nan_aware:
+        better |= block_min.isnan() & ~best_val.isnan()
     rows = better.nonzero().squeeze(1)
     if rows.numel() == 0:
         return
     val, idx = torch.min(dist.index_select(0, rows), dim=1)  # first index among exact ties within the block
     best_val.index_copy_(0, rows, val)
     best_idx.index_copy_(0, rows, idx + c0)
+
+
+def _row_blocks(norms: list[float], rows_per_block: int) -> list[tuple[int, int, bool]]:
+    """(start, end, uniform) row blocks over rows sorted by norm. When the norms take few distinct values
+    (l2-normalised latents: a handful of fp32 values around 1) blocks follow the runs of equal norm, so every
+    block is uniform; otherwise fixed-size blocks, uniform only where they happen to be."""
+    n = len(norms)
+    starts = [0] + [i for i in range(1, n) if norms[i] != norms[i - 1]]
+    if len(starts) <= max(1, n // rows_per_block):
+        ends = starts[1:] + [n]
+        return [(r0, min(e, r0 + rows_per_block), True)
+                for s, e in zip(starts, ends) for r0 in range(s, e, rows_per_block)]
+    return [(r0, min(n, r0 + rows_per_block), norms[r0] == norms[min(n, r0 + rows_per_block) - 1])
+            for r0 in range(0, n, rows_per_block)]  # sorted: first == last means all equal (NaN never is)
 
 
 def _nearest_code_cpu(x: Tensor, codebook: Tensor, precision: LookupPrecision, block_elems: int,
@@ -146,25 +167,34 @@ def _nearest_code_cpu(x: Tensor, codebook: Tensor, precision: LookupPrecision, b
     v = codebook.shape[0]
     elementwise = d <= _ELEMENTWISE_MAX_DIM[precision]
     x_sq, c_sq, xs, cs = _prepare_operands(x, codebook, precision, elementwise)
+    # rows sorted by ‖x‖² so that most blocks have one norm value (see _fill_distances); undone at the end
+    order = torch.argsort(x_sq, stable=True)
+    x_sq = x_sq[order]
+    xs = xs[:, order] if elementwise else xs[order]
+    norms = x_sq.tolist()
     rows_per_block = max(1, min(n, block_elems // codes_per_block))
-    out, tmp = torch.empty(rows_per_block, codes_per_block), torch.empty(rows_per_block, codes_per_block)
-    best_idx = torch.empty(n, dtype=torch.long)
-    for r0 in range(0, n, rows_per_block):
-        r1 = min(n, r0 + rows_per_block)
+    nan_aware = bool(x_sq.isnan().any() or c_sq.isnan().any())
+    tmp = torch.empty(rows_per_block, codes_per_block)
+    out: Tensor | None = None  # second buffer, only for blocks with mixed row norms
+    best_sorted = torch.empty(n, dtype=torch.long)
+    for r0, r1, uniform in _row_blocks(norms, rows_per_block):
+        if not uniform and out is None:
+            out = torch.empty(rows_per_block, codes_per_block)
         a = x_sq[r0:r1, None]
         x_blk = xs[:, r0:r1] if elementwise else xs[r0:r1]
         best_val = row_idx = None
         for c0 in range(0, v, codes_per_block):
             c1 = min(v, c0 + codes_per_block)
-            blk = (r1 - r0, c1 - c0)
-            dist = out[: blk[0], : blk[1]]
-            _fill_distances(dist, tmp[: blk[0], : blk[1]], a, c_sq[c0:c1], x_blk, cs[:, c0:c1], elementwise,
-                            precision)
+            rr, cc = r1 - r0, c1 - c0
+            dist = _fill_distances(out[:rr, :cc] if out is not None else tmp[:rr, :cc], tmp[:rr, :cc], a,
+                                   c_sq[c0:c1], x_blk, cs[:, c0:c1], elementwise, precision, uniform)
             if best_val is None:
                 best_val, row_idx = torch.min(dist, dim=1)
             else:
-                _merge_block(dist, c0, best_val, row_idx)
-        best_idx[r0:r1] = row_idx
+                _merge_block(dist, c0, best_val, row_idx, nan_aware)
+        best_sorted[r0:r1] = row_idx
+    best_idx = torch.empty_like(best_sorted)
+    best_idx[order] = best_sorted
     return best_idx
 
 
