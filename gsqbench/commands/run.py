@@ -17,6 +17,21 @@ def add_suite_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--strict-data", action="store_true", help="a corrupt image is an error instead of skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice); 1 is fastest for tiny models on a busy machine")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's intra-op thread count (a runtime knob, not part of the fairness hash)."""
+    if args.threads is None:
+        return
+    from gsqbench.errors import UserError
+
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: expected a positive integer")
+    import torch
+
+    torch.set_num_threads(args.threads)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.config import load_suite
     from gsqbench.runner import format_summary, run_suite
 
+    apply_threads(args)
     suite = load_suite(args.suite, args.overrides)
     res = run_suite(suite, args.results, args.only or None, device=args.device, report_dir=args.report,
                     strict_data=args.strict_data, require=args.require, progress=not args.no_progress)

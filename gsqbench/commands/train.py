@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from gsqbench.commands.run import add_suite_arguments
+from gsqbench.commands.run import add_suite_arguments, apply_threads
 
 HELP = "train runs of a suite (resumes from the last checkpoint); no evaluation"
 
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.runner import open_dataset
     from gsqbench.train import train_run
 
+    apply_threads(args)
     suite = load_suite(args.suite, args.overrides)
     runs = expand_runs(suite, args.only or None)
     ids = [r.run_id for r in runs]
