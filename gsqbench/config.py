@@ -158,7 +158,7 @@ class Suite:
     subjects: tuple[Subject, ...]
     seeds: tuple[int, ...] = (0,)
     grid: dict[str, list] = field(default_factory=dict)
-    regress: dict[str, float] = field(default_factory=dict)  # metric -> tolerance
+    regress: dict[str, Union[float, str]] = field(default_factory=dict)  # metric -> tolerance (0.1 or "2%")
 
 
 @dataclass(frozen=True)
@@ -173,13 +173,11 @@ class RunSpec:
     shared: SharedSpec
     quantizer: dict[str, Any]
     fairness_hash: str
+    regress: dict[str, Any] = field(default_factory=dict)  # the suite's regress tolerances, stored with each run
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id, "suite": self.suite, "subject": self.subject, "seed": self.seed,
-            "grid": dict(self.grid), "shared": spec_to_dict(self.shared), "quantizer": dict(self.quantizer),
-            "fairness_hash": self.fairness_hash,
-        }
+    def spec_json(self) -> dict[str, Any]:
+        """The resolved spec as run.json stores it (regress reads `spec.regress`)."""
+        return {"shared": spec_to_dict(self.shared), "quantizer": dict(self.quantizer), "regress": dict(self.regress)}
 
 
 SHARED_SECTIONS = tuple(f.name for f in dataclasses.fields(SharedSpec))
@@ -381,7 +379,11 @@ def suite_from_dict(raw: dict, *, validate_quantizers: bool = True) -> Suite:
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"config key 'seeds': {list(seeds)!r} must be a non-empty list of distinct integers")
     grid = _parse_grid(raw.get("grid") or {})
-    regress = _coerce(raw.get("regress") or {}, dict[str, float], "regress")
+    regress = _coerce(raw.get("regress") or {}, dict[str, Union[float, str]], "regress")
+    from gsqbench.regress import parse_tolerance
+
+    for metric, tol in regress.items():
+        parse_tolerance(tol, f"config key 'regress.{metric}'")
     suite = Suite(suite=raw["suite"], shared=shared, subjects=subjects, seeds=seeds, grid=grid, regress=regress)
     _check_semantics(suite)
     if validate_quantizers:
@@ -559,6 +561,7 @@ def expand_runs(suite: Suite, only: list[str] | None = None) -> list[RunSpec]:
                 runs.append(RunSpec(
                     run_id=run_id(subject.name, seed, point), suite=suite.suite, subject=subject.name, seed=seed,
                     grid=dict(point), shared=shared, quantizer={**subject.quantizer, **q_over}, fairness_hash=fhash,
+                    regress=dict(suite.regress),
                 ))
     ids = [r.run_id for r in runs]
     dup = next((i for i in ids if ids.count(i) > 1), None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from gsqbench.config import DataSource, RunSpec, Suite, expand_runs, spec_to_dict
+from gsqbench.config import DataSource, RunSpec, Suite, expand_runs
 from gsqbench.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _write_results(run: RunSpec, run_dir: Path, ev: Any, metrics: list, trained:
         results.write_code_counts(run_dir, ev.code_counts)
     info = {
         "run_id": run.run_id, "suite": run.suite, "subject": run.subject, "seed": run.seed, "grid": dict(run.grid),
-        "spec": {"shared": spec_to_dict(run.shared), "quantizer": dict(run.quantizer)},
+        "spec": run.spec_json(),
         "fairness_hash": run.fairness_hash, "card": ev.card, "card_hash": ev.card_hash,
         "weights": trained.weights, "train_steps": trained.steps, "resumed_from": trained.resumed_from,
         "train": trained.card,

@@ -1,6 +1,7 @@
 """Suite config: typed loading, --set overrides, refusals with one-line messages, grid expansion, fairness hash."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from gsqbench.config import (
-    apply_overrides, expand_runs, load_suite, parse_override, spec_to_dict,
+    apply_overrides, expand_runs, load_suite, parse_override,
     suite_from_dict,
 )
 from gsqbench.errors import UserError
@@ -48,7 +49,7 @@ def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
     assert [r.run_id for r in runs] == ["gsq-s0", "gsq-s1", "gsq-g1-s0", "gsq-g1-s1"]
     assert len({r.fairness_hash for r in runs}) == 1
     # independent oracle: hashlib over json.dumps of the plain dict written in the test
-    canonical = json.dumps(spec_to_dict(s.shared), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(dataclasses.asdict(s.shared), sort_keys=True, separators=(",", ":"))
     assert runs[0].fairness_hash == hashlib.sha256(canonical.encode()).hexdigest()
     # any shared change moves the hash; a quantizer change does not
     other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
@@ -131,10 +132,9 @@ def test_grid_expansion_and_hash_per_shared_point(tmp_path):
     # quantizer-only grid points share a hash; different shared points never do
     assert runs[0].fairness_hash == runs[1].fairness_hash != runs[2].fairness_hash == runs[3].fairness_hash
     # the point's shared spec is the base spec with only latent_dim changed; hash it independently
-    import dataclasses
     base = suite_from_dict(raw).shared
     expected = dataclasses.replace(base, model=dataclasses.replace(base.model, latent_dim=16))
-    canonical = json.dumps(spec_to_dict(expected), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(dataclasses.asdict(expected), sort_keys=True, separators=(",", ":"))
     assert runs[2].shared == expected
     assert runs[2].fairness_hash == hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -160,3 +160,10 @@ def test_apply_overrides_does_not_mutate_input():
     before = json.dumps(raw, sort_keys=True)
     apply_overrides(raw, ["train.steps=9"])
     assert json.dumps(raw, sort_keys=True) == before
+
+
+def test_regress_tolerances_checked_and_carried_by_runs():
+    runs = expand_runs(suite_from_dict(_raw(regress={"psnr": 0.1, "rfid@inception": "3%"})))
+    assert runs[0].spec_json()["regress"] == {"psnr": 0.1, "rfid@inception": "3%"}
+    with pytest.raises(UserError, match=r"'regress.psnr'.*tolerance 'lots' is invalid"):
+        suite_from_dict(_raw(regress={"psnr": "lots"}))
