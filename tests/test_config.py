@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gsqbench.config import (
-    apply_overrides, expand_runs, load_suite, parse_override,
-    suite_from_dict,
-)
+from gsqbench.config import apply_overrides, expand_runs, load_suite, parse_override, suite_from_dict
 from gsqbench.errors import UserError
 
 
