@@ -1,6 +1,6 @@
-"""Training loop and suite runner on CPU: 4 subjects share one fairness hash, GAN path (PatchGAN, hinge/NS,
-DiffAugment, LeCAM, EMA) against closed forms, DINOv2 discriminator from a local weight file, LR schedule, and
-one-line CLI errors (exit 2) for bad configs and data."""
+"""Training loop and suite runner on CPU: 4 subjects share one fairness hash; GAN path (PatchGAN, hinge/NS,
+DiffAugment, LeCAM, bf16 autocast) with the EMA checked against its closed form; DINOv2 discriminator from a
+local weight file; LR schedule; one-line CLI errors (exit 2) for bad configs, data and --require."""
 from __future__ import annotations
 
 import copy
@@ -72,7 +72,7 @@ def test_suite_of_four_subjects_shares_one_fairness_hash(tmp_path):
 def test_gan_path_and_ema_closed_form(tmp_path):
     raw = tiny_raw(steps=3, gan={"discriminator": "patchgan", "g_loss": "ns", "d_loss": "hinge", "start_step": 1,
                                  "lecam_weight": 0.001, "options": {"num_filters": 8, "num_layers": 2}},
-                   train={"ema_decay": 0.9})
+                   train={"ema_decay": 0.9, "precision": "bf16"})  # bf16 autocast on CPU, fp32 weights
     run = expand_runs(suite_from_dict(raw))[0]
     tr = build_trainer(run, open_dataset(run.shared.data.train), DistContext(), torch.device("cpu"))
     ema = [p.detach().clone() for p in tr.model.parameters()]  # EMA starts as a copy of the init
@@ -81,6 +81,7 @@ def test_gan_path_and_ema_closed_form(tmp_path):
     for _ in range(3):
         rows.append(train_step(tr))
         ema = [0.9 * e + 0.1 * p.detach() for e, p in zip(ema, tr.model.parameters())]
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
     for e, p in zip(ema, tr.ema.model.parameters()):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
     assert "loss_adv" not in rows[0] and "loss_d" not in rows[0]  # D starts at step 1
