@@ -404,12 +404,16 @@ def validate_shared(shared: SharedSpec) -> None:
     e = shared.eval
     from gsqbench.evaluate import EvalSettings
 
-    names = {f.name for f in dataclasses.fields(EvalSettings)}
+    reserved = {"mode", "batch_size", "samples", "metrics", "require", "weights", "seed", "num_workers", "progress"}
+    names = {f.name for f in dataclasses.fields(EvalSettings)} - reserved
     for key in e.options:
+        if key in reserved:
+            raise UserError(f"config key 'shared.eval.options.{key}': set it as 'shared.eval.{key}' (or it is "
+                            "fixed by the run: seed, weights, num_workers, progress)")
         if key not in names:
             raise UserError(f"unknown config key 'shared.eval.options.{key}'{did_you_mean(key, names)}")
     EvalSettings(mode=e.mode, batch_size=e.batch_size, metrics=tuple(e.metrics), require=tuple(e.require),
-                 samples=e.samples, weights=e.weights, **e.options)
+                 samples=e.samples, **e.options)
 
 
 def _parse_subjects(raw: Any) -> tuple[Subject, ...]:

@@ -7,8 +7,6 @@ missing (training itself resumes from its last checkpoint).
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -63,20 +61,13 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema", progress: bool = True) -> Any:
-    """gsqbench.evaluate.EvalSettings from the shared eval spec: pass the fields EvalSettings declares."""
+    """gsqbench.evaluate.EvalSettings from the shared eval spec (its `options` were checked at load time)."""
     from gsqbench.evaluate import EvalSettings
 
     e = run.shared.eval
-    wanted = {"mode": e.mode, "batch_size": e.batch_size, "samples": e.samples, "metrics": tuple(e.metrics),
-              "require": tuple(sorted({*e.require, *require})), "seed": run.seed, "weights": weights,
-              "num_workers": run.shared.data.num_workers, "progress": progress, **e.options}
-    names = {f.name for f in dataclasses.fields(EvalSettings)} if dataclasses.is_dataclass(EvalSettings) \
-        else set(inspect.signature(EvalSettings).parameters)
-    unknown = [k for k in e.options if k not in names]
-    if unknown:
-        raise UserError(f"config key 'shared.eval.options.{unknown[0]}' is not an evaluation setting "
-                        f"(valid: {', '.join(sorted(names))})")
-    return EvalSettings(**{k: v for k, v in wanted.items() if k in names and v is not None})
+    return EvalSettings(mode=e.mode, batch_size=e.batch_size, samples=e.samples, metrics=tuple(e.metrics),
+                        require=tuple(sorted({*e.require, *require})), seed=run.seed, weights=weights,
+                        num_workers=run.shared.data.num_workers, progress=progress, **e.options)
 
 
 def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],

@@ -164,3 +164,16 @@ def test_regress_tolerances_checked_and_carried_by_runs():
     assert runs[0].spec_json()["regress"] == {"psnr": 0.1, "rfid@inception": "3%"}
     with pytest.raises(UserError, match=r"'regress.psnr'.*tolerance 'lots' is invalid"):
         suite_from_dict(_raw(regress={"psnr": "lots"}))
+
+
+def test_eval_settings_validated_at_load():
+    raw = _raw()
+    raw["shared"]["eval"] = {"metrics": ["psnrr"]}
+    with pytest.raises(UserError, match=r"unknown metric 'psnrr'"):
+        suite_from_dict(raw)
+    raw["shared"]["eval"] = {"options": {"lpips_net": ["alex"]}}
+    with pytest.raises(UserError, match=r"'shared.eval.options.lpips_net'; did you mean 'lpips_nets'"):
+        suite_from_dict(raw)
+    raw["shared"]["eval"] = {"options": {"seed": 3}}
+    with pytest.raises(UserError, match=r"'shared.eval.options.seed'"):
+        suite_from_dict(raw)
