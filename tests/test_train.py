@@ -182,3 +182,13 @@ def test_cli_require_fails_before_training(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()  # nothing was trained
     code, err = _cli(capsys, _suite_file(tmp_path, tiny_raw()), "--require", "rfid", "--results", str(tmp_path / "r"))
     assert code == 2 and "unknown metric 'rfid'" in err
+
+
+def test_cli_run_end_to_end_with_report(tmp_path, capsys):
+    code = main(["run", _suite_file(tmp_path, tiny_raw(steps=1)), "--results", str(tmp_path / "r"),
+                 "--report", str(tmp_path / "report"), "--threads", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.splitlines()[0].split()[:2] == ["run", "psnr"] and "gsq-s0" in out
+    assert (tmp_path / "report" / "index.html").exists()
+    assert (tmp_path / "r" / "tiny" / "gsq-s0" / "run.json").exists()
