@@ -49,15 +49,22 @@ def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train
 
 
 # ----------------------------------------------------------------------------------------------- per run
-def is_finished(run_dir: Path) -> bool:
+def is_finished(run: RunSpec, run_dir: Path) -> bool:
+    """True when run.json says done and the checkpoint exists; a finished run of ANOTHER spec is refused."""
     from gsqbench.results import read_run_info
 
     if not (run_dir / "run.json").exists() or not (run_dir / "checkpoint" / "model.safetensors").exists():
         return False
     try:
-        return read_run_info(run_dir).get("status") == DONE
+        info = read_run_info(run_dir)
     except (UserError, ValueError):
         return False
+    if info.get("status") != DONE:
+        return False
+    if info.get("fairness_hash") != run.fairness_hash or (info.get("spec") or {}).get("quantizer") != run.quantizer:
+        raise UserError(f"{run_dir} holds finished results of run {run.run_id!r} with a different spec "
+                        "(shared settings or quantizer changed); use another --results root or delete that directory")
+    return True
 
 
 def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema", progress: bool = True) -> Any:
@@ -153,7 +160,7 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
     for i, run in enumerate(runs):
         run_dir = run_dir_for(results_root, suite.suite, run.run_id)
         out.run_dirs.append(run_dir)
-        if is_finished(run_dir):
+        if is_finished(run, run_dir):
             log.info("[%d/%d] %s: finished earlier, skipped", i + 1, len(runs), run.run_id)
             out.skipped.append(run.run_id)
             out.summary[run.run_id] = _finished_metrics(run_dir)

@@ -15,6 +15,7 @@ import yaml
 
 from gsqbench.cli import main
 from gsqbench.config import TrainSpec, expand_runs, suite_from_dict
+from gsqbench.errors import UserError
 from gsqbench.runner import open_dataset, run_suite
 from gsqbench.train import DistContext, build_trainer, lr_factor, train_step
 
@@ -67,6 +68,9 @@ def test_suite_of_four_subjects_shares_one_fairness_hash(tmp_path):
     again = run_suite(suite, tmp_path, progress=False)  # finished runs are skipped, summary still complete
     assert again.skipped == ["gsq-s0", "vq-s0", "lfq-s0", "fsq-s0"]
     assert "psnr" in again.summary["fsq-s0"]
+    changed = suite_from_dict(tiny_raw(steps=2, subjects=QUANTIZERS))  # same run ids, different shared spec
+    with pytest.raises(UserError, match="gsq-s0.*different spec"):
+        run_suite(changed, tmp_path, progress=False)
 
 
 def test_gan_path_and_ema_closed_form(tmp_path):
