@@ -41,7 +41,8 @@ def _oracle_hash(card: dict) -> str:
     view = copy.deepcopy(card)
     view.pop("card_hash")
     view.pop("runtime")
-    for k in ("checkpoint_sha256", "step", "code_agreement", "fairness_hash", "tokenizer_spec_hash"):
+    for k in ("checkpoint_sha256", "step", "code_agreement", "fairness_hash", "tokenizer_spec_hash",
+              "lookup_precision"):
         view["model"].pop(k)
     for k in ("V", "G", "d", "tokens_counted"):
         view["codebook"].pop(k)
@@ -72,6 +73,8 @@ def test_run_specific_fields_do_not_change_the_hash():
     assert _card(model={"weights": "ema", "argmin": "first-index", "lookup_precision": "fp32",
                         "checkpoint_sha256": "other", "step": 99, "code_agreement": 0.1})["card_hash"] == base
     assert _card(quantizer=type("Q2", (), {"codebook_size": 8, "groups": 1, "dim": 2})())["card_hash"] == base
+    # lookup precision is a kwarg of the GSQ subject (only GSQ has one), so VQ/LFQ/FSQ rows stay comparable
+    assert _card(model={"weights": "ema", "argmin": "first-index"})["card_hash"] == base
     assert _card(precision={"model": "fp32", "tf32": False, "device": "cuda:3", "driver": "12.4"})["card_hash"] == base
 
 

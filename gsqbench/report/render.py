@@ -115,8 +115,10 @@ def separation_reason(groups: Sequence[Group]) -> str | None:
 
 
 def _differing_card_fields(groups: Sequence[Group]) -> list[str]:
-    """Card fields whose value differs between the groups' first runs: tells the user what split the table."""
-    cards = [flatten(g.runs[0].info.get("card") or {}) for g in groups]
+    """Hashed card fields whose value differs between the groups' first runs: tells the user what split the table."""
+    from gsqbench.card import hashable_view  # pure-Python module: no torch
+
+    cards = [flatten(hashable_view(g.runs[0].info.get("card") or {})) for g in groups]
     keys = sorted(set().union(*cards)) if cards else []
     return [k for k in keys if k != "card_hash" and len({c.get(k, "∅") for c in cards}) > 1]
 
