@@ -411,3 +411,19 @@ def test_gsq_tie_break_options_training_only() -> None:
     q.softmax_tau = 1e6  # near-uniform over all V codes
     spread = q.train()(z).indices.flatten()
     assert spread.unique().numel() > 90
+
+
+def test_vq_ema_codebook_is_not_updated_by_a_no_grad_forward():
+    """The D step re-runs the generator under no_grad in train mode; only the G step may move EMA statistics."""
+    from gsqbench.registry import build_quantizer, discover_quantizers
+
+    discover_quantizers()
+    torch.manual_seed(0)
+    q = build_quantizer({"name": "vq", "dim": 4, "codebook_size": 16, "ema": True}).train()
+    z = torch.randn(2, 4, 3, 3)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with torch.no_grad():
+        q(z)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    q(z)  # a grad-enabled training forward does update them
+    assert not all(torch.equal(before[k], v) for k, v in q.state_dict().items())

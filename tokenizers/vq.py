@@ -117,7 +117,9 @@ class VectorQuantizer(nn.Module):
             loss = self.commitment_weight * commit
         else:
             loss = F.mse_loss(q, z_n.detach()) + self.commitment_weight * commit
-        if self.training:
+        # Statistics follow the generator's optimisation forward only: the GAN recipe re-runs the generator
+        # under no_grad for the D step (gsq-reference §5.1), which must not update the codebook a second time.
+        if self.training and torch.is_grad_enabled():
             self._update_codebook(flat.detach(), idx)
         z_q = from_channels_last_groups(straight_through(z_n, q)).to(z.dtype)
         indices = idx.view(b, h, w, self.groups)
