@@ -55,6 +55,20 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int) -> None:
                         help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per row (default {repeats})")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch intra-op threads (default: torch's; use 1 on a CPU shared with other jobs: "
+                             "multi-threaded ops stall at every barrier when another process holds a core)")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected an integer >= 1")
+    return int(text)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
 
 def sync(device: torch.device) -> None:

@@ -199,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only", default="ssim,eval", help="comma-separated subset of ssim, eval")
     args = parser.parse_args(argv)
     C.setup_logging()
+    C.apply_threads(args)
     device = torch.device(args.device)
     machine = C.machine_info(device)
     sections = set(args.only.split(","))

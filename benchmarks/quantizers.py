@@ -283,6 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not sections <= set(SECTIONS):
         parser.error(f"--only: unknown section(s) {sorted(sections - set(SECTIONS))}; valid: {SECTIONS}")
     C.setup_logging()
+    C.apply_threads(args)
     device = torch.device(args.device)
     machine = C.machine_info(device)
     gflops = C.matmul_gflops(device)

@@ -52,6 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--gan", action="store_true", help="include the PatchGAN discriminator step")
     args = parser.parse_args(argv)
     C.setup_logging()
+    C.apply_threads(args)
     device = torch.device(args.device)
     run = load_run(args.subject, args.gan)
     t = run.shared.train
