@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import os
 import logging
 import sys
 import types
@@ -246,9 +247,17 @@ def _load_entry_points() -> None:
 
 
 def discover_quantizers() -> Registry[type]:
-    """Load every quantizer file not loaded yet (idempotent) and return `QUANTIZERS`."""
+    """Load every quantizer file not loaded yet (idempotent) and return `QUANTIZERS`.
+
+    Sources: the top-level `tokenizers/` folder, `--plugins` dirs, the `GSQBENCH_PLUGINS` environment variable
+    (dirs separated by os.pathsep: lets `pytest tests/test_quantizers_contract.py` check a user's variant),
+    and the `gsqbench.tokenizers` entry-point group.
+    """
     if TOKENIZERS_DIR.is_dir():
         _load_dir(TOKENIZERS_DIR, builtin=True)
+    env_dirs = [d for d in os.environ.get("GSQBENCH_PLUGINS", "").split(os.pathsep) if d]
+    if env_dirs and any(Path(d).expanduser().resolve() not in _plugin_dirs for d in env_dirs):
+        add_plugin_dirs(env_dirs)  # loads them (and re-enters here once, with nothing new to add)
     for d in list(_plugin_dirs):
         _load_dir(d, builtin=False)
     _load_entry_points()
