@@ -22,13 +22,7 @@ from gsqbench.models.tokenizer import Tokenizer, build_tokenizer, resolve_model_
 from gsqbench.registry import build_quantizer, discover_quantizers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy 2-core machine OpenMP spin-waiting makes 2 threads ~100x slower than 1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- 1. parameter and tensor counts (spec §3.5)

@@ -11,13 +11,7 @@ from gsqbench.checkpoints import load_tokenizer, load_train_state, save_tokenize
 from gsqbench.errors import UserError
 from gsqbench.models.tokenizer import build_tokenizer
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy 2-core machine OpenMP spin-waiting makes 2 threads ~100x slower than 1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODEL = {"preset": "tiny-f8", "latent_dim": 8}

@@ -21,13 +21,7 @@ from gsqbench.cli import main
 from gsqbench.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy 2-core machine OpenMP spin-waiting makes 2 threads ~100x slower than 1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------- spec §3.4 block lists, transcribed

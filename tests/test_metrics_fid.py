@@ -41,13 +41,7 @@ REF = {"dataset": "sample-photos", "split": "val", "crop": "gsq-64", "n": 3, "id
        "originals_hash": "o" * 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small convolutions: one intra-op thread is as fast and does not thrash on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photos() -> tuple[np.ndarray, np.ndarray]:

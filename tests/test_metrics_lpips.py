@@ -22,13 +22,7 @@ from gsqbench.metrics.lpips import LPIPSMetric, u8_to_lpips_input
 FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small convolutions: one intra-op thread is as fast and does not thrash on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trunk(net: str) -> dict[str, torch.Tensor]:

@@ -20,13 +20,7 @@ from gsqbench.runner import open_dataset, run_suite
 from gsqbench.train import DistContext, build_trainer, lr_factor, train_step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and far more predictably on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 QUANTIZERS = [
