@@ -378,7 +378,8 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
     batches, n = _batches(dataset, settings, device)
     from tqdm import tqdm
 
-    bar = tqdm(total=len(_shard(n)), unit="img", desc="evaluate", disable=not settings.progress or not ddp.is_main())
+    bar = tqdm(total=len(_shard(n)), unit="img", desc="evaluate",
+              disable=None if settings.progress and ddp.is_main() else True)  # None: off when not a terminal
     try:
         while True:
             with _timed(state, "data", device):

@@ -548,7 +548,8 @@ def _record(tr: Trainer, row: dict[str, float], t: TrainSpec, bar: Any) -> None:
 def _progress_bar(enabled: bool, start: int, total: int, name: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc=f"train {name}", disable=not enabled, leave=False,
+    # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI), so they are not flooded
+    return tqdm(total=total, initial=start, desc=f"train {name}", disable=None if enabled else True, leave=False,
                 dynamic_ncols=True)
 
 
