@@ -67,14 +67,22 @@ def is_finished(run: RunSpec, run_dir: Path) -> bool:
     return True
 
 
-def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema", progress: bool = True) -> Any:
-    """gsqbench.evaluate.EvalSettings from the shared eval spec (its `options` were checked at load time)."""
+def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema", progress: bool = True,
+                  fid_cache_dir: Optional[str] = None) -> Any:
+    """gsqbench.evaluate.EvalSettings from the shared eval spec (its `options` were checked at load time).
+
+    `fid_cache_dir` (unless the suite sets its own) lets every subject of a suite reuse the real-side FID
+    statistics, keyed by data + extractor (metrics-protocol §6), instead of re-running Inception on the originals.
+    """
     from gsqbench.evaluate import EvalSettings
 
     e = run.shared.eval
+    options = dict(e.options)
+    if fid_cache_dir is not None:
+        options.setdefault("fid_cache_dir", fid_cache_dir)
     return EvalSettings(mode=e.mode, batch_size=e.batch_size, samples=e.samples, metrics=tuple(e.metrics),
                         require=tuple(sorted({*e.require, *require})), seed=run.seed, weights=weights,
-                        num_workers=run.shared.data.num_workers, progress=progress, **e.options)
+                        num_workers=run.shared.data.num_workers, progress=progress, **options)
 
 
 def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
@@ -90,7 +98,7 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
     trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
     dev = next(trained.model.parameters()).device
     with torch.no_grad():
-        ev = evaluate(trained.model, eval_ds, eval_settings(run, require, trained.weights, progress), device=dev,
+        ev = evaluate(trained.model, eval_ds, eval_settings(run, require, trained.weights, progress, str(run_dir.parent / ".fid-cache")), device=dev,
                       out_dir=run_dir, model_info={"fairness_hash": run.fairness_hash, "step": trained.steps,
                                                    "weights": trained.weights})
     metrics = [*ev.metrics, *train_metrics(trained)]
