@@ -359,18 +359,18 @@ def scaling_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], l
     key, title = metric
     points = [{**ax, "y": _metric(r, key)} for r, ax in zip(group.runs, axes)]
     figures = []
-    if "codebook_size" in varies or "dim" in varies:
-        x, s = ("codebook_size", "dim") if "codebook_size" in varies else ("dim", None)
+    # (x axis, series axis, file, paper figure): x falls back to the series axis when only that one varies
+    for x_key, s_key, filename, paper in (
+        ("codebook_size", "dim", "scaling_dim_vocab.png", "latent dim × vocabulary"),
+        ("groups", "compression", "scaling_compression_groups.png", "spatial compression × groups"),
+    ):
+        if x_key not in varies and s_key not in varies:
+            continue
+        x, s = (x_key, s_key) if x_key in varies else (s_key, None)
         s = s if s in varies else None
-        p = plots.scaling(points, x, s, title, assets.path("scaling_dim_vocab.png"), log_x=True)
+        p = plots.scaling(points, x, s, title, assets.path(filename), log_x=True)
         figures.append({"src": assets.rel(p), "caption": f"{title} vs {x}" + (f", one line per {s}" if s else "")
-                        + " (paper §7.9: latent dim × vocabulary)"})
-    if "groups" in varies or "compression" in varies:
-        x, s = ("groups", "compression") if "groups" in varies else ("compression", None)
-        s = s if s in varies else None
-        p = plots.scaling(points, x, s, title, assets.path("scaling_compression_groups.png"), log_x=True)
-        figures.append({"src": assets.rel(p), "caption": f"{title} vs {x}" + (f", one line per {s}" if s else "")
-                        + " (paper §7.9: spatial compression × groups)"})
+                        + f" (paper §7.9: {paper})"})
     return figures, []
 
 
