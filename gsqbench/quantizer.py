@@ -7,7 +7,7 @@ distance matrix, so V = 262,144 fits on one machine (spec gsq-reference.md §2.3
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -380,3 +380,28 @@ def check_channels(z: Tensor, dim: int) -> None:
 def check_indices(indices: Tensor, groups: int) -> None:
     if indices.ndim != 4 or indices.shape[-1] != groups:
         raise ValueError(f"indices must be (b, h, w, {groups}), got shape {tuple(indices.shape)}")
+
+
+def grouped_codebook_lookup(
+    z: Tensor, weight: Tensor, groups: int, norm: str, lookup: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The lookup GSQ and VQ share: (b, G·d, h, w) latent and a (V, d) codebook → (ẑ, idx, q).
+
+    ẑ (b, h, w, G, d): the normalised latent groups, normalised as packed (N·G, d) rows like the official
+    lookup (bitwise-equal inputs matter for the bf16 lookup); idx (N·G,) from `lookup(ẑ rows, normalised
+    codebook)`; q (b, h, w, G, d): the RAW codebook rows, in fp32, differentiable w.r.t. the codebook.
+    """
+    zg = to_channels_last_groups(z.float(), groups)  # (b, h, w, G, d)
+    flat = normalise(zg.reshape(-1, zg.shape[-1]), norm)
+    idx = lookup(flat.detach(), normalise(weight.detach().float(), norm))
+    q = F.embedding(idx, weight).float().view_as(zg)
+    return flat.view_as(zg), idx, q
+
+
+def grouped_output(z: Tensor, z_hat: Tensor, q: Tensor, idx: Tensor, codebook_size: int,
+                   losses: dict[str, Tensor]) -> QuantizerOutput:
+    """Straight-through output (forward value q, gradient to ẑ) in z's layout and dtype, indices (b, h, w, G)."""
+    b, h, w, g, _ = z_hat.shape
+    indices = idx.view(b, h, w, g)
+    z_q = from_channels_last_groups(straight_through(z_hat, q)).to(z.dtype)
+    return QuantizerOutput(z_q, indices, losses, {"usage": batch_usage(indices, codebook_size)})

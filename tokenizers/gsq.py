@@ -21,18 +21,17 @@ from torch import Tensor, nn
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
     QuantizerOutput,
-    batch_usage,
     check_channels,
     check_grouping,
     check_indices,
     from_channels_last_groups,
+    grouped_codebook_lookup,
+    grouped_output,
     init_codebook,
     nearest_code,
     normalise,
     resolve_norm,
     sample_code,
-    straight_through,
-    to_channels_last_groups,
 )
 from gsqbench.registry import register_quantizer
 
@@ -150,23 +149,15 @@ class GroupedSphericalQuantizer(nn.Module):
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (b, D, h, w) → z_q (b, D, h, w) in z's dtype, indices (b, h, w, G) int64."""
         check_channels(z, self.dim)
-        b, _, h, w = z.shape
-        zg = to_channels_last_groups(z.float(), self.groups)  # (b, h, w, G, d)
-        # normalise the packed (N·G, d) rows as the official lookup does: bitwise-equal inputs matter for bf16
-        flat = normalise(zg.reshape(-1, self.code_dim), self.norm)
-        z_hat = flat.view_as(zg)
         weight = self.codebook.weight
-        idx = self._lookup(flat.detach(), normalise(weight.detach().float(), self.norm))  # (b·h·w·G,)
-        q = F.embedding(idx, weight).float().view_as(z_hat)  # RAW rows go to the decoder
+        z_hat, idx, q = grouped_codebook_lookup(z, weight, self.groups, self.norm, self._lookup)  # q: RAW rows
         loss = F.mse_loss(q, z_hat.detach()) + self.commitment_weight * F.mse_loss(q.detach(), z_hat)
         if self.training and self.entropy_weight > 0:
             with torch.autocast(device_type=z.device.type, enabled=False):  # distances near-tie: keep fp32
-                ent = sample_entropy_of_distance(flat, normalise(weight.float(), self.norm), self.entropy_temperature)
+                ent = sample_entropy_of_distance(z_hat.reshape(-1, self.code_dim), normalise(weight.float(), self.norm),
+                                                 self.entropy_temperature)
             loss = loss + self.entropy_weight * ent
-        z_q = from_channels_last_groups(straight_through(z_hat, q)).to(z.dtype)
-        indices = idx.view(b, h, w, self.groups)
-        return QuantizerOutput(z_q, indices, {"quantizer": loss},
-                               {"usage": batch_usage(indices, self.codebook_size)})
+        return grouped_output(z, z_hat, q, idx, self.codebook_size, {"quantizer": loss})
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(b, h, w, G) int64 → raw codebook rows concatenated in group order, (b, D, h, w)."""

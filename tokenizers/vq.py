@@ -10,6 +10,7 @@ loss term is then dropped and only the commitment term remains.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -20,17 +21,15 @@ from torch import Tensor, nn
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
     QuantizerOutput,
-    batch_usage,
     check_channels,
     check_grouping,
     check_indices,
     from_channels_last_groups,
+    grouped_codebook_lookup,
+    grouped_output,
     init_codebook,
     nearest_code,
-    normalise,
     resolve_norm,
-    straight_through,
-    to_channels_last_groups,
 )
 from gsqbench.registry import register_quantizer
 
@@ -104,14 +103,9 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (b, D, h, w) → z_q in z's dtype, indices (b, h, w, G) int64."""
         check_channels(z, self.dim)
-        b, _, h, w = z.shape
-        zg = to_channels_last_groups(z.float(), self.groups)  # (b, h, w, G, d)
-        # normalise the packed (N·G, d) rows as the official lookup does: bitwise-equal inputs matter for bf16
-        flat = normalise(zg.reshape(-1, self.code_dim), self.norm)
-        z_n = flat.view_as(zg)
-        weight = self.codebook.weight
-        idx = nearest_code(flat.detach(), normalise(weight.detach().float(), self.norm), precision=self.lookup_precision)
-        q = F.embedding(idx, weight).float().view_as(z_n)  # rows before this step's EMA update
+        lookup = functools.partial(nearest_code, precision=self.lookup_precision)
+        z_n, idx, q = grouped_codebook_lookup(z, self.codebook.weight, self.groups, self.norm, lookup)
+        # q holds the rows before this step's EMA update
         commit = F.mse_loss(q.detach(), z_n)
         if self.ema:
             loss = self.commitment_weight * commit
@@ -120,10 +114,8 @@ class VectorQuantizer(nn.Module):
         # Statistics follow the generator's optimisation forward only: the GAN recipe re-runs the generator
         # under no_grad for the D step (gsq-reference §5.1), which must not update the codebook a second time.
         if self.training and torch.is_grad_enabled():
-            self._update_codebook(flat.detach(), idx)
-        z_q = from_channels_last_groups(straight_through(z_n, q)).to(z.dtype)
-        indices = idx.view(b, h, w, self.groups)
-        return QuantizerOutput(z_q, indices, {"quantizer": loss}, {"usage": batch_usage(indices, self.codebook_size)})
+            self._update_codebook(z_n.detach().reshape(-1, self.code_dim), idx)
+        return grouped_output(z, z_n, q, idx, self.codebook_size, {"quantizer": loss})
 
     @torch.no_grad()
     def _update_codebook(self, flat: Tensor, idx: Tensor) -> None:
