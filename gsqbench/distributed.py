@@ -77,21 +77,21 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, returned on t's device and dtype (use float64 sums and int64 counts; never means)."""
+def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
     if not is_distributed():
         return t
     buf = t.detach().to(_comm_device()).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=op)
     return buf.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, returned on t's device and dtype (use float64 sums and int64 counts; never means)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return t
-    buf = t.detach().to(_comm_device()).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return buf.to(t.device)
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

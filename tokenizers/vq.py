@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsqbench import distributed as ddp
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
     QuantizerOutput,
@@ -32,17 +33,6 @@ from gsqbench.quantizer import (
     resolve_norm,
 )
 from gsqbench.registry import register_quantizer
-
-
-def _ddp_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    # every rank must apply the same EMA step, so statistics are summed over the global batch
-    if _ddp_world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 @register_quantizer("vq")
@@ -122,10 +112,11 @@ class VectorQuantizer(nn.Module):
         if not (self.ema or self.restart_dead_codes):
             return
         counts = torch.bincount(idx, minlength=self.codebook_size).float()
-        counts = _all_reduce_sum(counts)
+        # every rank must apply the same EMA step, so statistics are summed over the global batch
+        counts = ddp.all_reduce_sum(counts)
         if self.ema:
             sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, idx, flat)
-            self.ema_step(counts, _all_reduce_sum(sums))
+            self.ema_step(counts, ddp.all_reduce_sum(sums))
         if self.restart_dead_codes:
             self.usage_ema.mul_(self.ema_decay).add_(counts, alpha=1.0 - self.ema_decay)
             self._restart(flat)
@@ -149,7 +140,7 @@ class VectorQuantizer(nn.Module):
             return
         pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
         new_rows = flat[pick].to(self.codebook.weight.dtype)
-        if _ddp_world() > 1:  # rank 0's choice everywhere, so replicas stay identical
+        if ddp.world_size() > 1:  # rank 0's choice everywhere, so replicas stay identical
             dist.broadcast(new_rows, src=0)
         self.codebook.weight[dead] = new_rows
         self.usage_ema[dead] = self.dead_code_threshold
