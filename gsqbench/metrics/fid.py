@@ -46,27 +46,48 @@ CALLER_KEY_FIELDS = ("dataset", "split", "crop", "n", "ids_hash", "originals_has
 
 
 class FeatureStats:
-    """Streaming Σf, Σffᵀ (float64) and N (int64) of one side's features; exact under any batching or sharding."""
+    """Streaming mean and centred scatter (float64) and N (int64) of one side's features.
+
+    Batches are merged with Chan et al.'s pairwise update (n, μ, M2 = Σ(f − μ)(f − μ)ᵀ) instead of raw sums Σf and
+    Σffᵀ: features far from the origin make Σffᵀ − Nμμᵀ cancel catastrophically even in float64 (§13 #13), while the
+    centred form keeps the covariance accurate to rounding and (nearly) independent of batching and sharding.
+    """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.n = torch.zeros((), dtype=torch.int64, device=device)
         self._synced = False
 
+    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        n_a = int(self.n)
+        n = n_a + n_b
+        if n_b == 0:
+            return
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        self.n = self.n + n_b
+
     def update(self, feats: torch.Tensor) -> None:
-        f = feats.detach().to(self.sum.device, torch.float64)  # (b, d); float64 before any product (§13 #13)
-        self.sum += f.sum(dim=0)
-        self.outer += f.T @ f
-        self.n += f.shape[0]
+        f = feats.detach().to(self.mean.device, torch.float64)  # (b, d); float64 before any product (§13 #13)
+        if f.shape[0] == 0:
+            return
+        mean_b = f.mean(dim=0)
+        centred = f - mean_b
+        self._merge(f.shape[0], mean_b, centred.T @ centred)
 
     def sync(self) -> None:
-        """All-reduce sums and counts across ranks (once; a second call would double-count)."""
+        """Merge every rank's (n, μ, M2) in rank order (once; a second call would double-count)."""
         if self._synced:
             return
-        self.sum = distributed.all_reduce_sum(self.sum)
-        self.outer = distributed.all_reduce_sum(self.outer)
-        self.n = distributed.all_reduce_sum(self.n)
+        parts = distributed.all_gather_objects((int(self.n), self.mean.cpu(), self.m2.cpu()))
+        device = self.mean.device
+        self.mean = torch.zeros_like(self.mean)
+        self.m2 = torch.zeros_like(self.m2)
+        self.n = torch.zeros_like(self.n)
+        for n_b, mean_b, m2_b in parts:
+            self._merge(n_b, mean_b.to(device), m2_b.to(device))
         self._synced = True
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +95,9 @@ class FeatureStats:
         n = int(self.n)
         if n < 2:
             raise ValueError(f"FID statistics need at least 2 images per side, got {n}")
-        mu = self.sum / n
-        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        sigma = self.m2 / (n - 1)
         sigma = 0.5 * (sigma + sigma.T)  # symmetric up to rounding; make it exactly so
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+        return self.mean.cpu().numpy(), sigma.cpu().numpy()
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
