@@ -1,7 +1,7 @@
 """The protocol card: every setting that decides what an evaluation number means, and its canonical hash.
 
 Follows metrics-protocol.md §12. The card is a nested dict of field groups (data, conversion, model, precision,
-fid, is, psnr, ssim, lpips, codebook, runtime); only groups for the metrics actually computed appear. Rows are
+runtime, plus the groups the computed metrics describe themselves with: psnr, ssim, lpips, fid, is, codebook, …). Rows are
 comparable only when their `card_hash` agrees: the SHA-256 of the canonical JSON (sorted keys, no whitespace)
 of the card *minus* run-specific fields (which checkpoint, measured values, device, versions, world size, batch
 size, seed, date). `weights_conformant` is part of the hash, so random stand-in weights never compare with
@@ -13,8 +13,7 @@ import copy
 import hashlib
 import json
 import math
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping
 
 CARD_VERSION = 1
 
@@ -24,8 +23,8 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "model.checkpoint_sha256", "model.step", "model.tokenizer_spec_hash", "model.fairness_hash",
     "model.code_agreement",
     "model.lookup_precision",  # a property of the subject's quantizer block (its kwargs), like V and G
-    "codebook.V", "codebook.G", "codebook.d", "codebook.tokens_counted",
-    "codebook.codebook_V", "codebook.codebook_G", "codebook.tokens_per_group",  # the subject's size, measured T
+    "codebook.tokens_counted", "codebook.codebook_V", "codebook.codebook_G",
+    "codebook.tokens_per_group",  # the subject's size, measured T
     "precision.device", "precision.driver",
     "psnr.psnr_capped_images",  # a measured count (identical reconstructions), not a setting
     "fid.is_std_over_splits", "fid.fid_reference_source",  # a measured spread; where the same statistics came from
@@ -42,9 +41,6 @@ CROP_PROTOCOLS: dict[str, dict[str, Any]] = {
     "train": {"crop_pct": 1.0, "resize_library": "PIL", "resize_kernel": "bilinear", "resize_antialias": True,
               "crop_offset_rounding": "round((H-S)/2)", "note": "train-time transform; never defines eval"},
 }
-
-METRIC_FAMILIES = ("pixel", "lpips", "fid", "codebook", "cost")
-
 
 def _plain(obj: Any) -> Any:
     """JSON-safe copy: non-finite floats become strings (strict JSON has no NaN), tuples become lists."""
@@ -94,121 +90,68 @@ def id_list_hash(image_ids: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def lpips_heads_sha256(net: str) -> Optional[str]:
-    """Hash of the v0.1 linear heads shipped in the installed lpips wheel (spec §11 lists the expected values)."""
-    try:
-        import lpips
-    except ImportError:
-        return None
-    path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _weight_sha(name: str) -> tuple[Optional[str], bool]:
-    """(sha256 of the installed verified file or None, conformant)."""
+def _weight_conformant(name: str) -> bool:
+    """True when the installed, verified file `name` is the official one (random stand-ins are not)."""
     from gsqbench import weights
 
     try:
-        path = weights.weight_path(name)
+        weights.weight_path(name)
     except weights.WeightsUnavailable:
-        return None, False
-    return weights.sha256_file(path), weights.is_conformant(name)
+        return False
+    return weights.is_conformant(name)
 
 
-def _pixel_groups(mode: str, psnr_cap_db: float) -> dict[str, dict]:
+def dataset_fields(dataset: Any) -> dict[str, Any]:
+    """Data fields a dataset describes itself with (`describe()`, gsqbench.data), else its plain attributes."""
+    describe = getattr(dataset, "describe", None)
+    if callable(describe):
+        return dict(describe())
+    out = {k: getattr(dataset, k) for k in ("kind", "name", "split", "crop", "size", "path")
+           if isinstance(getattr(dataset, k, None), (str, int))}
+    if out.get("crop") in CROP_PROTOCOLS:
+        out.update(CROP_PROTOCOLS[out["crop"]])
+    return out
+
+
+def conversion_group(mode: str) -> dict[str, Any]:
     compat = mode == "gsq-compat"
-    inputs = "uint8 (trunc-compat; official used float [0,1])" if compat else "uint8"
-    return {
-        "psnr": {"aggregations": ["mean_per_image", "pooled"], "data_range": 255, "colour_space": "RGB",
-                 "cap_db": psnr_cap_db, "inputs": inputs, "dtype": "float64"},
-        "ssim": {"window": "gaussian", "taps": 11, "sigma": 1.5, "truncate": 3.5, "K1": 0.01, "K2": 0.03,
-                 "data_range": 255, "covariance": "population", "ssim_border": "valid", "dtype": "float64",
-                 "channels": "per-RGB-channel mean", "aggregation": "mean_per_image", "inputs": inputs},
-    }
-
-
-def _lpips_group(nets: Iterable[str]) -> tuple[dict, list[bool]]:
-    trunk_names = {"alex": "alexnet", "vgg": "vgg16"}
-    group: dict[str, Any] = {"version": "0.1", "input_range": "[-1,1] from u8/127.5-1", "spatial_reduction": "mean",
-                             "dtype": "float32, TF32 off", "nets": {}}
-    conformant = []
-    for net in sorted(nets):
-        sha, ok = _weight_sha(trunk_names[net])
-        conformant.append(ok)
-        group["nets"][net] = {"trunk_sha256": sha, "heads_sha256": lpips_heads_sha256(net)}
-    return group, conformant
-
-
-def _fid_groups(mode: str, n: int) -> tuple[dict, dict, bool]:
-    try:
-        import torch_fidelity
-
-        version = getattr(torch_fidelity, "__version__", None)
-    except ImportError:
-        version = None
-    sha, ok = _weight_sha("inception-fid")
-    fid = {"backend": "torch-fidelity", "backend_version": version, "extractor": "inception-v3-compat",
-           "weights_sha256": sha, "feature_layer": "2048", "resize": "tf1-bilinear-299", "antialias": False,
-           "extractor_dtype": "float32", "stats_dtype": "float64", "N_real": n, "N_fake": n,
-           "uint8_rule": "trunc-compat" if mode == "gsq-compat" else "round-half-even"}
-    is_group = {"splits": 10, "permutation_seed": 2020, "logits": "logits_unbiased", "softmax_dtype": "float64"}
-    return fid, is_group, ok
-
-
-def _codebook_group(quantizer: Any, tokens_counted: Optional[int]) -> dict:
-    return {"V": getattr(quantizer, "codebook_size", None), "G": getattr(quantizer, "groups", None),
-            "d": getattr(quantizer, "dim", None), "tokens_counted": tokens_counted,
-            "definitions_version": 1, "split": "eval"}
+    return {"uint8_rule": "trunc-compat" if compat else "round-half-even",
+            "model_input": "ToTensor+Normalize(0.5,0.5) fp32" if compat else "u8/127.5-1 fp32",
+            "clamp": [-1, 1], "converted_once": True,
+            # the metric contract is uint8-only: in gsq-compat PSNR/SSIM/LPIPS see the truncated uint8,
+            # where the official code fed them float [0, 1] (a documented deviation)
+            "metric_inputs": "uint8 (trunc-compat; official: float for PSNR/SSIM/LPIPS)" if compat else "uint8"}
 
 
 def build_card(
     *,
     mode: str,
-    families: Iterable[str],
+    metrics: Iterable[Any],
     data: Mapping[str, Any],
     model: Mapping[str, Any],
     precision: Mapping[str, Any],
     runtime: Mapping[str, Any],
-    quantizer: Any = None,
-    tokens_counted: Optional[int] = None,
-    lpips_nets: Iterable[str] = ("alex", "vgg"),
-    psnr_cap_db: float = 100.0,
-    extra: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> dict:
-    """Assemble the card for one evaluation. `extra` (group → fields) lets a metric add or refine its group.
+    """Assemble the card of one evaluation from its fixed groups and the metrics that ran.
 
-    `weights_conformant` is True only when every weight file the computed metrics depend on is the official one.
+    Each metric (gsqbench.metrics.base.Metric) describes its own card group(s) (`card_fields()`); groups several
+    metrics share (LPIPS alex + vgg) are merged. `weights_conformant` is True only when every weight file the
+    metrics declare (`weights`) is installed and the official one.
     """
-    families = set(families)
-    compat = mode == "gsq-compat"
+    metrics = list(metrics)
     card: dict[str, Any] = {
         "card_version": CARD_VERSION,
         "mode": mode,
         "data": dict(data),
-        "conversion": {"uint8_rule": "trunc-compat" if compat else "round-half-even",
-                       "model_input": "ToTensor+Normalize(0.5,0.5) fp32" if compat else "u8/127.5-1 fp32",
-                       "clamp": [-1, 1], "converted_once": True,
-                       # the metric contract is uint8-only: in gsq-compat PSNR/SSIM/LPIPS see the truncated uint8,
-                       # where the official code fed them float [0, 1] (a documented deviation)
-                       "metric_inputs": "uint8 (trunc-compat; official: float for PSNR/SSIM/LPIPS)" if compat
-                       else "uint8"},
+        "conversion": conversion_group(mode),
         "model": dict(model),
         "precision": dict(precision),
     }
-    conformant: list[bool] = []
-    if "pixel" in families:
-        card.update(_pixel_groups(mode, psnr_cap_db))
-    if "lpips" in families:
-        card["lpips"], ok = _lpips_group(lpips_nets)
-        conformant += ok
-    if "fid" in families:
-        card["fid"], card["is"], ok_fid = _fid_groups(mode, int(data.get("N") or 0))
-        conformant.append(ok_fid)
-    if "codebook" in families:
-        card["codebook"] = _codebook_group(quantizer, tokens_counted)
-    for group, fields in (extra or {}).items():
-        card[group] = dict(fields)  # a metric's own description replaces the pinned defaults for its group
-    card["weights_conformant"] = all(conformant)
+    for metric in metrics:
+        for group, fields in metric.card_fields().items():
+            card.setdefault(group, {}).update(fields)
+    needed = sorted({name for metric in metrics for name in type(metric).weights})
+    card["weights_conformant"] = all(_weight_conformant(name) for name in needed)
     card["runtime"] = dict(runtime)
     card["card_hash"] = card_hash(card)
     return card

@@ -9,65 +9,80 @@ padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
-import io
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gsqbench import distributed as ddp
-from gsqbench.card import build_card, id_list_hash
+from gsqbench.card import build_card, dataset_fields, id_list_hash
+from gsqbench.config import EvalSpec
+from gsqbench.data import to_model_input
 from gsqbench.errors import UserError, did_you_mean
-from gsqbench.io import atomic_write_bytes, safe_child, safe_name
-from gsqbench.metrics.base import Metric, MetricValue
+from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.cost import CostMeter
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["gsqbench", "gsq-compat"]
+#: display and row order of the built-in families; plugin families follow, by registration order
+FAMILY_ORDER = ("pixel", "lpips", "fid", "codebook", "cost")
 
-#: metric key → family (the module that computes it); evaluate() itself adds code_agreement and the cost keys
-METRIC_FAMILIES: dict[str, str] = {
-    "psnr": "pixel", "psnr_pooled": "pixel", "ssim": "pixel",
-    "lpips@alex": "lpips", "lpips@vgg": "lpips",
-    "rfid@inception": "fid", "is@inception": "fid",
-    **{k: "codebook" for k in (
-        "usage_pooled", "usage_group_mean", "usage_group_min", "usage_group_max", "usage_product", "ppl_pooled",
-        "ppl_group_mean", "entropy_bits", "entropy_norm", "dead_codes", "tokens_counted", "code_agreement")},
-    **{k: "cost" for k in (
-        "params", "params_quantizer", "encode_images_per_s", "decode_images_per_s", "peak_memory_mb",
-        "bits_per_token", "bits_per_image", "compression_ratio")},
-}
-FAMILIES = ("pixel", "lpips", "fid", "codebook", "cost")
-#: weight files a metric key cannot do without (checked up front when the key is required)
-REQUIRED_WEIGHTS: dict[str, str] = {
-    "rfid@inception": "inception-fid", "is@inception": "inception-fid",
-    "lpips@alex": "alexnet", "lpips@vgg": "vgg16",
-}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and the metric catalogue (gsqbench.registry.METRICS)
+
+
+def metric_catalogue() -> list[type[Metric]]:
+    """Every registered metric class, in family order (FAMILY_ORDER, then plugin families) then registration order."""
+    from gsqbench.registry import METRICS, discover
+
+    discover()
+    classes = [METRICS.get(name) for name in METRICS.registration_order()]
+    rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    order = {cls: i for i, cls in enumerate(classes)}
+    return sorted(classes, key=lambda c: (rank.get(c.family, len(rank)), order[c]))
+
+
+def _class_for_key(key: str, classes: Sequence[type[Metric]]) -> Optional[type[Metric]]:
+    return next((c for c in classes if key in c.outputs), None)
+
+
+def resolve_metric_names(names: Sequence[str], classes: Sequence[type[Metric]], what: str) -> set[type[Metric]]:
+    """Classes selected by family names, registered metric names or metric keys; UserError for an unknown name."""
+    from gsqbench.registry import METRICS
+
+    chosen: set[type[Metric]] = set()
+    for name in names:
+        by_family = {c for c in classes if c.family == name}
+        by_key = _class_for_key(name, classes)
+        if by_family:
+            chosen |= by_family
+        elif name in METRICS:
+            chosen.add(METRICS.get(name))
+        elif by_key is not None:
+            chosen.add(by_key)
+        else:
+            valid = sorted({c.family for c in classes} | {k for c in classes for k in c.outputs})
+            raise UserError(f"{what}: unknown metric '{name}'{did_you_mean(name, valid)}")
+    return chosen
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    """How to evaluate. `metrics` lists families or metric keys (empty = all); `require` lists metric keys that
-    must not come out unavailable (UserError, exit 2, otherwise)."""
+class EvalSettings(EvalSpec):
+    """How to evaluate: the suite's eval spec (gsqbench.config.EvalSpec) plus what each run fixes itself.
 
-    mode: Mode = "gsqbench"
-    batch_size: int = 16
-    metrics: tuple[str, ...] = ()
-    require: tuple[str, ...] = ()
-    samples: int = 8  # first k (real, recon) pairs saved as PNG under out_dir/samples
-    fid_reference_stats: Optional[str] = None  # real-side statistics file (the FID metric verifies its key)
-    fid_cache_dir: Optional[str] = None  # cache real-side statistics here, keyed by data + extractor (§6)
+    `metrics` selects families, registered metric names or metric keys (empty = all); `require` lists metric keys
+    that must not come out unavailable (UserError, exit 2, otherwise).
+    """
+
     seed: int = 0
-    precision: Optional[Literal["fp32", "bf16"]] = None  # model precision; None = mode default (fp32 / bf16)
-    weights: Literal["ema", "raw"] = "ema"  # which weights the caller loaded (recorded in the card)
-    lpips_nets: tuple[str, ...] = ("alex", "vgg")
     num_workers: int = 0
     progress: bool = True
 
@@ -79,25 +94,32 @@ class EvalSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"eval.{name}: {value!r} is not valid; expected an integer >= {low}")
-        for name in self.metrics:
-            if name not in FAMILIES and name not in METRIC_FAMILIES:
-                raise UserError(f"eval.metrics: unknown metric '{name}'{did_you_mean(name, [*FAMILIES, *METRIC_FAMILIES])}")
+        classes = metric_catalogue()
+        resolve_metric_names(self.metrics, classes, "eval.metrics")
+        keys = [k for c in classes for k in c.outputs]
         for key in self.require:
-            if key not in METRIC_FAMILIES:
-                raise UserError(f"--require: unknown metric '{key}'{did_you_mean(key, METRIC_FAMILIES)}")
+            if key not in keys:
+                raise UserError(f"--require: unknown metric '{key}'{did_you_mean(key, keys)}")
         for net in self.lpips_nets:
             _check_choice("lpips_nets", net, ("alex", "vgg"))
+
+    @classmethod
+    def from_spec(cls, spec: EvalSpec, **runtime: Any) -> "EvalSettings":
+        """The settings for one evaluation: every field of `spec`, plus run-time fields (seed, num_workers, ...)."""
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(EvalSpec)}
+        return cls(**{**fields, **runtime})
 
     @property
     def model_precision(self) -> str:
         return self.precision or ("bf16" if self.mode == "gsq-compat" else "fp32")
 
-    def families(self) -> tuple[str, ...]:
-        """Families to compute: all when `metrics` is empty, else those named (directly or via a key) or required."""
+    def metric_classes(self) -> list[type[Metric]]:
+        """The metric classes to run: all when `metrics` is empty, else those named, plus those of required keys."""
+        classes = metric_catalogue()
         if not self.metrics:
-            return FAMILIES
-        wanted = {METRIC_FAMILIES.get(m, m) for m in (*self.metrics, *self.require)}
-        return tuple(f for f in FAMILIES if f in wanted)
+            return classes
+        chosen = resolve_metric_names([*self.metrics, *self.require], classes, "eval.metrics")
+        return [c for c in classes if c in chosen]
 
 
 def _check_choice(name: str, value: Any, valid: Sequence[Any]) -> None:
@@ -130,11 +152,6 @@ class EvalResult:
 # The uint8 rule (§1): conversions, each applied exactly once per side
 
 
-def to_model_input(real_u8: Tensor) -> Tensor:
-    """Canonical model input x = u8/127.5 − 1 (fp32)."""
-    return real_u8.float() / 127.5 - 1.0
-
-
 def to_uint8(x_hat: Tensor) -> Tensor:
     """gsqbench rule: clamp to [−1, 1], then round-half-even((x̂ + 1)·127.5) (torch.round is half-to-even)."""
     return torch.round((x_hat.float().clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)
@@ -165,50 +182,30 @@ def compat_fake_uint8(x_hat: Tensor) -> Tensor:
 
 
 def build_metrics(settings: EvalSettings, device: torch.device, tokenizer: Optional[nn.Module] = None,
-                  fid_reference: Optional[Mapping[str, Any]] = None) -> list[Metric]:
-    """The metric objects for the selected families (cost and code agreement are handled by evaluate itself).
+                  fid_reference: Optional[Mapping[str, Any]] = None, meter: Optional[CostMeter] = None) -> list[Metric]:
+    """The metric objects for the selected classes, each built by its own `create(ctx)` (None = not applicable).
 
-    The codebook metric is sized from `tokenizer.quantizer` (V cannot be inferred from the indices seen);
-    `fid_reference` holds the data key fields that FID reference statistics are verified / cached under.
-    A metric whose weights are missing comes back unavailable (reason + fix command) unless it is required.
+    `fid_reference` holds the data key fields that reference statistics are verified / cached under. A metric
+    whose weights are missing comes back unavailable (reason + fix command) unless one of its keys is required.
     """
-    families = settings.families()
-    required = set(settings.require)
-    metrics: list[Metric] = []
-    if "pixel" in families:
-        from gsqbench.metrics.pixel import PSNRMetric, SSIMMetric
-
-        metrics += [PSNRMetric(), SSIMMetric()]
-    if "lpips" in families:
-        from gsqbench.metrics.lpips import LPIPSMetric
-
-        metrics += [LPIPSMetric(net, device, required=f"lpips@{net}" in required) for net in settings.lpips_nets]
-    if "fid" in families:
-        from gsqbench.metrics.fid import FIDMetric
-
-        metrics.append(FIDMetric(device, required=bool(required & {"rfid@inception", "is@inception"}),
-                                 reference=fid_reference, cache_dir=settings.fid_cache_dir,
-                                 reference_stats=settings.fid_reference_stats))
-    quantizer = getattr(tokenizer, "quantizer", None)
-    if "codebook" in families and quantizer is not None:
-        from gsqbench.metrics.codebook import CodebookMetric
-
-        metrics.append(CodebookMetric.for_quantizer(quantizer, device))
-    return metrics
+    ctx = MetricContext(device=device, settings=settings, tokenizer=tokenizer, required=frozenset(settings.require),
+                        fid_reference=fid_reference, meter=meter)
+    built = (cls.create(ctx) for cls in settings.metric_classes())
+    return [m for m in built if m is not None]
 
 
 def check_required_weights(require: Sequence[str]) -> None:
     """Fail before any compute when a required metric's weights are missing (one line, exit 2)."""
     from gsqbench.weights import WeightsUnavailable, weight_path
 
+    classes = metric_catalogue()
     for key in require:
-        name = REQUIRED_WEIGHTS.get(key)
-        if name is None:
-            continue
-        try:
-            weight_path(name)
-        except WeightsUnavailable as exc:
-            raise UserError(f"required metric '{key}' is unavailable: {exc}") from None
+        cls = _class_for_key(key, classes)
+        for name in (cls.weights if cls is not None else ()):
+            try:
+                weight_path(name)
+            except WeightsUnavailable as exc:
+                raise UserError(f"required metric '{key}' is unavailable: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,6 +259,11 @@ def _batches(dataset: Any, settings: EvalSettings, device: torch.device) -> tupl
 # Model state (§9)
 
 
+def eval_lookup(mode: str) -> str:
+    """The nearest-code lookup an evaluation pins: the official bf16 one in gsq-compat, fp32 otherwise."""
+    return "bf16" if mode == "gsq-compat" else "fp32"
+
+
 @contextlib.contextmanager
 def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
     """Asserts eval mode; pins lookup precision and TF32 off for the pass; restores everything afterwards."""
@@ -269,39 +271,17 @@ def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
     if training:
         raise AssertionError(f"evaluate() needs the model in eval mode; training: {training[:3]}")
     quantizer = getattr(tokenizer, "quantizer", None)
-    old_lookup = getattr(quantizer, "lookup_precision", None)
+    old_lookup = quantizer.lookup_precision if quantizer is not None else None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if old_lookup is not None:
-        quantizer.lookup_precision = "bf16" if settings.mode == "gsq-compat" else "fp32"
+        quantizer.lookup_precision = eval_lookup(settings.mode)
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if old_lookup is not None:
             quantizer.lookup_precision = old_lookup
-
-
-class _QuantizerInput:
-    """Captures the latent the quantizer sees (forward pre-hook), for the fp32-vs-bf16 code agreement."""
-
-    def __init__(self, quantizer: nn.Module):
-        self.z: Optional[Tensor] = None
-        self.handle = quantizer.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.z = args[0].detach()
-
-
-def _code_agreement(quantizer: nn.Module, z: Tensor, indices: Tensor) -> tuple[int, int]:
-    """(tokens whose code is the same under the other lookup precision, tokens)."""
-    current = quantizer.lookup_precision
-    quantizer.lookup_precision = "bf16" if current == "fp32" else "fp32"
-    try:
-        other = quantizer(z).indices
-    finally:
-        quantizer.lookup_precision = current
-    return int((other == indices).sum()), int(indices.numel())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,10 +292,7 @@ def _code_agreement(quantizer: nn.Module, z: Tensor, indices: Tensor) -> tuple[i
 class _PassState:
     ids: list[str] = field(default_factory=list)
     image_digests: list[str] = field(default_factory=list)
-    agree: int = 0
-    agree_total: int = 0
     tokens_per_image: Optional[int] = None
-    image_hw: Optional[tuple[int, int]] = None
     saved: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -351,16 +328,12 @@ def _model_step(tokenizer: nn.Module, x: Tensor, settings: EvalSettings, meter: 
 def _save_samples(out_dir: Path, gidx: Sequence[int], ids: Sequence[str], real: Tensor, fake: Tensor,
                   k: int, state: _PassState) -> None:
     """PNGs of the exact evaluated uint8 for global indices < k (any rank; the set never depends on sharding)."""
-    from PIL import Image
+    from gsqbench.results import write_samples
 
-    for j, (g, image_id) in enumerate(zip(gidx, ids)):
-        if g >= k:
-            continue
-        for side, t in (("real", real[j]), ("recon", fake[j])):
-            buf = io.BytesIO()
-            Image.fromarray(t.permute(1, 2, 0).contiguous().cpu().numpy(), mode="RGB").save(buf, format="PNG")
-            atomic_write_bytes(safe_child(out_dir, "samples", side, safe_name(image_id) + ".png"), buf.getvalue())
-        state.saved.append(image_id)
+    keep = [j for j, g in enumerate(gidx) if g < k]
+    if keep:
+        write_samples(out_dir, [ids[j] for j in keep], real[keep].cpu(), fake[keep].cpu())
+        state.saved += [ids[j] for j in keep]
 
 
 def _image_digest(image_id: str, image: Tensor) -> str:
@@ -372,14 +345,11 @@ def _image_digest(image_id: str, image: Tensor) -> str:
 def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metrics: Sequence[Metric],
               device: torch.device, out_dir: Optional[Path], meter: CostMeter) -> tuple[_PassState, int]:
     state = _PassState()
-    quantizer = getattr(tokenizer, "quantizer", None)
-    agreement = hasattr(quantizer, "lookup_precision") and "codebook" in settings.families()
-    capture = _QuantizerInput(quantizer) if agreement else None
     batches, n = _batches(dataset, settings, device)
     from tqdm import tqdm
 
     bar = tqdm(total=len(_shard(n)), unit="img", desc="evaluate",
-              disable=None if settings.progress and ddp.is_main() else True)  # None: off when not a terminal
+               disable=None if settings.progress and ddp.is_main() else True)  # None: off when not a terminal
     try:
         while True:
             with _timed(state, "data", device):
@@ -389,16 +359,14 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
             gidx, ids, real_cpu = batch
             state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_cpu)]  # before the copy
             real_u8 = real_cpu.to(device, non_blocking=True)
-            _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capture, gidx, ids, real_u8)
+            _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx, ids, real_u8)
             bar.update(len(ids))
     finally:
         bar.close()
-        if capture is not None:
-            capture.handle.remove()
     return state, n
 
 
-def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capture, gidx, ids, real_u8) -> None:
+def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx, ids, real_u8) -> None:
     with _timed(state, "convert", device):
         x = compat_model_input(real_u8) if settings.mode == "gsq-compat" else to_model_input(real_u8)
     with _timed(state, "model", device):
@@ -408,14 +376,8 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capt
     for metric in metrics:
         with _timed(state, f"metric:{type(metric).__name__}", device):
             metric.update(real_eval, fake_eval, ids, qout)
-    if capture is not None and capture.z is not None:
-        with _timed(state, "code_agreement", device):
-            a, t = _code_agreement(tokenizer.quantizer, capture.z, qout.indices)
-        state.agree, state.agree_total = state.agree + a, state.agree_total + t
-    meter.images += len(ids)
     state.ids += ids
     state.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
-    state.image_hw = (int(real_u8.shape[-2]), int(real_u8.shape[-1]))
     if out_dir is not None and settings.samples:
         with _timed(state, "samples", device):
             _save_samples(out_dir, gidx, ids, real_eval, fake_eval, settings.samples, state)
@@ -425,12 +387,18 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, capt
 # After the pass: reduce, assemble
 
 
+def _needs_reference(settings: EvalSettings) -> bool:
+    """Whether a metric of the run keeps real-side reference statistics that a file or cache will key."""
+    uses = any(getattr(c, "reference_stats", False) for c in settings.metric_classes())
+    return uses and bool(settings.fid_reference_stats or settings.fid_cache_dir)
+
+
 def _fid_reference(dataset: Any, settings: EvalSettings, device: torch.device) -> Optional[dict[str, Any]]:
     """Data key fields for FID reference statistics, only when a statistics file or cache is in use.
 
     Needs the originals hash before the pass, so it costs one extra read of the (sharded) data then.
     """
-    if "fid" not in settings.families() or not (settings.fid_reference_stats or settings.fid_cache_dir):
+    if not _needs_reference(settings):
         return None
     state = _PassState()
     batches, n = _batches(dataset, settings, device)
@@ -438,7 +406,7 @@ def _fid_reference(dataset: Any, settings: EvalSettings, device: torch.device) -
         state.ids += ids
         state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_u8)]
     ids, originals_hash = _gather_ids(state, n)
-    info = _dataset_info(dataset)
+    info = dataset_fields(dataset)
     return {"dataset": info.get("dataset", info.get("kind")), "split": info.get("split"), "crop": info.get("crop"),
             "resolution": info.get("resolution", info.get("size")), "n": n, "ids_hash": id_list_hash(ids),
             "originals_hash": originals_hash}
@@ -461,16 +429,6 @@ def _code_counts(metrics: Sequence[Metric]) -> Optional[np.ndarray]:
     return None
 
 
-def _agreement_rows(state: _PassState, quantizer: Any) -> list[MetricValue]:
-    """`code_agreement`: fraction of tokens whose code is the same under fp32 and bf16 lookups (int64 sums)."""
-    if not hasattr(quantizer, "lookup_precision"):
-        return []
-    t = ddp.all_reduce_sum(torch.tensor([state.agree, state.agree_total], dtype=torch.int64))
-    if int(t[1]) == 0:
-        return []
-    return [MetricValue("code_agreement", int(t[0]) / int(t[1]), direction="higher", n=int(t[1]))]
-
-
 def _per_image_table(metrics: Sequence[Metric], ids: list[str]) -> dict[str, list]:
     """image_id first, then every metric's per-image columns aligned to the sorted ids."""
     table: dict[str, list] = {"image_id": list(ids)}
@@ -487,22 +445,6 @@ def _per_image_table(metrics: Sequence[Metric], ids: list[str]) -> dict[str, lis
     return table
 
 
-def _card_group(key: str) -> str:
-    """Card group a metric's self-description belongs to: psnr / ssim / lpips / fid / codebook."""
-    family = METRIC_FAMILIES.get(key, "metrics")
-    return key if family == "pixel" else family
-
-
-def _metric_card_fields(metrics: Sequence[Metric]) -> dict[str, dict]:
-    """Group → fields that metrics describe themselves with (their optional `card()` method)."""
-    extra: dict[str, dict] = {}
-    for metric in metrics:
-        card = getattr(metric, "card", None)
-        if callable(card) and metric.keys:
-            extra.setdefault(_card_group(metric.keys[0]), {}).update(card())
-    return extra
-
-
 def _check_required(rows: Sequence[MetricValue], require: Sequence[str]) -> None:
     by_name = {m.name: m for m in rows}
     for key in require:
@@ -513,53 +455,44 @@ def _check_required(rows: Sequence[MetricValue], require: Sequence[str]) -> None
             raise UserError(f"required metric '{key}' is unavailable: {row.unavailable}")
 
 
+def _mark_comparability(rows: Sequence[MetricValue], metrics: Sequence[Metric], facts: Facts) -> None:
+    """Record each value's measurability verdict (`not_comparable`), from the metric class that produced it."""
+    owner = {k: type(m) for m in metrics for k in m.keys}
+    for row in rows:
+        cls = owner.get(row.name)
+        if cls is not None and not row.unavailable:
+            row.not_comparable = cls.comparable(row.name, facts)
+
+
 def _card(tokenizer: nn.Module, settings: EvalSettings, dataset: Any, metrics: Sequence[Metric], ids: list[str],
-          originals_hash: str, counts_rows: Sequence[MetricValue], state: _PassState, device: torch.device,
+          originals_hash: str, rows: Sequence[MetricValue], device: torch.device,
           model_info: Mapping[str, Any]) -> dict:
     quantizer = getattr(tokenizer, "quantizer", None)
-    agreement = next((m.value for m in counts_rows if m.name == "code_agreement"), None)
-    data = {**_dataset_info(dataset), "N": len(ids), "image_id_list_hash": id_list_hash(ids),
+    agreement = next((m.value for m in rows if m.name == "code_agreement"), None)
+    data = {**dataset_fields(dataset), "N": len(ids), "image_id_list_hash": id_list_hash(ids),
             "originals_hash": originals_hash}
+    has_lookup = quantizer is not None and quantizer.lookup_precision is not None
     model = {"weights": settings.weights, "argmin": "first-index", "code_agreement": agreement,
-             "lookup_precision": ("bf16" if settings.mode == "gsq-compat" else "fp32")
-             if hasattr(quantizer, "lookup_precision") else None, **dict(model_info)}
+             "lookup_precision": eval_lookup(settings.mode) if has_lookup else None, **dict(model_info)}
     precision = {"model": settings.model_precision,
                  "autocast": "bf16" if settings.model_precision == "bf16" else None,
                  "tf32": False, "device": str(device),
                  "driver": torch.version.cuda if device.type == "cuda" else None}
-    tokens = None if state.tokens_per_image is None else len(ids) * state.tokens_per_image * int(
-        getattr(quantizer, "groups", 1) or 1)
     runtime = {"versions": _versions(), "world_size": ddp.world_size(), "batch_size": settings.batch_size,
                "seed": settings.seed}
-    # the groups describe the metrics actually run (a caller may pass its own metric objects)
-    families = {METRIC_FAMILIES[k] for m in metrics for k in m.keys if k in METRIC_FAMILIES}
-    families |= {f for f in ("cost",) if f in settings.families()}
-    return build_card(mode=settings.mode, families=families, data=data, model=model,
-                      precision=precision, runtime=runtime, quantizer=quantizer, tokens_counted=tokens,
-                      lpips_nets=settings.lpips_nets, extra=_metric_card_fields(metrics))
-
-
-def _dataset_info(dataset: Any) -> dict[str, Any]:
-    """Data fields the dataset describes itself with (`describe()`, gsqbench.data), else its plain attributes."""
-    describe = getattr(dataset, "describe", None)
-    if callable(describe):
-        return dict(describe())
-    out = {k: getattr(dataset, k) for k in ("kind", "name", "split", "crop", "size", "path")
-           if isinstance(getattr(dataset, k, None), (str, int))}
-    from gsqbench.card import CROP_PROTOCOLS
-
-    if out.get("crop") in CROP_PROTOCOLS:
-        out.update(CROP_PROTOCOLS[out["crop"]])
-    return out
+    return build_card(mode=settings.mode, metrics=metrics, data=data, model=model, precision=precision,
+                      runtime=runtime)
 
 
 def _versions() -> dict[str, Optional[str]]:
-    try:
-        from gsqbench.results import package_versions
+    from gsqbench.results import package_versions
 
-        return package_versions()
-    except ImportError:  # pragma: no cover - results module absent
-        return {"torch": torch.__version__}
+    return package_versions()
+
+
+def _facts(state: _PassState, ids: list[str], quantizer: Any) -> Facts:
+    return Facts(n_images=len(ids), tokens_per_group=len(ids) * (state.tokens_per_image or 0),
+                 codebook_size=getattr(quantizer, "codebook_size", None), groups=getattr(quantizer, "groups", None))
 
 
 def evaluate(
@@ -580,29 +513,28 @@ def evaluate(
     device = torch.device(device)
     check_required_weights(settings.require)
     torch.manual_seed(settings.seed)
-    if metrics is None:
-        metrics = build_metrics(settings, device, tokenizer, _fid_reference(dataset, settings, device))
-    metrics = list(metrics)
     meter = CostMeter(device)
+    if metrics is None:
+        metrics = build_metrics(settings, device, tokenizer, _fid_reference(dataset, settings, device), meter)
+    metrics = list(metrics)
     out = Path(out_dir) if out_dir is not None else None
-    with torch.no_grad(), _eval_state(tokenizer, settings):
-        state, n = _run_pass(tokenizer, dataset, settings, metrics, device, out, meter)
+    try:
+        with torch.no_grad(), _eval_state(tokenizer, settings):
+            state, n = _run_pass(tokenizer, dataset, settings, metrics, device, out, meter)
+            for metric in metrics:
+                with _timed(state, f"sync:{type(metric).__name__}", device):
+                    metric.sync()
+            ids, originals_hash = _gather_ids(state, n)
+            counts = _code_counts(metrics)
+            rows = []
+            for metric in metrics:
+                with _timed(state, f"compute:{type(metric).__name__}", device):
+                    rows += metric.compute()
+    finally:
         for metric in metrics:
-            with _timed(state, f"sync:{type(metric).__name__}", device):
-                metric.sync()
-        ids, originals_hash = _gather_ids(state, n)
-        counts = _code_counts(metrics)
-        extra_rows = _agreement_rows(state, getattr(tokenizer, "quantizer", None)) \
-            if "codebook" in settings.families() else []
-        rows = []
-        for metric in metrics:
-            with _timed(state, f"compute:{type(metric).__name__}", device):
-                rows += metric.compute()
-        rows += extra_rows
-        if "cost" in settings.families():
-            rows += meter.values(tokenizer, image_hw=state.image_hw, tokens_per_image=state.tokens_per_image)
+            metric.close()
     _check_required(rows, settings.require)
-    card = _card(tokenizer, settings, dataset, metrics, ids, originals_hash, extra_rows, state, device,
-                 model_info or {})
+    _mark_comparability(rows, metrics, _facts(state, ids, getattr(tokenizer, "quantizer", None)))
+    card = _card(tokenizer, settings, dataset, metrics, ids, originals_hash, rows, device, model_info or {})
     return EvalResult(metrics=rows, per_image=_per_image_table(metrics, ids), code_counts=counts, card=card,
                       card_hash=card["card_hash"], timings=dict(state.timings), samples=list(state.saved))

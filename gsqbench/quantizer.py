@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from gsqbench.errors import UserError
 
@@ -30,17 +30,33 @@ class QuantizerOutput:
 
 @runtime_checkable
 class Quantizer(Protocol):
-    """An nn.Module mapping a (b, dim, h, w) latent to a QuantizerOutput."""
+    """An nn.Module mapping a (b, dim, h, w) latent to a QuantizerOutput (docs/contracts.md "Quantizers")."""
 
     dim: int  # channels the quantizer consumes and produces
     codebook_size: int  # V per group (for FSQ/LFQ the implicit codebook size)
     groups: int  # G: index tuples per position
+    lookup_precision: str | None  # the nearest-code lookup mode, or None for quantizers without a codebook search
 
     def forward(self, z: Tensor) -> QuantizerOutput: ...
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(b, h, w, g) int64 -> (b, dim, h, w); exact inverse of forward's z_q in eval mode."""
         ...
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        """Small constructor kwargs that the contract tests build the quantizer with."""
+        ...
+
+
+class QuantizerBase(nn.Module):
+    """Convenience base for quantizer files: the protocol's defaults (no codebook search, no example config)."""
+
+    lookup_precision: str | None = None
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        raise NotImplementedError(f"{cls.__name__}.example_config(): give small kwargs for the contract tests")
 
 
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:

@@ -1,9 +1,16 @@
-"""Name → class registries and the discovery of quantizer files (the subjects under test).
+"""Name → class registries for the three extension points (quantizers, metrics, discriminators) and plugin discovery.
 
-One generic `Registry` (register / get / names / build) in the spirit of timm's model registry, plus
-quantizer discovery: every `*.py` in the repository's top-level `tokenizers/` folder, in directories
-given with `--plugins DIR`, and in entry points of the group `gsqbench.tokenizers`. Files are loaded
-**by path** under private module names (`_gsqbench_tokenizers.<stem>`), so nothing ever imports a
+One generic `Registry` (register / get / names / build) in the spirit of timm's model registry. Three instances:
+`QUANTIZERS` (the subjects under test), `METRICS` (evaluation metrics, gsqbench.metrics.base.Metric subclasses) and
+`DISCRIMINATORS` (GAN discriminators). A plugin is one `*.py` file whose `@register_quantizer`, `@register_metric`
+or `@register_discriminator` decorators do the registering; `discover()` loads, once each:
+- the built-in quantizers: the repository's top-level `tokenizers/` folder (a source checkout or editable install)
+  or the copy shipped inside the wheel (`gsqbench/_builtin_tokenizers`); never `site-packages/tokenizers`,
+  which is the Hugging Face package's folder;
+- the built-in metric and discriminator modules (`BUILTIN_MODULES`);
+- directories given with `--plugins DIR` or `GSQBENCH_PLUGINS`, and entry points of the groups
+  `gsqbench.plugins` and `gsqbench.tokenizers`.
+Files are loaded **by path** under private module names (`_gsqbench_tokenizers.<stem>`), so nothing ever imports a
 module called `tokenizers` and the PyPI package of that name keeps working beside this project.
 
 `build` checks constructor kwargs against the class signature (unknown names, missing required ones,
@@ -29,10 +36,31 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ENTRY_POINT_GROUP = "gsqbench.tokenizers"
+ENTRY_POINT_GROUPS = ("gsqbench.plugins", "gsqbench.tokenizers")
 _BUILTIN_PACKAGE = "_gsqbench_tokenizers"  # private name space for tokenizers/*.py
 _PLUGIN_PACKAGE = "_gsqbench_plugins"  # private name space for --plugins files
-TOKENIZERS_DIR = Path(__file__).resolve().parent.parent / "tokenizers"
+#: modules whose import registers the built-in metrics and discriminators
+BUILTIN_MODULES = (
+    "gsqbench.metrics.pixel", "gsqbench.metrics.lpips", "gsqbench.metrics.fid", "gsqbench.metrics.codebook",
+    "gsqbench.metrics.cost", "gsqbench.models.discriminator",
+)
+
+
+def builtin_tokenizers_dir() -> Path | None:
+    """Where the built-in quantizer files live: the copy inside an installed wheel, else the source checkout's
+    top-level `tokenizers/` (recognised by the pyproject.toml beside it, so an unrelated `site-packages/tokenizers`
+    folder, e.g. the Hugging Face package, is never scanned)."""
+    packaged = Path(__file__).resolve().parent / "_builtin_tokenizers"
+    if packaged.is_dir():
+        return packaged
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if (root / "tokenizers").is_dir() and pyproject.is_file() and 'name = "gsqbench"' in pyproject.read_text("utf-8"):
+        return root / "tokenizers"
+    return None
+
+
+TOKENIZERS_DIR = builtin_tokenizers_dir()
 
 
 class Registry(Generic[T]):
@@ -66,6 +94,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def registration_order(self) -> list[str]:
+        """Names in the order they were registered (built-ins first: discover() loads them before plugins)."""
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
@@ -159,9 +191,11 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# quantizers
+# the three extension points
 
 QUANTIZERS: Registry[type] = Registry("quantizer")
+METRICS: Registry[type] = Registry("metric")
+DISCRIMINATORS: Registry[type] = Registry("discriminator")
 
 
 def register_quantizer(name: str) -> Callable[[type], type]:
@@ -169,9 +203,20 @@ def register_quantizer(name: str) -> Callable[[type], type]:
     return QUANTIZERS.register(name)
 
 
+def register_metric(name: str) -> Callable[[type], type]:
+    """Decorator for a gsqbench.metrics.base.Metric subclass (docs/contracts.md "Metrics")."""
+    return METRICS.register(name)
+
+
+def register_discriminator(name: str) -> Callable[[type], type]:
+    """Decorator for a GAN discriminator module class (docs/contracts.md "Discriminators")."""
+    return DISCRIMINATORS.register(name)
+
+
 _loaded_files: set[Path] = set()
 _plugin_dirs: list[Path] = []
 _entry_points_loaded = False
+_builtins_loaded = False
 
 
 def _ensure_package(name: str) -> None:
@@ -190,7 +235,7 @@ def _module_name(path: Path, builtin: bool) -> str:
 
 
 def load_file(path: str | Path, *, builtin: bool = False) -> None:
-    """Execute one quantizer file by path (once); its `@register_quantizer` calls do the registering."""
+    """Execute one plugin file by path (once); its `@register_*` calls do the registering."""
     path = Path(path).resolve()
     if path in _loaded_files:
         return
@@ -198,7 +243,7 @@ def load_file(path: str | Path, *, builtin: bool = False) -> None:
     _ensure_package(name.rsplit(".", 1)[0])
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise UserError(f"quantizer plugin {path}: not a loadable Python file")
+        raise UserError(f"plugin {path}: not a loadable Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     _loaded_files.add(path)  # before exec: a failing file is reported once, not re-run on every call
@@ -206,29 +251,29 @@ def load_file(path: str | Path, *, builtin: bool = False) -> None:
         spec.loader.exec_module(module)
     except UserError as exc:
         sys.modules.pop(name, None)
-        raise UserError(f"quantizer plugin {path}: {exc}") from exc
+        raise UserError(f"plugin {path}: {exc}") from exc
     except Exception as exc:  # a plugin may fail in any way; the user needs the file and the reason
         sys.modules.pop(name, None)
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise UserError(f"quantizer plugin {path} failed to load: {reason}") from exc
-    log.debug("loaded quantizer file %s as %s", path, name)
+        raise UserError(f"plugin {path} failed to load: {reason}") from exc
+    log.debug("loaded plugin file %s as %s", path, name)
 
 
 def _load_dir(directory: Path, *, builtin: bool) -> None:
     for path in sorted(directory.glob("*.py")):
-        if not path.name.startswith("_"):  # leading underscore: private helper, not a subject
+        if not path.name.startswith("_"):  # leading underscore: private helper, not a plugin
             load_file(path, builtin=builtin)
 
 
 def add_plugin_dirs(dirs: Iterable[str | Path]) -> None:
-    """Register extra quantizer directories (the CLI's `--plugins DIR`) and load them now."""
+    """Register extra plugin directories (the CLI's `--plugins DIR`) and load them now."""
     for d in dirs:
         path = Path(d).expanduser().resolve()
         if not path.is_dir():
             raise UserError(f"--plugins: {d} is not a directory")
         if path not in _plugin_dirs:
             _plugin_dirs.append(path)
-    discover_quantizers()
+    discover()
 
 
 def _load_entry_points() -> None:
@@ -236,46 +281,74 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()  # importing the target runs its @register_quantizer decorators
-        except UserError:
-            raise
-        except Exception as exc:
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise UserError(f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP} failed: {reason}") from exc
+    for group in ENTRY_POINT_GROUPS:
+        for ep in metadata.entry_points(group=group):
+            try:
+                ep.load()  # importing the target runs its @register_* decorators
+            except UserError:
+                raise
+            except Exception as exc:
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+                raise UserError(f"entry point {ep.name!r} ({ep.value}) in group {group} failed: {reason}") from exc
 
 
-def discover_quantizers() -> Registry[type]:
-    """Load every quantizer file not loaded yet (idempotent) and return `QUANTIZERS`.
+def _load_builtin_modules() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
 
-    Sources: the top-level `tokenizers/` folder, `--plugins` dirs, the `GSQBENCH_PLUGINS` environment variable
-    (dirs separated by os.pathsep: lets `pytest tests/test_quantizers_contract.py` check a user's variant),
-    and the `gsqbench.tokenizers` entry-point group.
-    """
-    if TOKENIZERS_DIR.is_dir():
+
+def discover() -> None:
+    """Load every plugin source not loaded yet (idempotent): built-in quantizer files, metric and discriminator
+    modules, `--plugins` dirs, the `GSQBENCH_PLUGINS` environment variable (dirs separated by os.pathsep: lets
+    `pytest tests/test_*_contract.py` check a user's plugins) and the entry-point groups."""
+    if TOKENIZERS_DIR is not None:
         _load_dir(TOKENIZERS_DIR, builtin=True)
+    _load_builtin_modules()
     env_dirs = [d for d in os.environ.get("GSQBENCH_PLUGINS", "").split(os.pathsep) if d]
     if env_dirs and any(Path(d).expanduser().resolve() not in _plugin_dirs for d in env_dirs):
         add_plugin_dirs(env_dirs)  # loads them (and re-enters here once, with nothing new to add)
     for d in list(_plugin_dirs):
         _load_dir(d, builtin=False)
     _load_entry_points()
+
+
+def discover_quantizers() -> Registry[type]:
+    """`discover()`, then the quantizer registry."""
+    discover()
     return QUANTIZERS
+
+
+def discover_metrics() -> Registry[type]:
+    discover()
+    return METRICS
+
+
+def discover_discriminators() -> Registry[type]:
+    discover()
+    return DISCRIMINATORS
 
 
 def build_quantizer(cfg: Mapping[str, Any]) -> Any:
     """`{"name": "gsq", **kwargs}` → a quantizer module (unknown name or bad kwarg → UserError)."""
     if not isinstance(cfg, Mapping):
         raise UserError(f"quantizer: expected a mapping with a 'name' key, got {cfg!r}")
-    discover_quantizers()
+    discover()
     if "name" not in cfg:
         raise UserError(f"quantizer: missing 'name' (valid: {', '.join(QUANTIZERS.names())})")
     kwargs = {k: v for k, v in cfg.items() if k != "name"}
     return QUANTIZERS.build(cfg["name"], kwargs)
 
 
+def build_discriminator(name: str, kwargs: Mapping[str, Any]) -> Any:
+    """A registered discriminator with checked kwargs (unknown name or bad kwarg → UserError)."""
+    discover()
+    return DISCRIMINATORS.build(name, kwargs)
+
+
 def describe(obj: Any) -> str:
-    """First line of the docstring (what `gsqbench list quantizers` shows)."""
+    """First line of the docstring (what `gsqbench list` shows)."""
     doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""

@@ -14,6 +14,7 @@ from gsqbench import augment
 from gsqbench import losses as L
 from gsqbench.errors import UserError
 from gsqbench.models import discriminator as D
+from gsqbench.registry import build_discriminator
 
 FB_FILENAME = "dinov2_vits14_reg4_pretrain.pth"
 
@@ -170,7 +171,7 @@ def test_dino_through_weight_manager_and_errors(fb_weights, tmp_path, monkeypatc
     monkeypatch.setenv("GSQBENCH_HOME", str(home))
     monkeypatch.delenv("GSQBENCH_WEIGHTS_MANIFEST", raising=False)
     with pytest.raises(UserError) as err:
-        D.build_discriminator({"name": "dino", "img_size": 112})
+        build_discriminator("dino", {"img_size": 112})
     assert "dinov2-vits14-reg" in str(err.value) and "\n" not in str(err.value)
     random_disc = D.DinoDiscriminator(img_size=56, allow_random_backbone=True)  # opt-in smoke mode only
     assert random_disc.backbone_source == "random"
@@ -180,13 +181,13 @@ def test_dino_through_weight_manager_and_errors(fb_weights, tmp_path, monkeypatc
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     monkeypatch.setenv("GSQBENCH_WEIGHTS_MANIFEST",
                        json.dumps({"dinov2-vits14-reg": {"filename": FB_FILENAME, "sha256": sha}}))
-    disc = D.build_discriminator({"name": "dino", "img_size": 112})
+    disc = build_discriminator("dino", {"img_size": 112})
     assert disc.backbone_source.endswith(FB_FILENAME)
     assert torch.equal(disc.backbone.state_dict()["pos_embed"], dino112.backbone.state_dict()["pos_embed"])
     with pytest.raises(UserError, match="did you mean 'dino'"):
-        D.build_discriminator({"name": "dinno"})
+        build_discriminator("dinno", {})
     with pytest.raises(UserError, match="patchgan"):
-        D.build_discriminator({"name": "patchgan", "filters": 3})
+        build_discriminator("patchgan", {"filters": 3})
     with pytest.raises(UserError, match="img_size"):
         D.DinoDiscriminator(img_size=100, weights=path)
     junk = tmp_path / "junk.pth"

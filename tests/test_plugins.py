@@ -1,5 +1,6 @@
-"""A quantizer file dropped into a `--plugins` directory is listed by the CLI and passes the same
-contract checks as the built-in ones, with no other edit; broken plugin files give one-line errors."""
+"""A quantizer, metric or discriminator file dropped into a `--plugins` directory is listed by the CLI, runs in a
+suite and passes the same contract checks as the built-in ones, with no other edit; broken plugin files give
+one-line errors."""
 from __future__ import annotations
 
 import textwrap
@@ -10,7 +11,9 @@ import pytest
 
 from gsqbench import registry
 from gsqbench.cli import main
-from gsqbench.registry import QUANTIZERS
+from gsqbench.registry import DISCRIMINATORS, METRICS, QUANTIZERS
+from test_discriminators_contract import check_discriminator_contract
+from test_metrics_contract import check_metric_contract
 from test_quantizers_contract import check_quantizer_contract
 
 PLUGIN = textwrap.dedent(
@@ -28,6 +31,8 @@ PLUGIN = textwrap.dedent(
     @register_quantizer("{name}")
     class RoundingQuantizer(nn.Module):
         """Rounding plugin: clamp(round(z), -2, 2) per channel, one group per channel."""
+
+        lookup_precision = None  # no nearest-code search
 
         def __init__(self, dim: int, scale: float = 1.0) -> None:
             super().__init__()
@@ -51,13 +56,24 @@ PLUGIN = textwrap.dedent(
 )
 
 
+def docs_example(heading: str) -> str:
+    """The first ```python block after `heading` in docs/contracts.md: the worked examples there are the plugins
+    these tests load, so the documentation cannot drift from what works."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
 @pytest.fixture
 def plugin_dir(tmp_path: Path) -> Iterator[Path]:
-    """A plugin directory; everything it registers is removed from the global registry afterwards."""
-    before = set(QUANTIZERS.names())
+    """A plugin directory; everything it registers is removed from the global registries afterwards."""
+    regs = (QUANTIZERS, METRICS, DISCRIMINATORS)
+    before = [set(r.names()) for r in regs]
     yield tmp_path
-    for name in set(QUANTIZERS.names()) - before:
-        QUANTIZERS.unregister(name)
+    for reg, names in zip(regs, before):
+        for name in set(reg.names()) - names:
+            reg.unregister(name)
     if tmp_path.resolve() in registry._plugin_dirs:
         registry._plugin_dirs.remove(tmp_path.resolve())
 
@@ -100,3 +116,45 @@ def test_broken_plugin_file_is_a_one_line_error_naming_the_file(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("gsqbench: error:")
     assert str(bad.resolve()) in err and needle in err
+
+
+def test_metric_and_discriminator_plugins_are_listed_run_in_a_suite_and_pass_the_contracts(
+    plugin_dir: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture, one_thread
+) -> None:
+    """Issue 11: a new metric and a new discriminator are one file each, with no edit anywhere else."""
+    import numpy as np
+
+    from gsqbench.config import suite_from_dict
+    from gsqbench.results import load_results, read_per_image, read_run_info
+    from gsqbench.runner import run_suite
+
+    (plugin_dir / "mae.py").write_text(docs_example("## Metrics"))
+    (plugin_dir / "tinyd.py").write_text(docs_example("## Discriminators"))
+    assert main(["--plugins", str(plugin_dir), "list", "metrics"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("mae ") and "mae_u8 (lower)" in line for line in out.splitlines())
+    assert "psnr " in out and "rfid@inception " in out
+    assert main(["--plugins", str(plugin_dir), "list", "discriminators"]) == 0
+    assert any(line.startswith("tinyd ") for line in capsys.readouterr().out.splitlines())
+    check_metric_contract("mae")
+    check_discriminator_contract("tinyd")
+
+    raw = {"suite": "plugins",
+           "shared": {"model": {"preset": "tiny-f4", "latent_dim": 4},
+                      "data": {"train": {"kind": "synthetic", "size": 16, "limit": 8},
+                               "eval": {"kind": "synthetic", "size": 16, "limit": 4}},
+                      "train": {"steps": 3, "batch_size": 2, "precision": "fp32", "checkpoint_every": 3},
+                      "gan": {"discriminator": "tinyd", "start_step": 1, "options": {"channels": 8}},
+                      "eval": {"metrics": ["pixel", "extra"], "batch_size": 2, "samples": 0}},
+           "subjects": [{"name": "gsq", "quantizer": {"name": "gsq", "dim": 4, "codebook_size": 16}}]}
+    root = tmp_path_factory.mktemp("results")
+    res = run_suite(suite_from_dict(raw), root, progress=False)
+    run_dir = res.run_dirs[0]
+    rows = load_results(root).set_index("metric")
+    assert rows.loc["mae_u8", "direction"] == "lower" and np.isfinite(float(rows.loc["mae_u8", "value"]))
+    per_image = read_per_image(run_dir)
+    assert float(rows.loc["mae_u8", "value"]) == pytest.approx(per_image["mae_u8"].mean(), rel=1e-12)
+    info = read_run_info(run_dir)
+    assert info["card"]["mae"] == {"definition": "mean |real - fake| over H*W*3, uint8 levels"}
+    assert info["train"]["discriminator"] == "tinyd"
+    assert "loss_d" in (run_dir / "train_log.csv").read_text().splitlines()[0]  # the plugin D trained

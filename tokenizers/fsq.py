@@ -14,10 +14,12 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gsqbench.errors import UserError
-from gsqbench.quantizer import QuantizerOutput, batch_usage, check_channels, check_indices, straight_through
+from gsqbench.quantizer import (
+    QuantizerBase, QuantizerOutput, batch_usage, check_channels, check_indices, straight_through,
+)
 from gsqbench.registry import register_quantizer
 
 LEVEL_PRESETS: dict[int, list[int]] = {
@@ -56,7 +58,7 @@ def resolve_levels(levels: list[int] | None, dim: int | None, codebook_size: int
 
 
 @register_quantizer("fsq")
-class FiniteScalarQuantizer(nn.Module):
+class FiniteScalarQuantizer(QuantizerBase):
     """FSQ (Mentzer et al. 2023): tanh-bounded per-channel rounding to L_k levels, mixed-radix index, no aux loss."""
 
     def __init__(

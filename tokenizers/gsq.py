@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
+    QuantizerBase,
     QuantizerOutput,
     check_channels,
     check_grouping,
@@ -93,7 +94,7 @@ def sample_entropy_of_distance(z: Tensor, codebook: Tensor, temperature: float, 
 
 
 @register_quantizer("gsq")
-class GroupedSphericalQuantizer(nn.Module):
+class GroupedSphericalQuantizer(QuantizerBase):
     """GSQ (Wang et al. 2024): G groups of d = D/G channels, one shared l2-normalised codebook, raw-row output."""
 
     def __init__(

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from gsqbench.errors import UserError
-from gsqbench.quantizer import QuantizerOutput, batch_usage, check_channels, check_indices, straight_through
+from gsqbench.quantizer import (
+    QuantizerBase, QuantizerOutput, batch_usage, check_channels, check_indices, straight_through,
+)
 from gsqbench.registry import register_quantizer
 
 
@@ -102,7 +104,7 @@ def lfq_entropy_terms(z: Tensor, tau: float, block_elems: int = 1 << 22) -> tupl
 
 
 @register_quantizer("lfq")
-class LookupFreeQuantizer(nn.Module):
+class LookupFreeQuantizer(QuantizerBase):
     """LFQ (MAGVIT-v2): sign of each of K = log2 V channels, entropy + commitment losses (Open-MAGVIT2 weights)."""
 
     def __init__(

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from gsqbench import distributed as ddp
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
+    QuantizerBase,
     QuantizerOutput,
     check_channels,
     check_grouping,
@@ -36,7 +37,7 @@ from gsqbench.registry import register_quantizer
 
 
 @register_quantizer("vq")
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(QuantizerBase):
     """VQ baseline (paper's): uniform-init codebook, squared-distance lookup; optional EMA and dead-code restarts."""
 
     def __init__(

@@ -1,4 +1,4 @@
-"""`gsqbench list {quantizers,presets,weights,configs}`: show what this installation can build and use.
+"""`gsqbench list {quantizers,metrics,discriminators,presets,weights,configs}`: what this installation can build and use.
 
 Each listing reads one registry or module and degrades to "not available" when that module is absent,
 so the command works at every stage of the project.
@@ -9,8 +9,8 @@ import argparse
 import importlib
 from pathlib import Path
 
-HELP = "list registered quantizers, model presets, known weight files or shipped configs"
-KINDS = ("quantizers", "presets", "weights", "configs")
+HELP = "list registered quantizers, metrics, discriminators, model presets, known weight files or shipped configs"
+KINDS = ("quantizers", "metrics", "discriminators", "presets", "weights", "configs")
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -36,6 +36,26 @@ def list_quantizers() -> list[str]:
     from gsqbench.registry import describe, discover_quantizers
 
     reg = discover_quantizers()
+    return _rows([(name, describe(reg.get(name))) for name in reg.names()])
+
+
+def list_metrics() -> list[str]:
+    """One line per registered metric: name, family, the keys it produces (with directions), description."""
+    from gsqbench.registry import describe, discover_metrics
+
+    reg = discover_metrics()
+    rows = []
+    for name in reg.names():
+        cls = reg.get(name)
+        keys = ", ".join(f"{k} ({d})" for k, d in cls.outputs.items())
+        rows.append((name, f"[{cls.family}] {keys}: {describe(cls)}"))
+    return _rows(rows)
+
+
+def list_discriminators() -> list[str]:
+    from gsqbench.registry import describe, discover_discriminators
+
+    reg = discover_discriminators()
     return _rows([(name, describe(reg.get(name))) for name in reg.names()])
 
 
@@ -66,8 +86,8 @@ def list_configs() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    listing = {"quantizers": list_quantizers, "presets": list_presets,
-               "weights": list_weights, "configs": list_configs}[args.kind]
+    listing = {"quantizers": list_quantizers, "metrics": list_metrics, "discriminators": list_discriminators,
+               "presets": list_presets, "weights": list_weights, "configs": list_configs}[args.kind]
     for line in listing():
         print(line)
     return 0

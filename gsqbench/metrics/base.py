@@ -1,23 +1,37 @@
 """The streaming metric contract: every metric sees the same uint8 (real, fake) pairs, once.
 
-A metric accumulates sums (reduced across DDP ranks) or per-image values (gathered and sorted by image id), and
-`compute()` returns MetricValue rows. Per-image metrics report the mean over images with a standard error and a
-bootstrap 95 % interval (metrics-protocol.md §3–§5, §10).
+A metric is a class registered with `@gsqbench.registry.register_metric(name)` (docs/contracts.md "Metrics"). It
+declares, as class attributes, what the rest of gsqbench needs to know without running it:
+- `family`: the group it is selected by (`pixel`, `lpips`, `fid`, `codebook`, `cost`, or a plugin's own);
+- `outputs`: the metric keys it produces, each with its direction (`lower` / `higher` / `none`);
+- `weights`: the weight-manager files it cannot do without (checked up front when one of its keys is required);
+- `card_group`: the protocol-card group its `card()` fields describe;
+- `reference_stats`: whether it keeps real-side statistics that `fid_reference_stats` / `fid_cache_dir` may supply;
+- `comparable(key, facts)`: when a value is comparable at all (e.g. enough tokens for usage, enough images for
+  FID); `None` means comparable, a string says why not.
+`create(ctx)` builds the instance for one evaluation (or returns None when it does not apply, e.g. codebook metrics
+without a quantizer). Per batch `update`, across DDP ranks `sync` (no-op on one process), then `compute()` returns
+MetricValue rows. Per-image metrics report the mean over images with a standard error and a bootstrap 95 %
+interval (metrics-protocol.md §3–§5, §10).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 Direction = Literal["lower", "higher", "none"]
 
 
 @dataclass
 class MetricValue:
-    """One result row. `unavailable` holds the reason (with the fix command) when the value could not be computed."""
+    """One result row. `unavailable` holds the reason (with the fix command) when the value could not be computed;
+    `not_comparable` the reason when it was computed but cannot be compared (the metric's measurability rule)."""
 
     name: str
     value: float
@@ -27,17 +41,67 @@ class MetricValue:
     direction: Direction = "none"
     n: Optional[int] = None
     unavailable: Optional[str] = None
+    not_comparable: Optional[str] = None
 
     @classmethod
     def missing(cls, name: str, reason: str, direction: Direction = "none") -> "MetricValue":
         return cls(name=name, value=float("nan"), direction=direction, unavailable=reason)
 
 
-class Metric:
-    """Base class: `update` per batch, `sync` across ranks (no-op on one process), then `compute`."""
+@dataclass
+class MetricContext:
+    """What `Metric.create` may use to build itself for one evaluation (evaluate.py fills it)."""
 
-    #: metric keys this metric produces
-    keys: tuple[str, ...] = ()
+    device: "torch.device"
+    settings: Any  # gsqbench.evaluate.EvalSettings
+    tokenizer: Any = None  # the model under evaluation (Tokenizer contract), or None
+    required: frozenset = frozenset()  # metric keys the user required (missing weights => UserError)
+    fid_reference: Optional[Mapping[str, Any]] = None  # data key fields for reference-statistics files/caches
+    meter: Any = None  # gsqbench.metrics.cost.CostMeter timing encode/decode in the pass
+
+    @property
+    def quantizer(self) -> Any:
+        return getattr(self.tokenizer, "quantizer", None)
+
+    def requires_any(self, keys: Sequence[str]) -> bool:
+        return bool(self.required & set(keys))
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a measurability rule may look at: the evaluation's size and the subject's codebook."""
+
+    n_images: int = 0
+    tokens_per_group: int = 0  # T_g = N·h·w
+    codebook_size: Optional[int] = None  # V per group
+    groups: Optional[int] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Metric:
+    """Base class of every registered metric; subclasses set the class attributes and implement update/compute."""
+
+    family: ClassVar[str] = ""
+    outputs: ClassVar[Mapping[str, Direction]] = {}
+    weights: ClassVar[tuple[str, ...]] = ()
+    card_group: ClassVar[str] = ""
+    reference_stats: ClassVar[bool] = False  # keeps real-side reference statistics (a file or cache may key them)
+    deterministic: ClassVar[bool] = True  # values are a function of the images (False: timings, e.g. images/s)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Metric keys this metric produces (in `outputs` order)."""
+        return tuple(self.outputs)
+
+    @classmethod
+    def create(cls, ctx: MetricContext) -> Optional["Metric"]:
+        """The instance for one evaluation; None when the metric does not apply to this subject."""
+        return cls()
+
+    @classmethod
+    def comparable(cls, key: str, facts: Facts) -> Optional[str]:
+        """Measurability rule: None when a value of `key` measured under `facts` may be compared, else the reason."""
+        return None
 
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -48,9 +112,20 @@ class Metric:
     def compute(self) -> list[MetricValue]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what `create` attached to the model (hooks); called once the pass ends, even on error."""
+
     def per_image(self) -> dict[str, list[float]]:
         """Per-image values keyed by metric name, in the order of `image_ids` seen (after sync: sorted by id)."""
         return {}
+
+    def card(self) -> dict:
+        """Protocol-card fields of `card_group` (metrics-protocol.md §12)."""
+        return {}
+
+    def card_fields(self) -> dict[str, dict]:
+        """Card group → fields; a metric describing several groups (FID also describes IS) overrides this."""
+        return {self.card_group: self.card()} if self.card_group else {}
 
 
 def mean_with_interval(

@@ -23,7 +23,8 @@ import torch
 
 from gsqbench import distributed
 from gsqbench.errors import UserError
-from gsqbench.metrics.base import Direction, Metric, MetricValue
+from gsqbench.metrics.base import Direction, Metric, MetricContext, MetricValue
+from gsqbench.registry import register_metric
 
 MAX_DENSE_CODES = 1 << 24
 
@@ -84,11 +85,13 @@ def _digits(indices: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
+@register_metric("codebook")
 class CodebookMetric(Metric):
     """Usage / perplexity / entropy / dead codes of the eval set's indices (§8). Directions: usage, ppl and entropy
     higher; dead_codes lower; tokens_counted none. `code_counts()` is the (G, V) array stored as `codes.npz`."""
 
-    keys = tuple(DIRECTIONS)
+    family, card_group = "codebook", "codebook"
+    outputs = DIRECTIONS
 
     def __init__(
         self,
@@ -117,6 +120,11 @@ class CodebookMetric(Metric):
         self.tokens_per_image: Optional[int] = None
         self._allocated = False
         self._synced = False
+
+    @classmethod
+    def create(cls, ctx: MetricContext) -> Optional["CodebookMetric"]:
+        # V cannot be inferred from the indices seen, so the metric needs the quantizer it is sized from
+        return cls.for_quantizer(ctx.quantizer, ctx.device) if ctx.quantizer is not None else None
 
     @classmethod
     def for_quantizer(cls, quantizer, device: Optional[torch.device | str] = None) -> "CodebookMetric":
@@ -220,3 +228,54 @@ class CodebookMetric(Metric):
         return {"codebook_V": self.V, "codebook_G": self.G, "tokens_per_group": t_g,
                 "tokens_counted": t_g * (self.G or 0), "codebook_definitions": "metrics-protocol §8 v1",
                 "codebook_dense_histogram": self.dense}
+
+
+@register_metric("code_agreement")
+class CodeAgreementMetric(Metric):
+    """`code_agreement`: fraction of tokens whose code is unchanged when the quantizer's nearest-code lookup is redone
+    at the other precision (fp32 vs the official bf16), metrics-protocol.md §9; only for quantizers with a lookup.
+
+    The latent the quantizer sees is captured with a forward pre-hook; the comparison lookup runs on it per batch.
+    """
+
+    family, card_group = "codebook", ""
+    outputs = {"code_agreement": "higher"}
+
+    def __init__(self, quantizer: torch.nn.Module) -> None:
+        self.quantizer = quantizer
+        self.z: Optional[torch.Tensor] = None
+        self.handle = quantizer.register_forward_pre_hook(self._capture)
+        self.counts = torch.zeros(2, dtype=torch.int64)  # (agreeing tokens, tokens)
+
+    @classmethod
+    def create(cls, ctx: MetricContext) -> Optional["CodeAgreementMetric"]:
+        q = ctx.quantizer
+        return cls(q) if q is not None and q.lookup_precision is not None else None
+
+    def _capture(self, module: torch.nn.Module, args: tuple) -> None:
+        self.z = args[0].detach()
+
+    def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
+        if self.z is None or qout is None:
+            return
+        current = self.quantizer.lookup_precision
+        self.quantizer.lookup_precision = "bf16" if current == "fp32" else "fp32"
+        try:
+            other = self.quantizer(self.z).indices
+        finally:
+            self.quantizer.lookup_precision = current
+        self.counts += torch.tensor([int((other == qout.indices).sum()), int(qout.indices.numel())])
+        self.z = None
+
+    def sync(self) -> None:
+        self.close()
+        self.counts = distributed.all_reduce_sum(self.counts)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+    def compute(self) -> list[MetricValue]:
+        agree, total = int(self.counts[0]), int(self.counts[1])
+        if total == 0:
+            return []
+        return [MetricValue("code_agreement", agree / total, direction="higher", n=total)]

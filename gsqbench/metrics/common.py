@@ -14,7 +14,7 @@ import torch
 
 from gsqbench import distributed
 from gsqbench.errors import UserError
-from gsqbench.metrics.base import Direction, Metric, MetricValue, mean_with_interval
+from gsqbench.metrics.base import Metric, MetricValue, mean_with_interval
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ class PerImageMetric(Metric):
     squared-error sums for pooled PSNR) and not reported per image.
     """
 
-    directions: dict[str, Direction] = {}
     columns: tuple[str, ...] = ()
 
     def __init__(self) -> None:
@@ -127,5 +126,5 @@ class PerImageMetric(Metric):
 
     def compute(self) -> list[MetricValue]:
         if self._unavailable is not None:
-            return [MetricValue.missing(k, self._unavailable, self.directions[k]) for k in self.keys]
-        return [mean_with_interval(self._values[k], k, self.directions[k]) for k in self.keys]
+            return [MetricValue.missing(k, self._unavailable, self.outputs[k]) for k in self.keys]
+        return [mean_with_interval(self._values[k], k, self.outputs[k]) for k in self.keys]

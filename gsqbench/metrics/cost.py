@@ -13,16 +13,20 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from gsqbench import distributed as ddp
-from gsqbench.metrics.base import MetricValue
+from gsqbench.metrics.base import Direction, Metric, MetricContext, MetricValue
+from gsqbench.registry import register_metric
 
-KEYS = ("params", "params_quantizer", "encode_images_per_s", "decode_images_per_s", "peak_memory_mb",
-        "bits_per_token", "bits_per_image", "compression_ratio")
+DIRECTIONS: dict[str, Direction] = {
+    "params": "none", "params_quantizer": "none", "encode_images_per_s": "higher", "decode_images_per_s": "higher",
+    "peak_memory_mb": "lower", "bits_per_token": "none", "bits_per_image": "none", "compression_ratio": "none",
+}
+KEYS = tuple(DIRECTIONS)
 
 
 def count_params(model: nn.Module) -> int:
@@ -127,3 +131,31 @@ def rate_values(quantizer: Optional[nn.Module], image_hw: Optional[tuple[int, in
         MetricValue("bits_per_image", bpi, direction="none"),
         MetricValue("compression_ratio", compression_ratio(image_hw[0], image_hw[1], bpi), direction="none"),
     ]
+
+
+@register_metric("cost")
+class CostMetric(Metric):
+    """Parameters, encode/decode images/s, peak memory and the rate of the token stream (bits per token/image,
+    compression ratio). Timings come from the evaluator's CostMeter, which wraps encode and decode."""
+
+    family, card_group = "cost", ""
+    outputs = DIRECTIONS
+    deterministic = False
+
+    def __init__(self, tokenizer: nn.Module, meter: CostMeter) -> None:
+        self.tokenizer, self.meter = tokenizer, meter
+        self.image_hw: Optional[tuple[int, int]] = None
+        self.tokens_per_image: Optional[int] = None
+
+    @classmethod
+    def create(cls, ctx: MetricContext) -> Optional["CostMetric"]:
+        return cls(ctx.tokenizer, ctx.meter) if ctx.tokenizer is not None and ctx.meter is not None else None
+
+    def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
+        self.meter.images += len(image_ids)
+        self.image_hw = (int(real_u8.shape[-2]), int(real_u8.shape[-1]))
+        if qout is not None:
+            self.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
+
+    def compute(self) -> list[MetricValue]:
+        return self.meter.values(self.tokenizer, image_hw=self.image_hw, tokens_per_image=self.tokens_per_image)

@@ -24,9 +24,10 @@ import torch
 
 from gsqbench import distributed
 from gsqbench.errors import UserError
-from gsqbench.io import atomic_write_bytes
-from gsqbench.metrics.base import Metric, MetricValue
+from gsqbench.io import atomic_write_bytes, sha256_file
+from gsqbench.metrics.base import Metric, MetricContext, MetricValue
 from gsqbench.metrics.common import check_image_pair, exact_fp32, resolve_weights
+from gsqbench.registry import register_metric
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ def _verify_key(path: Path, stored: Mapping, expected: Mapping) -> None:
 # Metric
 
 
+@register_metric("rfid@inception")
 class FIDMetric(Metric):
     """`rfid@inception` (lower is better) and `is@inception` (higher is better) of reconstructions vs originals.
 
@@ -252,7 +254,10 @@ class FIDMetric(Metric):
     `extractor`: an already built `build_inception(weights_path, device, feature_layer)` to reuse.
     """
 
-    keys = ("rfid@inception", "is@inception")
+    family, card_group = "fid", "fid"
+    outputs = {"rfid@inception": "lower", "is@inception": "higher"}
+    weights = ("inception-fid",)
+    reference_stats = True
 
     def __init__(
         self,
@@ -295,9 +300,19 @@ class FIDMetric(Metric):
         if self.model is not None:
             self._init_reference(reference, reference_stats)
 
+    @classmethod
+    def create(cls, ctx: MetricContext) -> "FIDMetric":
+        s = ctx.settings
+        return cls(ctx.device, required=ctx.requires_any(tuple(cls.outputs)), reference=ctx.fid_reference,
+                   cache_dir=s.fid_cache_dir, reference_stats=s.fid_reference_stats)
+
+    def card_fields(self) -> dict[str, dict]:
+        """The `fid` group, and the `is` group of the Inception Score computed from the same features."""
+        return {"fid": self.card(), "is": {"splits": self.is_splits, "permutation_seed": self.is_seed,
+                                            "logits": LOGITS, "softmax_dtype": "float64"}}
+
     def _extractor_fields(self) -> dict:
         import torch_fidelity
-        from gsqbench.weights import sha256_file
 
         return {"extractor": EXTRACTOR, "weights_sha256": sha256_file(self.weights_path),
                 "feature_layer": self.feature_layer, "resize": RESIZE_MODE, "dtypes": DTYPES,
@@ -385,7 +400,7 @@ class FIDMetric(Metric):
 
     def compute(self) -> list[MetricValue]:
         if self.model is None:
-            return [MetricValue.missing(k, self._unavailable, d) for k, d in zip(self.keys, ("lower", "higher"))]
+            return [MetricValue.missing(k, self._unavailable, d) for k, d in self.outputs.items()]
         n_fake, n_real = int(self.fake.n), int(self.real.n) if self._ref is None else 2
         if min(n_fake, n_real) < 2:
             fid = MetricValue.missing(

@@ -7,16 +7,18 @@ into `lpips.LPIPS(..., pnet_rand=True)`, so nothing is ever downloaded. Input is
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
 from gsqbench.errors import UserError
+from gsqbench.io import sha256_file
+from gsqbench.metrics.base import MetricContext
 from gsqbench.metrics.common import PerImageMetric, check_image_pair, exact_fp32, resolve_weights
+from gsqbench.registry import register_metric
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,6 @@ def trunk_state_dict_to_lpips(model: torch.nn.Module, trunk: dict[str, torch.Ten
     return mapped
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build_lpips(net: str, trunk_path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """An eval-mode `lpips.LPIPS` v0.1 with the package's heads and the trunk read from `trunk_path`."""
     import lpips
@@ -89,25 +87,32 @@ def build_lpips(net: str, trunk_path: str | Path, device: torch.device | str = "
 def lpips_heads_sha256(net: str) -> str:
     import lpips
 
-    return _sha256(Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth")
+    return sha256_file(Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth")
 
 
 class LPIPSMetric(PerImageMetric):
-    """`lpips@alex` or `lpips@vgg`: mean of per-image LPIPS v0.1 ± CI (metrics-protocol.md §5); lower is better."""
+    """`lpips@alex` or `lpips@vgg`: mean of per-image LPIPS v0.1 ± CI (metrics-protocol.md §5); lower is better.
+
+    The registered forms are `LPIPSAlex` and `LPIPSVgg` (one net each, so the registry knows each key's weights);
+    `LPIPSMetric(net)` builds either directly.
+    """
+
+    family, card_group = "lpips", "lpips"
+    net: ClassVar[str] = "alex"
 
     def __init__(
         self,
-        net: str = "alex",
+        net: Optional[str] = None,
         device: torch.device | str = "cpu",
         *,
         weights_path: Optional[str | Path] = None,
         required: bool = False,
     ) -> None:
+        net = net or type(self).net
         if net not in NETS:
             raise UserError(f"LPIPS net: '{net}' is not valid; expected one of {', '.join(NETS)}")
         self.net = net
-        self.keys = (f"lpips@{net}",)
-        self.directions = {self.keys[0]: "lower"}
+        self.outputs = {f"lpips@{net}": "lower"}
         super().__init__()
         self.device = torch.device(device)
         path, self._unavailable = resolve_weights(NETS[net], weights_path, required)
@@ -115,6 +120,12 @@ class LPIPSMetric(PerImageMetric):
         self.model = build_lpips(net, path, self.device) if path is not None else None
         if self.model is not None and lpips_heads_sha256(net) != HEADS_SHA256[net]:
             log.warning("lpips package heads for %s differ from the pinned v0.1 file; LPIPS not comparable", net)
+
+    @classmethod
+    def create(cls, ctx: MetricContext) -> Optional["LPIPSMetric"]:
+        if cls.net not in ctx.settings.lpips_nets:
+            return None
+        return cls(cls.net, ctx.device, required=ctx.requires_any(tuple(cls.outputs)))
 
     @torch.no_grad()
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
@@ -128,9 +139,25 @@ class LPIPSMetric(PerImageMetric):
         self._append(image_ids, {self.keys[0]: values})
 
     def card(self) -> dict:
-        from gsqbench.weights import sha256_file  # cached per process: the VGG file is 528 MB
-
         trunk_sha = sha256_file(self.trunk_path) if self.trunk_path is not None else None
         return {f"lpips_{self.net}_version": "0.1", f"lpips_{self.net}_input_range": "[-1, 1]",
                 f"lpips_{self.net}_trunk_sha256": trunk_sha, f"lpips_{self.net}_heads_sha256": HEADS_SHA256[self.net],
                 f"lpips_{self.net}_spatial_reduction": "mean", f"lpips_{self.net}_dtype": "float32, tf32 off"}
+
+
+@register_metric("lpips@alex")
+class LPIPSAlex(LPIPSMetric):
+    """LPIPS v0.1 with the AlexNet trunk (the headline LPIPS, comparable with GSQ's numbers)."""
+
+    net = "alex"
+    outputs = {"lpips@alex": "lower"}
+    weights = ("alexnet",)
+
+
+@register_metric("lpips@vgg")
+class LPIPSVgg(LPIPSMetric):
+    """LPIPS v0.1 with the VGG16 trunk (reported alongside; Open-MAGVIT2 and SimVQ report both)."""
+
+    net = "vgg"
+    outputs = {"lpips@vgg": "lower"}
+    weights = ("vgg16",)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gsqbench.errors import UserError
 from gsqbench.metrics.base import MetricValue, mean_with_interval
 from gsqbench.metrics.common import PerImageMetric, check_image_pair
+from gsqbench.registry import register_metric
 
 PSNR_CAP_DB = 100.0
 SSIM_SIGMA = 1.5
@@ -52,12 +53,13 @@ def psnr_per_image(real_u8: torch.Tensor, fake_u8: torch.Tensor, cap_db: float =
     return psnr_from_mse(se.to(torch.float64) / count, cap_db)
 
 
+@register_metric("psnr")
 class PSNRMetric(PerImageMetric):
     """`psnr` (mean of per-image PSNR ± CI, higher is better) and `psnr_pooled` (the official GSQ definition
     10·log10(255²/(ΣSE/Σn)), higher is better), metrics-protocol.md §3. By Jensen psnr ≥ psnr_pooled."""
 
-    keys = ("psnr", "psnr_pooled")
-    directions = {"psnr": "higher", "psnr_pooled": "higher"}
+    family, card_group = "pixel", "psnr"
+    outputs = {"psnr": "higher", "psnr_pooled": "higher"}
     # exact integer SE and pixel counts travel with each image (exact in float64 below 2^53), so the pooled value
     # covers exactly the gathered images on any world size
     columns = ("psnr", "_se", "_count")
@@ -184,12 +186,13 @@ def ssim_per_image(
     return torch.cat(out) if out else torch.zeros(0, dtype=dtype, device=real.device)
 
 
+@register_metric("ssim")
 class SSIMMetric(PerImageMetric):
     """`ssim`: mean over images of per-image SSIM (Wang et al. 2004, pinned in metrics-protocol.md §4) ± CI;
     higher is better; values in [−1, 1] (never ×100)."""
 
-    keys = ("ssim",)
-    directions = {"ssim": "higher"}
+    family, card_group = "pixel", "ssim"
+    outputs = {"ssim": "higher"}
 
     def __init__(self, border: SsimBorder = "valid", dtype: torch.dtype = torch.float64) -> None:
         if border not in SSIM_BORDERS:

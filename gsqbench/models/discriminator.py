@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsqbench.augment import DEFAULT_POLICY, diff_augment, parse_policy
-from gsqbench.errors import UserError, did_you_mean
+from gsqbench.errors import UserError
+from gsqbench.registry import register_discriminator
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,16 @@ DINO_PATCH = 14
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@register_discriminator("patchgan")
 class PatchGANDiscriminator(nn.Module):
-    """PatchGAN: conv(4, s2) → [conv(4, s2) + BN + LReLU] × (n_layers − 1) → conv(4, s1) + BN + LReLU → conv → 1."""
+    """PatchGAN (NLD, taming-transformers): strided 4×4 convs with BatchNorm and LeakyReLU, per-patch logits."""
 
     input_range = "[0,1]"
+    augments_inside = False  # the trainer applies DiffAugment before calling it
+
+    @classmethod
+    def example_config(cls) -> dict:
+        return {"num_filters": 8, "num_layers": 2}
 
     def __init__(self, in_channels: int = 3, num_filters: int = 64, num_layers: int = 3, last_layer_scale: float = 0.1):
         super().__init__()
@@ -223,10 +230,16 @@ def _keep_backbone_keys(module: nn.Module, state_dict: dict, prefix: str, *args)
         state_dict.setdefault(f"{prefix}backbone.{key}", value)
 
 
+@register_discriminator("dino")
 class DinoDiscriminator(nn.Module):
-    """Frozen DINOv2-ViT-S/14-reg backbone + 5 trainable heads; forward(x01 (b, 3, H, W)) → logits (b, 5·T)."""
+    """Frozen DINOv2-ViT-S/14-reg backbone + 5 trainable heads (the paper's DD); logits (b, 5·T)."""
 
     input_range = "[0,1]"
+    augments_inside = True  # DiffAugment inside, per call (official layout); takes `diffaug` and `aug_policy`
+
+    @classmethod
+    def example_config(cls) -> dict:
+        return {"img_size": 28, "allow_random_backbone": True}
 
     def __init__(self, *, img_size: int = 518, weights: str | Path | None = None, diffaug: bool = True,
                  aug_policy: str = DEFAULT_POLICY, p_crop: float = 1.0, hooks: Sequence[int] = DINO_HOOKS,
@@ -302,18 +315,3 @@ class DinoDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         feats = self.features(self._preprocess(x))
         return torch.cat([head(f) for head, f in zip(self.heads, feats)], dim=1)  # (b, 5·T)
-
-
-DISCRIMINATORS = {"patchgan": PatchGANDiscriminator, "dino": DinoDiscriminator}
-
-
-def build_discriminator(cfg: dict) -> nn.Module:
-    """`{"name": "dino" | "patchgan", **kwargs}` → module; unknown name or kwarg → UserError."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name not in DISCRIMINATORS:
-        raise UserError(f"discriminator.name: unknown discriminator '{name}'{did_you_mean(str(name), DISCRIMINATORS)}")
-    try:
-        return DISCRIMINATORS[name](**cfg)
-    except TypeError as exc:
-        raise UserError(f"discriminator ({name}): {exc}") from None
