@@ -4,6 +4,10 @@ A suite is one `shared` spec (backbone, data, recipe, losses, GAN, precision, ch
 list of `subjects` that may differ ONLY in their quantizer block (gsq-reference.md §8.5 "identical
 hyperparameters"), a list of seeds and an optional `grid` (the paper's scaling studies, §7.7/§7.9).
 
+This module is a leaf: typed dataclasses and parsing only. It imports nothing from later stages (no torch, no
+registry), so loading a suite is cheap; checks that need later stages (quantizer kwargs against the registry,
+regress tolerances, eval metric names, backbone presets) live in `gsqbench.validate.validate_suite`.
+
 Fairness hash: SHA-256 of the canonical JSON of the *resolved* shared spec of one run, i.e. after `--set`
 overrides and after the run's grid values for shared fields (e.g. `model.latent_dim`) were applied. Quantizer
 kwargs, seed and names are excluded. Two runs are comparable only if their hashes are equal, so grid points at
@@ -106,7 +110,7 @@ class LossSpec:
 class GanSpec:
     """Discriminator and its optimiser; `none` trains a plain autoencoder (recipe A)."""
 
-    discriminator: Literal["none", "patchgan", "dino"] = "none"
+    discriminator: str = "none"  # a registered discriminator (gsqbench list discriminators) or "none"
     g_loss: Literal["ns", "hinge", "vanilla"] = "ns"
     d_loss: Literal["hinge", "vanilla", "ns"] = "hinge"
     start_step: int = 0
@@ -122,15 +126,22 @@ class GanSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Evaluation settings handed to gsqbench.evaluate.EvalSettings (fields it accepts are passed through)."""
+    """How runs are evaluated (gsqbench.evaluate.EvalSettings adds the per-run fields: seed, workers, progress).
+
+    `metrics` lists metric families, registered metric names or metric keys (empty = all); `require` lists metric
+    keys that must not come out unavailable. Names are checked against the metric registry by validate_suite.
+    """
 
     mode: Literal["gsqbench", "gsq-compat"] = "gsqbench"
     weights: Literal["ema", "raw"] = "ema"
     batch_size: int = 16
-    samples: int = 8  # images saved under samples/
-    metrics: tuple[str, ...] = ()  # empty = all
-    require: tuple[str, ...] = ()  # metrics that must not be 'unavailable'
-    options: dict[str, Any] = field(default_factory=dict)
+    samples: int = 8  # first k (real, recon) pairs saved as PNG under samples/
+    metrics: tuple[str, ...] = ()
+    require: tuple[str, ...] = ()
+    fid_reference_stats: Optional[str] = None  # real-side statistics file (the FID metric verifies its key)
+    fid_cache_dir: Optional[str] = None  # cache real-side statistics here, keyed by data + extractor
+    precision: Optional[Literal["fp32", "bf16"]] = None  # model precision; None = the mode's (fp32 / bf16)
+    lpips_nets: tuple[Literal["alex", "vgg"], ...] = ("alex", "vgg")
 
 
 @dataclass(frozen=True)
@@ -288,9 +299,27 @@ def spec_to_dict(obj: Any) -> Any:
     return obj
 
 
+#: EvalSpec fields that were once free-form `eval.options`; the hashed view keeps that layout (see fairness_view)
+_EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets")
+
+
+def fairness_view(shared: SharedSpec) -> dict[str, Any]:
+    """The JSON-able view of a resolved shared spec that the fairness hash covers.
+
+    The eval section is laid out as before the typed eval spec (its former free-form fields under `options`, only
+    when set away from their defaults), so runs made before keep their hash and stay comparable with new ones.
+    """
+    view = spec_to_dict(shared)
+    ev, defaults = view["eval"], spec_to_dict(EvalSpec())
+    ev["options"] = {k: ev.pop(k) for k in _EVAL_OPTION_FIELDS if ev[k] != defaults[k]}
+    for k in _EVAL_OPTION_FIELDS:
+        ev.pop(k, None)
+    return view
+
+
 def fairness_hash(shared: SharedSpec) -> str:
     """SHA-256 of the canonical JSON of the resolved shared spec (no quantizer, seed or names)."""
-    canonical = json.dumps(spec_to_dict(shared), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    canonical = json.dumps(fairness_view(shared), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -353,8 +382,11 @@ def _set_path(node: dict, parts: list[str], value: Any, key: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_suite(path: str | Path, overrides: list[str] | None = None, *, validate_quantizers: bool = True) -> Suite:
-    """Read a suite YAML, apply `--set` overrides, type-check everything; UserError on any problem."""
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
+    """Read a suite YAML, apply `--set` overrides, type-check everything; UserError on any problem.
+
+    Parsing only: call gsqbench.validate.validate_suite before running it.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"suite file {str(path)!r} does not exist")
@@ -364,15 +396,17 @@ def load_suite(path: str | Path, overrides: list[str] | None = None, *, validate
         raise UserError(f"suite file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"suite file {str(path)!r}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
-    return suite_from_dict(apply_overrides(raw, overrides or []), validate_quantizers=validate_quantizers)
+    return suite_from_dict(apply_overrides(raw, overrides or []))
 
 
-def suite_from_dict(raw: dict, *, validate_quantizers: bool = True) -> Suite:
+def suite_from_dict(raw: dict) -> Suite:
+    """Typed Suite from a raw mapping (the YAML document after overrides); UserError naming the key otherwise."""
     for key in raw:
         if key not in _TOP_KEYS:
             raise UserError(f"unknown config key '{key}'{did_you_mean(str(key), _TOP_KEYS)}")
     if "suite" not in raw or not isinstance(raw["suite"], str) or not raw["suite"]:
         raise UserError(f"config key 'suite': {raw.get('suite')!r} is not valid; expected a non-empty name")
+    _refuse_eval_options(raw.get("shared"))
     shared = _coerce(raw.get("shared") or {}, SharedSpec, "shared")
     subjects = _parse_subjects(raw.get("subjects"))
     seeds = _coerce(raw.get("seeds", [0]), tuple[int, ...], "seeds")
@@ -380,40 +414,18 @@ def suite_from_dict(raw: dict, *, validate_quantizers: bool = True) -> Suite:
         raise UserError(f"config key 'seeds': {list(seeds)!r} must be a non-empty list of distinct integers")
     grid = _parse_grid(raw.get("grid") or {})
     regress = _coerce(raw.get("regress") or {}, dict[str, Union[float, str]], "regress")
-    from gsqbench.regress import parse_tolerance
-
-    for metric, tol in regress.items():
-        parse_tolerance(tol, f"config key 'regress.{metric}'")
     suite = Suite(suite=raw["suite"], shared=shared, subjects=subjects, seeds=seeds, grid=grid, regress=regress)
     _check_semantics(suite)
-    if validate_quantizers:
-        runs = expand_runs(suite)
-        for run in runs:
-            validate_quantizer_kwargs(run.quantizer, f"subject '{run.subject}' quantizer")
-        for shared in {r.fairness_hash: r.shared for r in runs}.values():
-            validate_shared(shared)
     return suite
 
 
-def validate_shared(shared: SharedSpec) -> None:
-    """Check the parts other modules interpret (backbone preset/overrides, eval settings) before any training."""
-    from gsqbench.models.tokenizer import resolve_model_config
-
-    m = shared.model
-    resolve_model_config({"preset": m.preset, "latent_dim": m.latent_dim, **m.options})
-    e = shared.eval
-    from gsqbench.evaluate import EvalSettings
-
-    reserved = {"mode", "batch_size", "samples", "metrics", "require", "weights", "seed", "num_workers", "progress"}
-    names = {f.name for f in dataclasses.fields(EvalSettings)} - reserved
-    for key in e.options:
-        if key in reserved:
-            raise UserError(f"config key 'shared.eval.options.{key}': set it as 'shared.eval.{key}' (or it is "
-                            "fixed by the run: seed, weights, num_workers, progress)")
-        if key not in names:
-            raise UserError(f"unknown config key 'shared.eval.options.{key}'{did_you_mean(key, names)}")
-    EvalSettings(mode=e.mode, batch_size=e.batch_size, metrics=tuple(e.metrics), require=tuple(e.require),
-                 samples=e.samples, **e.options)
+def _refuse_eval_options(shared: Any) -> None:
+    """`shared.eval.options` (a free-form dict in earlier versions) became typed fields of shared.eval."""
+    ev = shared.get("eval") if isinstance(shared, dict) else None
+    if isinstance(ev, dict) and "options" in ev:
+        keys = ", ".join(map(str, ev["options"])) if isinstance(ev["options"], dict) else "its keys"
+        raise UserError(f"config key 'shared.eval.options' is no longer used; set {keys} directly under "
+                        "'shared.eval' (e.g. shared.eval.lpips_nets)")
 
 
 def _parse_subjects(raw: Any) -> tuple[Subject, ...]:
@@ -572,16 +584,3 @@ def expand_runs(suite: Suite, only: list[str] | None = None) -> list[RunSpec]:
     if dup:
         raise UserError(f"two runs map to the same id {dup!r}; rename the subjects or grid values")
     return runs
-
-
-# ----------------------------------------------------------------------------------------------- quantizer check
-def validate_quantizer_kwargs(qspec: dict[str, Any], where: str) -> None:
-    """Check name and kwargs against the registered quantizer's signature, without building it."""
-    from gsqbench import registry
-
-    reg = registry.discover_quantizers()
-    name = qspec.get("name")
-    if name not in reg:
-        raise UserError(f"{where}: unknown quantizer {name!r}{did_you_mean(str(name), reg.names())}")
-    kwargs = {k: v for k, v in qspec.items() if k != "name"}
-    registry.check_kwargs(reg.get(name), kwargs, where=f"{where} {name!r}")

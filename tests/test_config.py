@@ -11,6 +11,20 @@ import yaml
 
 from gsqbench.config import apply_overrides, expand_runs, load_suite, parse_override, suite_from_dict
 from gsqbench.errors import UserError
+from gsqbench.validate import validate_suite
+
+#: EvalSpec fields hashed under `eval.options` (the layout before the eval spec was typed), when non-default
+_EVAL_OPTIONS = {"fid_reference_stats": None, "fid_cache_dir": None, "precision": None, "lpips_nets": ["alex", "vgg"]}
+
+
+def _hashed_json(shared) -> str:
+    """Independent oracle of the hashed view: asdict of the shared spec, eval's former options nested under it."""
+    view = json.loads(json.dumps(dataclasses.asdict(shared)))
+    ev = view["eval"]
+    ev["options"] = {k: ev[k] for k, default in _EVAL_OPTIONS.items() if ev[k] != default}
+    for k in _EVAL_OPTIONS:
+        del ev[k]
+    return json.dumps(view, sort_keys=True, separators=(",", ":"))
 
 
 def _raw(**extra) -> dict:
@@ -46,8 +60,12 @@ def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
     assert [r.run_id for r in runs] == ["gsq-s0", "gsq-s1", "gsq-g1-s0", "gsq-g1-s1"]
     assert len({r.fairness_hash for r in runs}) == 1
     # independent oracle: hashlib over json.dumps of the plain dict written in the test
-    canonical = json.dumps(dataclasses.asdict(s.shared), sort_keys=True, separators=(",", ":"))
+    canonical = _hashed_json(s.shared)
     assert runs[0].fairness_hash == hashlib.sha256(canonical.encode()).hexdigest()
+    # a typed eval field set away from its default is hashed under eval.options, as it was before
+    nets = load_suite(_write(tmp_path, _raw()), ["eval.lpips_nets=[alex]"])
+    assert '"options":{"lpips_nets":["alex"]}' in _hashed_json(nets.shared)
+    assert expand_runs(nets)[0].fairness_hash == hashlib.sha256(_hashed_json(nets.shared).encode()).hexdigest()
     # any shared change moves the hash; a quantizer change does not
     other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
     assert expand_runs(other)[0].fairness_hash != runs[0].fairness_hash
@@ -109,11 +127,11 @@ def test_quantizer_kwargs_checked_at_load_through_registry(tmp_path):
     raw = _raw()
     raw["subjects"][0]["quantizer"]["codebok_size"] = raw["subjects"][0]["quantizer"].pop("codebook_size")
     with pytest.raises(UserError, match=r"codebok_size.*did you mean 'codebook_size'"):
-        load_suite(_write(tmp_path, raw))
+        validate_suite(load_suite(_write(tmp_path, raw)))
     raw = _raw()
     raw["subjects"][0]["quantizer"]["name"] = "gqs"
     with pytest.raises(UserError, match=r"unknown quantizer 'gqs'; did you mean 'gsq'"):
-        load_suite(_write(tmp_path, raw))
+        validate_suite(load_suite(_write(tmp_path, raw)))
 
 
 def test_grid_expansion_and_hash_per_shared_point(tmp_path):
@@ -131,7 +149,7 @@ def test_grid_expansion_and_hash_per_shared_point(tmp_path):
     # the point's shared spec is the base spec with only latent_dim changed; hash it independently
     base = suite_from_dict(raw).shared
     expected = dataclasses.replace(base, model=dataclasses.replace(base.model, latent_dim=16))
-    canonical = json.dumps(dataclasses.asdict(expected), sort_keys=True, separators=(",", ":"))
+    canonical = _hashed_json(expected)
     assert runs[2].shared == expected
     assert runs[2].fairness_hash == hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -163,17 +181,45 @@ def test_regress_tolerances_checked_and_carried_by_runs():
     runs = expand_runs(suite_from_dict(_raw(regress={"psnr": 0.1, "rfid@inception": "3%"})))
     assert runs[0].spec_json()["regress"] == {"psnr": 0.1, "rfid@inception": "3%"}
     with pytest.raises(UserError, match=r"'regress.psnr'.*tolerance 'lots' is invalid"):
-        suite_from_dict(_raw(regress={"psnr": "lots"}))
+        validate_suite(suite_from_dict(_raw(regress={"psnr": "lots"})))
 
 
 def test_eval_settings_validated_at_load():
     raw = _raw()
     raw["shared"]["eval"] = {"metrics": ["psnrr"]}
-    with pytest.raises(UserError, match=r"unknown metric 'psnrr'"):
+    with pytest.raises(UserError, match=r"unknown metric 'psnrr'; did you mean 'psnr'"):
+        validate_suite(suite_from_dict(raw))
+    raw["shared"]["eval"] = {"lpips_net": ["alex"]}
+    with pytest.raises(UserError, match=r"unknown config key 'shared.eval.lpips_net'; did you mean 'lpips_nets'"):
         suite_from_dict(raw)
-    raw["shared"]["eval"] = {"options": {"lpips_net": ["alex"]}}
-    with pytest.raises(UserError, match=r"'shared.eval.options.lpips_net'; did you mean 'lpips_nets'"):
+    raw["shared"]["eval"] = {"lpips_nets": ["alexnet"]}
+    with pytest.raises(UserError, match=r"'shared.eval.lpips_nets\[0\]': 'alexnet' is not valid"):
         suite_from_dict(raw)
-    raw["shared"]["eval"] = {"options": {"seed": 3}}
-    with pytest.raises(UserError, match=r"'shared.eval.options.seed'"):
+    raw["shared"]["eval"] = {"seed": 3}  # fixed by the run, not a suite setting
+    with pytest.raises(UserError, match=r"unknown config key 'shared.eval.seed'"):
         suite_from_dict(raw)
+    raw["shared"]["eval"] = {"options": {"lpips_nets": ["alex"]}}  # the earlier free-form form says where it went
+    with pytest.raises(UserError, match=r"'shared.eval.options' is no longer used; set lpips_nets directly"):
+        suite_from_dict(raw)
+
+
+def test_discriminator_checked_against_the_registry():
+    raw = _raw()
+    raw["shared"]["gan"] = {"discriminator": "patchgn"}
+    with pytest.raises(UserError, match=r"'shared.gan.discriminator': 'patchgn' is not valid; did you mean 'patchgan'"):
+        validate_suite(suite_from_dict(raw))
+    raw["shared"]["gan"] = {"discriminator": "patchgan", "options": {"filters": 8}}
+    with pytest.raises(UserError, match=r"'shared.gan.options'.*unknown option 'filters'"):
+        validate_suite(suite_from_dict(raw))
+
+
+def test_loading_a_suite_imports_no_later_stage():
+    """Issue 11: config is a leaf; parsing configs/demo.yaml must not import torch (or the registry)."""
+    import subprocess
+    import sys
+
+    code = ("import gsqbench.config, sys; gsqbench.config.load_suite('configs/demo.yaml'); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'gsqbench.registry' not in sys.modules, 'registry imported'")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=repo, check=True)

@@ -1,0 +1,75 @@
+"""Cross-stage validation of a parsed suite, before any training: everything config.py (a leaf) cannot check alone.
+
+`validate_suite(suite)` checks, with one-line UserErrors naming the config key:
+- each run's quantizer block against the registered quantizer's signature (name, kwargs, types);
+- the regress tolerances (gsqbench.regress.parse_tolerance);
+- the backbone preset and its overrides (gsqbench.models.tokenizer.resolve_model_config);
+- the eval spec: metric names against the metric registry (gsqbench.evaluate.EvalSettings);
+- the discriminator name and options against the discriminator registry.
+The runner and the `run`/`train` commands call it; tests that build suites directly call it too.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from gsqbench.config import RunSpec, SharedSpec, Suite, expand_runs
+from gsqbench.errors import UserError, did_you_mean
+
+
+def validate_quantizer_kwargs(qspec: Mapping[str, Any], where: str) -> None:
+    """Check name and kwargs against the registered quantizer's signature, without building it."""
+    from gsqbench import registry
+
+    reg = registry.discover_quantizers()
+    name = qspec.get("name")
+    if name not in reg:
+        raise UserError(f"{where}: unknown quantizer {name!r}{did_you_mean(str(name), reg.names())}")
+    kwargs = {k: v for k, v in qspec.items() if k != "name"}
+    registry.check_kwargs(reg.get(name), kwargs, where=f"{where} {name!r}")
+
+
+def validate_tolerances(tolerances: Mapping[str, Any]) -> None:
+    from gsqbench.regress import parse_tolerance
+
+    for metric, tol in tolerances.items():
+        parse_tolerance(tol, f"config key 'regress.{metric}'")
+
+
+def validate_discriminator(shared: SharedSpec) -> None:
+    from gsqbench import registry
+
+    g = shared.gan
+    if g.discriminator == "none":
+        return
+    reg = registry.discover_discriminators()
+    if g.discriminator not in reg:
+        valid = ["none", *reg.names()]
+        raise UserError(f"config key 'shared.gan.discriminator': {g.discriminator!r} is not valid"
+                        f"{did_you_mean(g.discriminator, valid)} (valid: {', '.join(valid)})")
+    registry.check_kwargs(reg.get(g.discriminator), dict(g.options),
+                          where=f"config key 'shared.gan.options' (discriminator {g.discriminator!r})")
+
+
+def validate_shared(shared: SharedSpec) -> None:
+    """Check the parts later stages interpret (backbone preset/overrides, eval settings, discriminator)."""
+    from gsqbench.evaluate import EvalSettings
+    from gsqbench.models.tokenizer import resolve_model_config
+
+    m = shared.model
+    resolve_model_config({"preset": m.preset, "latent_dim": m.latent_dim, **m.options})
+    EvalSettings.from_spec(shared.eval)
+    validate_discriminator(shared)
+
+
+def validate_runs(runs: list[RunSpec]) -> None:
+    for run in runs:
+        validate_quantizer_kwargs(run.quantizer, f"subject '{run.subject}' quantizer")
+    for shared in {r.fairness_hash: r.shared for r in runs}.values():
+        validate_shared(shared)
+
+
+def validate_suite(suite: Suite) -> Suite:
+    """All cross-stage checks of `suite` (see the module docstring); returns it unchanged."""
+    validate_tolerances(suite.regress)
+    validate_runs(expand_runs(suite))
+    return suite
