@@ -25,7 +25,7 @@ from _common import Row
 
 from gsqbench.config import expand_runs, load_suite
 from gsqbench.data import build_dataset
-from gsqbench.train import build_trainer, generator_step, init_distributed, train_step
+from gsqbench.train import build_trainer, generator_step, train_step
 
 
 def load_run(subject: str, gan: bool):
@@ -57,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run = load_run(args.subject, args.gan)
     t = run.shared.train
     data = build_dataset(run.shared.data.train, split="train")
-    tr = build_trainer(run, data, init_distributed(str(device)), device)
+    tr = build_trainer(run, data, device)
     x = tr.stream.next(device)
     case = f"demo {args.subject}, batch {t.batch_size}, {x.shape[-1]}px" + (", +GAN" if args.gan else "")
 

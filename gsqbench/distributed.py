@@ -35,16 +35,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(timeout_s: float = 1800.0) -> bool:
+def _wants_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1). Returns whether DDP is active.
 
-    Sets the CUDA device to LOCAL_RANK first, so NCCL and every later `.cuda()` use the right GPU.
+    NCCL when the run computes on CUDA (`device` cuda…, or auto with a GPU), gloo otherwise. Sets the CUDA device to
+    LOCAL_RANK first, so NCCL and every later `.cuda()` use the right GPU. Idempotent.
     """
     if is_distributed():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    use_cuda = torch.cuda.is_available()
+    use_cuda = _wants_cuda(device) and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if use_cuda else "gloo"
@@ -57,6 +62,21 @@ def local_device() -> torch.device:
     """The device this rank should compute on (its LOCAL_RANK GPU, else CPU)."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto | cpu | cuda | cuda:N` → this rank's device (under torchrun a bare `cuda` means its LOCAL_RANK GPU)."""
+    if device == "auto":
+        return local_device()
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if device == "cuda" or is_distributed():
+            return local_device()
+        return torch.device(device)
+    if device != "cpu":
+        raise UserError(f"--device {device!r} is not valid; expected auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
 
 

@@ -1,6 +1,8 @@
-"""Atomic file writes and safe output paths: nothing is left half-written, user names never escape a root."""
+"""Atomic file writes, safe output paths and file hashing: nothing is left half-written, user names never escape
+a root, and a large file is hashed once per process."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -52,3 +54,21 @@ def safe_child(root: str | os.PathLike, *parts: str) -> Path:
     if root_path != out and root_path not in out.parents:
         raise UserError(f"output path {out} escapes {root_path}")
     return out
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, cached per process by (path, size, mtime) so repeated checks cost nothing."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(_CHUNK), b""):
+                h.update(block)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]

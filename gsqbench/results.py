@@ -46,8 +46,11 @@ CODES_FILE = "codes.npz"
 #: columns of metrics.csv, in order (contracts.md)
 METRIC_COLUMNS: tuple[str, ...] = (
     "suite", "run", "subject", "seed", "metric", "value", "stderr", "ci_low", "ci_high", "direction", "n",
-    "unavailable", "fairness_hash", "card_hash", "device",
+    "unavailable", "fairness_hash", "card_hash", "device", "not_comparable",
 )
+#: run.json `status` values: `done` = trained (or loaded) and evaluated, results complete
+STATUS_DONE = "done"
+RUN_STATUSES = (STATUS_DONE,)
 DIRECTIONS = ("lower", "higher", "none")
 _FLOAT_COLS = ("value", "stderr", "ci_low", "ci_high")
 #: packages whose versions every run records (metrics-protocol.md §12 "Runtime")
@@ -151,7 +154,7 @@ def metric_rows(run_info: Mapping[str, Any], metrics: Sequence[Any]) -> list[dic
             "ci_high": fmt_float(d.get("ci_high")), "direction": direction, "n": _fmt_opt(d.get("n")),
             "unavailable": _fmt_opt(d.get("unavailable")),
             "fairness_hash": str(run_info.get("fairness_hash", "")), "card_hash": str(run_info.get("card_hash", "")),
-            "device": str(device),
+            "device": str(device), "not_comparable": _fmt_opt(d.get("not_comparable")),
         })
     return rows
 
@@ -164,21 +167,30 @@ def rows_to_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> st
     return buf.getvalue()
 
 
-def write_run_results(run_dir: str | os.PathLike, run_info: Mapping[str, Any], metrics: Sequence[Any]) -> Path:
-    """Write `metrics.csv` and `run.json` for one run (atomically); fills `provenance` when the caller gave none.
+def write_run(run_dir: str | os.PathLike, run_info: Mapping[str, Any], metrics: Sequence[Any], *,
+              per_image: Mapping[str, Sequence[Any]] | None = None, code_counts: np.ndarray | None = None) -> Path:
+    """The one results writer (`run` and `eval`): per_image.csv, codes.npz, metrics.csv, then run.json, atomically.
 
-    `run_info` carries run_id, suite, subject, seed, grid, spec, fairness_hash, card, card_hash, provenance, status.
-    metrics.csv is written first so that a reader never sees a run.json without its metrics.
+    `run_info` carries run_id, suite, subject, seed, grid, spec, fairness_hash, card, card_hash, provenance, status
+    (default `done`); `provenance` is filled when the caller gave none. run.json is written last, so a reader that
+    sees it sees complete results.
     """
     info = dict(run_info)
     for key in ("run_id", "suite", "subject"):
         if not info.get(key):
             raise UserError(f"run_info: field '{key}' is missing or empty; it names the run in every result row")
     info.setdefault("provenance", provenance())
-    info.setdefault("status", "complete")
+    info.setdefault("status", STATUS_DONE)
     info.setdefault("grid", {})
+    if info["status"] not in RUN_STATUSES:
+        raise UserError(f"run_info: status {info['status']!r} is invalid; valid: {', '.join(RUN_STATUSES)}")
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / METRICS_FILE, rows_to_csv(metric_rows(info, metrics), METRIC_COLUMNS))
+    rows = metric_rows(info, metrics)  # validate before anything is written
+    if per_image:
+        write_per_image(run_dir, per_image)
+    if code_counts is not None:
+        write_code_counts(run_dir, code_counts)
+    atomic_write_text(run_dir / METRICS_FILE, rows_to_csv(rows, METRIC_COLUMNS))
     atomic_write_json(run_dir / RUN_FILE, info)
     return run_dir
 
@@ -197,11 +209,16 @@ def write_per_image(run_dir: str | os.PathLike, per_image: Mapping[str, Sequence
 
 
 def write_train_log(run_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """train_log.csv (step, loss, loss_*, lr, images_per_s, time_s) rewritten whole, atomically."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    """train_log.csv (step, loss, loss_*, lr, images_per_s, time_s, then any other column) rewritten whole, atomically."""
+    seen = list(dict.fromkeys(k for row in rows for k in row))
+    columns = list(dict.fromkeys(["step", "loss", *[k for k in seen if k.startswith("loss_")],
+                                  "lr", "images_per_s", "time_s", *seen]))
     return atomic_write_text(Path(run_dir) / TRAIN_LOG_FILE, rows_to_csv(rows, columns))
+
+
+def read_train_log_rows(run_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """train_log.csv as rows of strings without pandas (what a resumed training appends to); [] when absent."""
+    return read_csv_rows(Path(run_dir) / TRAIN_LOG_FILE)
 
 
 def write_code_counts(run_dir: str | os.PathLike, counts: np.ndarray) -> Path:

@@ -1,9 +1,11 @@
-"""Suite orchestration: expand subjects × seeds × grid into runs, skip finished ones, train, evaluate with the
-exported (EMA) weights, write the per-run results directory, optionally render the report, summarise.
+"""Orchestration: a suite's runs (train → evaluate → results), and the evaluation of one checkpoint.
 
-One run flows train → evaluate → results (design.md); a run counts as finished when its run.json says
-`status: done` and its exported checkpoint exists, so re-running a suite after a crash redoes only what is
-missing (training itself resumes from its last checkpoint).
+`run_suite` expands subjects × seeds × grid into runs, skips finished ones, trains, evaluates with the exported
+(EMA) weights, writes each run's results directory (gsqbench.results.write_run), optionally renders the report and
+summarises. A run counts as finished when its run.json says `status: done` and its exported checkpoint exists, so
+re-running a suite after a crash redoes only what is missing (training itself resumes from its last checkpoint).
+`evaluate_checkpoint` is the library form of `gsqbench eval`: load a checkpoint (ours or an official release),
+evaluate it on a dataset, write the same results layout.
 """
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from gsqbench.config import DataSource, RunSpec, Suite, expand_runs
+from gsqbench.config import DataSource, EvalSpec, RunSpec, Suite, expand_runs
 from gsqbench.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("rfid@inception", "psnr", "ssim", "lpips@alex", "usage_pooled", "ppl_pooled", "bits_per_token",
                    "train_images_per_s", "train_time_s")
-DONE = "done"
 
 
 @dataclass
@@ -51,7 +52,7 @@ def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train
 # ----------------------------------------------------------------------------------------------- per run
 def is_finished(run: RunSpec, run_dir: Path) -> bool:
     """True when run.json says done and the checkpoint exists; a finished run of ANOTHER spec is refused."""
-    from gsqbench.results import read_run_info
+    from gsqbench.results import STATUS_DONE, read_run_info
 
     if not (run_dir / "run.json").exists() or not (run_dir / "checkpoint" / "model.safetensors").exists():
         return False
@@ -59,7 +60,7 @@ def is_finished(run: RunSpec, run_dir: Path) -> bool:
         info = read_run_info(run_dir)
     except (UserError, ValueError):
         return False
-    if info.get("status") != DONE:
+    if info.get("status") != STATUS_DONE:
         return False
     if info.get("fairness_hash") != run.fairness_hash or (info.get("spec") or {}).get("quantizer") != run.quantizer:
         raise UserError(f"{run_dir} holds finished results of run {run.run_id!r} with a different spec "
@@ -69,7 +70,7 @@ def is_finished(run: RunSpec, run_dir: Path) -> bool:
 
 def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema", progress: bool = True,
                   fid_cache_dir: Optional[str] = None) -> Any:
-    """gsqbench.evaluate.EvalSettings from the shared eval spec (its `options` were checked at load time).
+    """gsqbench.evaluate.EvalSettings for one run: the suite's eval spec plus the run's seed and workers.
 
     `fid_cache_dir` (unless the suite sets its own) lets every subject of a suite reuse the real-side FID
     statistics, keyed by data + extractor (metrics-protocol §6), instead of re-running Inception on the originals.
@@ -77,12 +78,10 @@ def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema
     from gsqbench.evaluate import EvalSettings
 
     e = run.shared.eval
-    options = dict(e.options)
-    if fid_cache_dir is not None:
-        options.setdefault("fid_cache_dir", fid_cache_dir)
-    return EvalSettings(mode=e.mode, batch_size=e.batch_size, samples=e.samples, metrics=tuple(e.metrics),
-                        require=tuple(sorted({*e.require, *require})), seed=run.seed, weights=weights,
-                        num_workers=run.shared.data.num_workers, progress=progress, **options)
+    return EvalSettings.from_spec(
+        e, require=tuple(sorted({*e.require, *require})), weights=weights, seed=run.seed,
+        num_workers=run.shared.data.num_workers, progress=progress,
+        fid_cache_dir=e.fid_cache_dir if e.fid_cache_dir is not None else fid_cache_dir)
 
 
 def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
@@ -90,53 +89,33 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
     """Train (or resume) then evaluate one run and write its results directory; returns metric -> value."""
     import torch
 
+    from gsqbench import distributed as ddp
     from gsqbench.evaluate import evaluate
+    from gsqbench.results import provenance, write_run
     from gsqbench.train import train_metrics, train_run
 
     train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
     eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval")
     trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
     dev = next(trained.model.parameters()).device
+    settings = eval_settings(run, require, trained.weights, progress, str(run_dir.parent / ".fid-cache"))
     with torch.no_grad():
-        ev = evaluate(trained.model, eval_ds, eval_settings(run, require, trained.weights, progress, str(run_dir.parent / ".fid-cache")), device=dev,
-                      out_dir=run_dir, model_info={"fairness_hash": run.fairness_hash, "step": trained.steps,
-                                                   "weights": trained.weights})
+        ev = evaluate(trained.model, eval_ds, settings, device=dev, out_dir=run_dir,
+                      model_info={"fairness_hash": run.fairness_hash, "step": trained.steps,
+                                  "weights": trained.weights})
     metrics = [*ev.metrics, *train_metrics(trained)]
-    if _is_main():
-        _write_results(run, run_dir, ev, metrics, trained, device=str(dev))
+    if ddp.is_main():
+        info = {
+            "run_id": run.run_id, "suite": run.suite, "subject": run.subject, "seed": run.seed,
+            "grid": dict(run.grid), "spec": run.spec_json(),
+            "fairness_hash": run.fairness_hash, "card": ev.card, "card_hash": ev.card_hash,
+            "weights": trained.weights, "train_steps": trained.steps, "resumed_from": trained.resumed_from,
+            "train": trained.card,
+            "provenance": provenance(device=str(dev), precision=run.shared.train.precision,
+                                     world_size=ddp.world_size()),
+        }
+        write_run(run_dir, info, metrics, per_image=ev.per_image, code_counts=ev.code_counts)
     return {m.name: m.value for m in metrics}
-
-
-def _write_results(run: RunSpec, run_dir: Path, ev: Any, metrics: list, trained: Any, device: str) -> None:
-    from gsqbench import results
-
-    if ev.per_image:
-        results.write_per_image(run_dir, ev.per_image)
-    if ev.code_counts is not None:
-        results.write_code_counts(run_dir, ev.code_counts)
-    info = {
-        "run_id": run.run_id, "suite": run.suite, "subject": run.subject, "seed": run.seed, "grid": dict(run.grid),
-        "spec": run.spec_json(),
-        "fairness_hash": run.fairness_hash, "card": ev.card, "card_hash": ev.card_hash,
-        "weights": trained.weights, "train_steps": trained.steps, "resumed_from": trained.resumed_from,
-        "train": trained.card,
-        "provenance": results.provenance(device=device, precision=run.shared.train.precision,
-                                         world_size=_world_size()),
-        "status": DONE,
-    }
-    results.write_run_results(run_dir, info, metrics)
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _finished_metrics(run_dir: Path) -> dict[str, float]:
@@ -156,8 +135,11 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
               report_dir: Optional[str | Path] = None, strict_data: bool = False, require: Sequence[str] = (),
               progress: bool = True) -> SuiteResult:
     """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`."""
+    from gsqbench import distributed as ddp
     from gsqbench.results import run_dir_for
+    from gsqbench.validate import validate_suite
 
+    validate_suite(suite)
     runs = expand_runs(suite, only)
     if require:  # fail before hours of training, not after
         from gsqbench.evaluate import check_required_weights
@@ -176,7 +158,7 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
         log.info("[%d/%d] %s: training %d steps", i + 1, len(runs), run.run_id, run.shared.train.steps)
         out.summary[run.run_id] = run_one(run, run_dir, device=device, strict_data=strict_data, require=require,
                                           progress=progress)
-    if report_dir is not None and _is_main():
+    if report_dir is not None and ddp.is_main():
         out.report = render_report(run_dir_for(results_root, suite.suite, "_").parent, Path(report_dir))
     return out
 
@@ -201,3 +183,90 @@ def _fmt(v: Optional[float]) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     return f"{v:.4g}"
+
+
+# ----------------------------------------------------------------------------------------------- one checkpoint
+@dataclass(frozen=True)
+class DataChoice:
+    """Which images `evaluate_checkpoint` reads (gsqbench.data.build_dataset arguments)."""
+
+    kind: str = "sample-photos"
+    path: Optional[str] = None
+    split: str = "eval"
+    resolution: int = 256
+    crop: Optional[str] = None
+    n: Optional[int] = None
+    seed: int = 0
+
+    def label(self) -> str:
+        return f"{self.kind}:{self.path}" if self.path else self.kind
+
+
+def _checkpoint_file(path: Path) -> Optional[Path]:
+    for name in ("model.safetensors", "checkpoint.pt"):
+        if (path / name).is_file():
+            return path / name
+    return path if path.is_file() else None
+
+
+def checkpoint_model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Card model fields of a loaded checkpoint: file sha256, step, fairness hash, tokenizer spec hash, source."""
+    import hashlib
+
+    from gsqbench.card import canonical_json
+    from gsqbench.io import sha256_file
+
+    f = _checkpoint_file(ckpt)
+    spec = {"model": meta.get("model_spec"), "quantizer": meta.get("quantizer_spec")}
+    return {"checkpoint_sha256": meta.get("checkpoint_sha256") or (sha256_file(f) if f else None),
+            "step": meta.get("step"), "fairness_hash": meta.get("fairness_hash"),
+            "tokenizer_spec_hash": hashlib.sha256(canonical_json(spec).encode()).hexdigest(),
+            "source": meta.get("source", "gsqbench")}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec, *, out_dir: str | Path,
+                        device: Optional[str] = None, seed: int = 0, num_workers: int = 0, progress: bool = True,
+                        weights: Optional[str] = None) -> Any:
+    """Load `checkpoint` (gsqbench dir or official release), evaluate it on `data`, write `out_dir` (rank 0).
+
+    `weights` (ema | raw) overrides what the checkpoint says it holds. Works under torchrun: every rank evaluates its
+    shard. Returns the gsqbench.evaluate.EvalResult.
+    """
+    import dataclasses
+
+    from gsqbench import distributed as ddp
+    from gsqbench.checkpoints import load_tokenizer
+    from gsqbench.data import build_dataset
+    from gsqbench.evaluate import EvalSettings, evaluate
+    from gsqbench.io import safe_name
+    from gsqbench.results import provenance, write_run
+
+    settings = EvalSettings.from_spec(spec, seed=seed, num_workers=num_workers, progress=progress,
+                                      weights=weights or spec.weights)
+    distributed = ddp.init_from_env(device or "auto")
+    dev = ddp.resolve_device(device or "auto")
+    ckpt = Path(checkpoint)
+    try:
+        tok, meta = load_tokenizer(ckpt)
+        if weights is None and meta.get("weights") in ("ema", "raw"):
+            settings = dataclasses.replace(settings, weights=meta["weights"])
+        dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
+                                crop=data.crop, n=data.n, seed=data.seed)
+        run_dir = Path(out_dir)
+        result = evaluate(tok.eval().to(dev), dataset, settings, device=dev, out_dir=run_dir,
+                          model_info=checkpoint_model_info(ckpt, meta))
+        if ddp.is_main():
+            info = {
+                "run_id": run_dir.name, "suite": run_dir.parent.name or "eval",
+                "subject": safe_name(str(meta.get("official_name") or meta.get("run_id") or ckpt.name)),
+                "seed": seed, "grid": {}, "spec": {"checkpoint": str(ckpt), "model": meta.get("model_spec"),
+                                                   "quantizer": meta.get("quantizer_spec"), "data": data.label()},
+                "fairness_hash": meta.get("fairness_hash"), "card": result.card, "card_hash": result.card_hash,
+                "provenance": provenance(device=str(dev), precision=result.card["precision"]["model"],
+                                         world_size=ddp.world_size()),
+            }
+            write_run(run_dir, info, result.metrics, per_image=result.per_image, code_counts=result.code_counts)
+    finally:
+        if distributed:
+            ddp.shutdown()
+    return result

@@ -15,11 +15,8 @@ with the generator re-run. Deliberate differences, each recorded here:
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,55 +25,16 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from gsqbench import distributed as ddp
 from gsqbench.config import GanSpec, LossSpec, RunSpec, TrainSpec
 from gsqbench.errors import UserError
-from gsqbench.io import atomic_write_text
+from gsqbench.results import read_train_log_rows, write_train_log
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS_FIXED = ("step", "loss")
 STATE_FILE = "train_state.pt"
-
-
-# ----------------------------------------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> DistContext:
-    """torchrun env (RANK/WORLD_SIZE/LOCAL_RANK) -> process group (nccl on CUDA, gloo on CPU); single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank)
-
-
-def resolve_device(device: str, ctx: DistContext) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
-        if ctx.world_size > 1:
-            torch.cuda.set_device(ctx.local_rank)
-            return torch.device("cuda", ctx.local_rank)
-    elif device != "cpu":
-        raise UserError(f"--device {device!r} is not valid; expected auto, cpu, cuda or cuda:N")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------------------------- data order
@@ -87,14 +45,14 @@ class BatchStream:
     resume needs, and rank r of W takes the r-th block of every global batch (same images as one process).
     """
 
-    def __init__(self, dataset: Any, global_batch: int, seed: int, ctx: DistContext, num_workers: int = 0):
+    def __init__(self, dataset: Any, global_batch: int, seed: int, num_workers: int = 0):
         from gsqbench.data import train_loader
 
-        if global_batch % ctx.world_size:
+        world = ddp.world_size()
+        if global_batch % world:
             raise UserError(f"config key 'shared.train.batch_size': {global_batch} is not divisible by the "
-                            f"world size {ctx.world_size}")
-        self.loader = train_loader(dataset, global_batch // ctx.world_size, seed, ctx.rank, ctx.world_size,
-                                   num_workers=num_workers)
+                            f"world size {world}")
+        self.loader = train_loader(dataset, global_batch // world, seed, ddp.rank(), world, num_workers=num_workers)
         self._it: Optional[Any] = None
 
     @property
@@ -171,18 +129,20 @@ def build_perceptual(loss: LossSpec, device: torch.device) -> tuple[Optional[nn.
     return (net.to(device) if net.enabled else None), net.card()
 
 
-def build_discriminator(gan: GanSpec) -> Optional[nn.Module]:
-    """PatchGAN (NLD) or the DINOv2 discriminator; the DINO one applies DiffAugment itself (official layout)."""
+def _make_discriminator(gan: GanSpec) -> Optional[nn.Module]:
+    """The registered discriminator named by the suite, or None. One that augments inside (the DINO one, official
+    layout) gets the suite's DiffAugment policy as its own `diffaug`/`aug_policy` options."""
     if gan.discriminator == "none":
         return None
-    from gsqbench.models.discriminator import build_discriminator as build
+    from gsqbench.registry import build_discriminator, discover_discriminators
 
-    cfg = {"name": gan.discriminator, **gan.options}
-    if gan.discriminator == "dino":
-        cfg.setdefault("diffaug", bool(gan.diffaug))
+    cls = discover_discriminators().get(gan.discriminator)
+    kwargs = dict(gan.options)
+    if getattr(cls, "augments_inside", False):
+        kwargs.setdefault("diffaug", bool(gan.diffaug))
         if gan.diffaug:
-            cfg.setdefault("aug_policy", gan.diffaug)
-    return build(cfg)
+            kwargs.setdefault("aug_policy", gan.diffaug)
+    return build_discriminator(gan.discriminator, kwargs)
 
 
 def build_diffaug(policy: str) -> Callable[[Tensor], Tensor]:
@@ -199,7 +159,6 @@ class Trainer:
     """Everything that changes during training; `state_dict()` is the resumable checkpoint."""
 
     run: RunSpec
-    ctx: DistContext
     device: torch.device
     model: nn.Module
     ddp_model: nn.Module
@@ -301,7 +260,7 @@ def model_spec(run: RunSpec) -> dict[str, Any]:
     return {"preset": m.preset, "latent_dim": m.latent_dim, **m.options}
 
 
-def build_trainer(run: RunSpec, dataset: Any, ctx: DistContext, device: torch.device) -> Trainer:
+def build_trainer(run: RunSpec, dataset: Any, device: torch.device) -> Trainer:
     """Model, EMA, optimisers, scheduler, discriminator, loss helpers and data stream for one run."""
     from gsqbench.models.tokenizer import build_tokenizer
 
@@ -311,33 +270,33 @@ def build_trainer(run: RunSpec, dataset: Any, ctx: DistContext, device: torch.de
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     opt = build_optimizer(list(model.named_parameters()), t.lr, t.betas, t.weight_decay, t.eps, t.no_decay_norm_bias)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
-    ddp_model = _wrap_ddp(model, ctx, device)
-    disc = build_discriminator(g)
-    trainer = Trainer(run=run, ctx=ctx, device=device, model=model, ddp_model=ddp_model, opt=opt, sched=sched, ema=ema)
+    ddp_model = _wrap_ddp(model, device)
+    disc = _make_discriminator(g)
+    trainer = Trainer(run=run, device=device, model=model, ddp_model=ddp_model, opt=opt, sched=sched, ema=ema)
     if disc is not None:
         disc = disc.to(device)
-        trainer.disc, trainer.ddp_disc = disc, _wrap_ddp(disc, ctx, device)
+        trainer.disc, trainer.ddp_disc = disc, _wrap_ddp(disc, device)
         trainer.opt_d = build_optimizer(list(disc.named_parameters()), g.lr, g.betas, g.weight_decay, t.eps,
                                         t.no_decay_norm_bias)
-        if not getattr(disc, "diffaug", False):  # DINO augments inside; PatchGAN needs it here
+        if not getattr(disc, "augments_inside", False):  # DINO augments inside; PatchGAN needs it here
             trainer.augment = build_diffaug(g.diffaug)
         if g.lecam_weight > 0:
             from gsqbench.losses import LeCamEMA
 
             trainer.lecam = LeCamEMA()
     trainer.perceptual, trainer.card = build_perceptual(run.shared.loss, device)
-    trainer.card.update(discriminator=g.discriminator, world_size=ctx.world_size, device=str(device),
+    trainer.card.update(discriminator=g.discriminator, world_size=ddp.world_size(), device=str(device),
                         precision=t.precision)
     if disc is not None and hasattr(disc, "backbone_source"):
         trainer.card["discriminator_backbone"] = disc.backbone_source  # 'random' marks a non-conformant run
-    trainer.stream = BatchStream(dataset, t.batch_size, run.seed, ctx, run.shared.data.num_workers)
+    trainer.stream = BatchStream(dataset, t.batch_size, run.seed, run.shared.data.num_workers)
     if t.compile:
         trainer.ddp_model = torch.compile(trainer.ddp_model)
     return trainer
 
 
-def _wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
-    if ctx.world_size <= 1:
+def _wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    if ddp.world_size() <= 1:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -445,11 +404,10 @@ def save_checkpoint(tr: Trainer, run_dir: Path) -> None:
     """Full trainer state, atomically (rank 0 only); the log is rewritten atomically alongside."""
     from gsqbench.checkpoints import save_train_state
 
-    if tr.ctx.is_main:
+    if ddp.is_main():
         write_train_log(run_dir, tr.log_rows)
         save_train_state(state_path(run_dir), tr.state_dict())
-    if tr.ctx.world_size > 1:
-        dist.barrier()
+    ddp.barrier()
 
 
 def try_resume(tr: Trainer, run_dir: Path) -> bool:
@@ -465,27 +423,9 @@ def try_resume(tr: Trainer, run_dir: Path) -> bool:
         raise UserError(f"checkpoint {path} belongs to a different spec of run {tr.run.run_id!r}; "
                         "delete that run directory or use another --results root")
     tr.load_state_dict(state)
-    tr.log_rows = [r for r in read_train_log(run_dir) if int(r["step"]) <= tr.step]
+    tr.log_rows = [r for r in read_train_log_rows(run_dir) if int(r["step"]) <= tr.step]
     log.info("resumed %s at step %d", tr.run.run_id, tr.step)
     return True
-
-
-def write_train_log(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    cols = list(dict.fromkeys(["step", "loss", *[k for r in rows for k in r if k.startswith("loss_")],
-                               "lr", "images_per_s", "time_s"]))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(Path(run_dir) / "train_log.csv", buf.getvalue())
-
-
-def read_train_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "train_log.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [dict(r) for r in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -508,12 +448,12 @@ def train_run(run: RunSpec, run_dir: str | Path, dataset: Any, *, device: str = 
     barrier-free way to cut a run short; a real interruption is just a killed process).
     """
     run_dir = Path(run_dir)
-    ctx = init_distributed(device)
-    dev = resolve_device(device, ctx)
-    tr = build_trainer(run, dataset, ctx, dev)
+    ddp.init_from_env(device)
+    dev = ddp.resolve_device(device)
+    tr = build_trainer(run, dataset, dev)
     resumed = tr.step if try_resume(tr, run_dir) else None
     t = run.shared.train
-    bar = _progress_bar(progress and ctx.is_main, tr.step, t.steps, run.run_id)
+    bar = _progress_bar(progress and ddp.is_main(), tr.step, t.steps, run.run_id)
     t_start = time.perf_counter() - tr.elapsed_s
     while tr.step < t.steps and (stop_after is None or tr.step < stop_after):
         row = train_step(tr)
@@ -524,7 +464,7 @@ def train_run(run: RunSpec, run_dir: str | Path, dataset: Any, *, device: str = 
     bar.close()
     weights = run.shared.eval.weights if tr.ema is not None else "raw"
     exported = tr.ema.model if weights == "ema" else tr.model
-    if tr.step >= t.steps and ctx.is_main:
+    if tr.step >= t.steps and ddp.is_main():
         export_tokenizer(run, run_dir, exported, tr.step, weights)
     return TrainResult(steps=tr.step, images_per_s=_images_per_s(tr), time_s=tr.elapsed_s,
                        resumed_from=resumed, weights=weights, model=exported.eval(), card=dict(tr.card))

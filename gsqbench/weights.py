@@ -12,7 +12,6 @@ random-init stand-ins tests create; those are never conformant.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gsqbench.errors import UserError, did_you_mean
-from gsqbench.io import atomic_write_json
+from gsqbench.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -215,23 +214,6 @@ def expected_sha256(entry: WeightFile) -> tuple[Optional[str], bool]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hashing and verification
-
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, cached per process by (path, size, mtime) so repeated checks cost nothing."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(_CHUNK), b""):
-                h.update(block)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
-
 
 def _hash_ok(actual: str, expected: Optional[str], is_full: bool) -> bool:
     if expected is None:

@@ -14,7 +14,7 @@ import pytest
 from gsqbench.cli import main
 from gsqbench.metrics.base import MetricValue
 from gsqbench.regress import parse_tolerance, tolerance_for
-from gsqbench.results import write_run_results
+from gsqbench.results import write_run
 
 COLUMNS = ["suite", "run", "subject", "seed", "metric", "value", "stderr", "ci_low", "ci_high", "direction", "n",
            "unavailable", "fairness_hash", "card_hash", "device"]
@@ -28,7 +28,7 @@ def _write_results(root: Path, values: dict[str, float], *, card_hash: str = CAR
     for run in runs:
         info = {"run_id": run, "suite": "demo", "subject": run.split("-")[0], "seed": 0, "spec": spec or {},
                 "fairness_hash": FAIR, "card_hash": card_hash, "card": {}, "provenance": {"device": "cpu"}}
-        write_run_results(root / "demo" / run, info,
+        write_run(root / "demo" / run, info,
                           [MetricValue(k, v, direction=BASE[k][1]) for k, v in values.items()])
     return root
 

@@ -20,11 +20,11 @@ from gsqbench.errors import UserError
 from gsqbench.metrics.base import MetricValue
 from gsqbench.results import (
     load_results, provenance, read_code_counts, read_per_image, run_dir_for, sample_ids, write_code_counts,
-    write_per_image, write_run_results, write_samples,
+    write_per_image, write_run, write_samples,
 )
 
 CONTRACT_COLUMNS = ["suite", "run", "subject", "seed", "metric", "value", "stderr", "ci_low", "ci_high", "direction",
-                    "n", "unavailable", "fairness_hash", "card_hash", "device"]
+                    "n", "unavailable", "fairness_hash", "card_hash", "device", "not_comparable"]
 FIXTURES = Path(__file__).parent / "fixtures" / "results" / "tree"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,12 +40,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_write_run_results_layout_and_exact_values(tmp_path):
+def test_write_run_layout_and_exact_values(tmp_path):
     psnr = 23.456789012345678
     metrics = [MetricValue("psnr", psnr, 0.1234, 23.2, 23.7, "higher", 50),
                MetricValue.missing("rfid@inception", "no weights; fix: gsqbench weights download inception-fid", "lower"),
                {"name": "params", "value": 1234567, "direction": "none"}]
-    run_dir = write_run_results(tmp_path / "demo" / "gsq-s0", _info(), metrics)
+    run_dir = write_run(tmp_path / "demo" / "gsq-s0", _info(), metrics)
     with (run_dir / "metrics.csv").open(newline="") as f:
         header = next(csv.reader(f))
     assert header == CONTRACT_COLUMNS
@@ -59,7 +59,7 @@ def test_write_run_results_layout_and_exact_values(tmp_path):
     assert "gsqbench weights download inception-fid" in rows["rfid@inception"]["unavailable"]
     assert float(rows["params"]["value"]) == 1234567
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["card_hash"] == "c" * 64 and info["grid"] == {"quantizer.dim": 8} and info["status"] == "complete"
+    assert info["card_hash"] == "c" * 64 and info["grid"] == {"quantizer.dim": 8} and info["status"] == "done"
 
 
 def test_load_results_reads_every_row_of_the_fixture_tree():
@@ -100,9 +100,9 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match=r"metrics\.csv.*'value'.*'twenty'"):
         load_results(tmp_path)
     with pytest.raises(UserError, match="direction 'up'"):
-        write_run_results(tmp_path / "x", _info(), [MetricValue("psnr", 1.0, direction="up")])  # type: ignore[arg-type]
+        write_run(tmp_path / "x", _info(), [MetricValue("psnr", 1.0, direction="up")])  # type: ignore[arg-type]
     with pytest.raises(UserError, match="run_id"):
-        write_run_results(tmp_path / "x", {"suite": "s", "subject": "g"}, [])
+        write_run(tmp_path / "x", {"suite": "s", "subject": "g"}, [])
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "codes.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="codes.npz"):
@@ -133,7 +133,7 @@ def _writer(root: str, worker: int, n_runs: int) -> None:
         run_id = f"w{worker}-r{i:02d}"
         info = _info(run_id=run_id, subject=f"q{worker}")
         metrics = [MetricValue("psnr", worker * 1000 + i + 0.5, direction="higher"), MetricValue("ssim", 0.5)]
-        write_run_results(run_dir_for(root, "shared-suite", run_id), info, metrics)
+        write_run(run_dir_for(root, "shared-suite", run_id), info, metrics)
 
 
 def test_two_processes_writing_one_root_lose_nothing(tmp_path):

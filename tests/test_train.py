@@ -17,7 +17,7 @@ from gsqbench.cli import main
 from gsqbench.config import TrainSpec, expand_runs, suite_from_dict
 from gsqbench.errors import UserError
 from gsqbench.runner import open_dataset, run_suite
-from gsqbench.train import DistContext, build_trainer, lr_factor, train_step
+from gsqbench.train import build_trainer, lr_factor, train_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +72,7 @@ def test_gan_path_and_ema_closed_form(tmp_path):
                                  "lecam_weight": 0.001, "options": {"num_filters": 8, "num_layers": 2}},
                    train={"ema_decay": 0.9, "precision": "bf16"})  # bf16 autocast on CPU, fp32 weights
     run = expand_runs(suite_from_dict(raw))[0]
-    tr = build_trainer(run, open_dataset(run.shared.data.train), DistContext(), torch.device("cpu"))
+    tr = build_trainer(run, open_dataset(run.shared.data.train), torch.device("cpu"))
     ema = [p.detach().clone() for p in tr.model.parameters()]  # EMA starts as a copy of the init
     d0 = [p.detach().clone() for p in tr.disc.parameters()]
     rows = []
@@ -101,7 +101,7 @@ def test_dino_discriminator_from_local_weights_runs_one_step(tmp_path):
     torch.save(timm.create_model(DINO_TIMM_NAME, pretrained=False, img_size=28, num_classes=0).state_dict(), path)
     raw = tiny_raw(steps=1, gan={"discriminator": "dino", "options": {"img_size": 28, "weights": str(path)}})
     run = expand_runs(suite_from_dict(raw))[0]
-    tr = build_trainer(run, open_dataset(run.shared.data.train), DistContext(), torch.device("cpu"))
+    tr = build_trainer(run, open_dataset(run.shared.data.train), torch.device("cpu"))
     heads0 = [p.detach().clone() for p in tr.disc.heads.parameters()]
     backbone0 = [p.detach().clone() for p in tr.disc.backbone.parameters()]
     row = train_step(tr)

@@ -1,14 +1,11 @@
 """`gsqbench eval CHECKPOINT --data KIND[:PATH] ...`: evaluate one checkpoint (ours or an official GSQ release).
 
-Loads with gsqbench.checkpoints.load_tokenizer, runs gsqbench.evaluate.evaluate (one streaming pass; under
-torchrun each rank takes its shard), prints a summary table and writes the results directory through
-gsqbench.results (metrics.csv, run.json with the protocol card, per_image.csv, codes.npz, samples/).
+Parses arguments and calls gsqbench.runner.evaluate_checkpoint (load, one streaming evaluation pass, the results
+directory through gsqbench.results.write_run; under torchrun each rank takes its shard), then prints a summary.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -49,25 +46,6 @@ def _parse_data(spec: str) -> tuple[str, str | None]:
     return kind, (path or None)
 
 
-def _checkpoint_file(path: Path) -> Path | None:
-    for name in ("model.safetensors", "checkpoint.pt"):
-        if (path / name).is_file():
-            return path / name
-    return path if path.is_file() else None
-
-
-def _model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    from gsqbench.card import canonical_json
-    from gsqbench.weights import sha256_file
-
-    f = _checkpoint_file(ckpt)
-    spec = {"model": meta.get("model_spec"), "quantizer": meta.get("quantizer_spec")}
-    return {"checkpoint_sha256": meta.get("checkpoint_sha256") or (sha256_file(f) if f else None),
-            "step": meta.get("step"), "fairness_hash": meta.get("fairness_hash"),
-            "tokenizer_spec_hash": hashlib.sha256(canonical_json(spec).encode()).hexdigest(),
-            "source": meta.get("source", "gsqbench")}
-
-
 def _format_value(m: Any) -> str:
     if m.unavailable:
         return f"unavailable: {m.unavailable}"
@@ -89,64 +67,22 @@ def _print_summary(result: Any, run_dir: Path) -> None:
     print(f"results: {run_dir}")
 
 
-def _write(run_dir: Path, result: Any, args: argparse.Namespace, ckpt: Path, meta: dict[str, Any],
-           device: str, world: int) -> None:
-    from gsqbench import results
-    from gsqbench.io import safe_name
-
-    if result.per_image:
-        results.write_per_image(run_dir, result.per_image)
-    if result.code_counts is not None:
-        results.write_code_counts(run_dir, result.code_counts)
-    info = {
-        "run_id": run_dir.name, "suite": run_dir.parent.name or "eval",
-        "subject": safe_name(str(meta.get("official_name") or meta.get("run_id") or ckpt.name)),
-        "seed": args.seed, "grid": {}, "spec": {"checkpoint": str(ckpt), "model": meta.get("model_spec"),
-                                             "quantizer": meta.get("quantizer_spec"), "data": args.data},
-        "fairness_hash": meta.get("fairness_hash"), "card": result.card, "card_hash": result.card_hash,
-        "provenance": results.provenance(device=device, precision=result.card["precision"]["model"],
-                                         world_size=world),
-        "status": "complete",
-    }
-    results.write_run_results(run_dir, info, result.metrics)
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from gsqbench import distributed as ddp
-    from gsqbench.checkpoints import load_tokenizer
-    from gsqbench.data import build_dataset
-    from gsqbench.errors import UserError
-    from gsqbench.evaluate import EvalSettings, evaluate
+    from gsqbench.config import EvalSpec
     from gsqbench.io import safe_child
+    from gsqbench.runner import DataChoice, evaluate_checkpoint
 
-    ckpt = Path(args.checkpoint)
     kind, path = _parse_data(args.data)
-    settings = EvalSettings(
-        mode=args.mode, batch_size=args.batch_size, metrics=tuple(args.metrics), require=tuple(args.require),
-        samples=args.samples, fid_reference_stats=args.fid_reference_stats, fid_cache_dir=args.fid_cache_dir,
-        seed=args.seed,
-        num_workers=args.num_workers, progress=not args.no_progress,
-        weights=args.weights or "ema",
-    )
-    distributed = ddp.init_from_env()
-    device = torch.device(args.device) if args.device else ddp.local_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    tok, meta = load_tokenizer(ckpt)
-    if args.weights is None and meta.get("weights") in ("ema", "raw"):
-        settings = dataclasses.replace(settings, weights=meta["weights"])
-    dataset = build_dataset(kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n,
-                            seed=args.seed)
+    data = DataChoice(kind=kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n,
+                      seed=args.seed)
+    spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
+                    require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,
+                    fid_cache_dir=args.fid_cache_dir)
+    ckpt = Path(args.checkpoint)
     run_dir = Path(args.out) if args.out else safe_child("results", "eval", ckpt.resolve().name)
-    try:
-        result = evaluate(tok.eval().to(device), dataset, settings, device=device, out_dir=run_dir,
-                          model_info=_model_info(ckpt, meta))
-        if ddp.is_main():
-            _write(run_dir, result, args, ckpt, meta, str(device), ddp.world_size())
-            _print_summary(result, run_dir)
-    finally:
-        if distributed:
-            ddp.shutdown()
+    result = evaluate_checkpoint(ckpt, data, spec, out_dir=run_dir, device=args.device, seed=args.seed,
+                                 num_workers=args.num_workers, progress=not args.no_progress, weights=args.weights)
+    if ddp.is_main():
+        _print_summary(result, run_dir)
     return 0

@@ -24,9 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.results import run_dir_for
     from gsqbench.runner import open_dataset
     from gsqbench.train import train_run
+    from gsqbench.validate import validate_suite
 
     apply_threads(args)
-    suite = load_suite(args.suite, args.overrides)
+    suite = validate_suite(load_suite(args.suite, args.overrides))
     runs = expand_runs(suite, args.only or None)
     ids = [r.run_id for r in runs]
     for rid in args.run_ids:
