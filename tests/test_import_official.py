@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from gsqbench.checkpoints import load_tokenizer, read_official
+from gsqbench.checkpoints import load_tokenizer
+from gsqbench.importers.gsq_official import read_official
 from gsqbench.cli import main
 from gsqbench.errors import UserError
 
@@ -253,7 +254,8 @@ def test_without_config_yaml_architecture_is_inferred_but_flags_required(tmp_pat
 ])
 def test_architecture_inference_recovers_variants(kwargs):
     # weights of a variant built from known kwargs: shape inference must rebuild a model with the same keys/shapes
-    from gsqbench.checkpoints import infer_architecture, state_dict_mismatch
+    from gsqbench.checkpoints import state_dict_mismatch
+    from gsqbench.importers.gsq_official import infer_architecture
     from gsqbench.models.autoencoder import AutoencoderConfig, Decoder, Encoder
 
     cfg = AutoencoderConfig(hidden_channels=32, channel_multipliers=kwargs.pop("channel_multipliers", (1, 2, 2)),

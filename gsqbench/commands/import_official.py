@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gsqbench.checkpoints import import_official
+    from gsqbench.importers.gsq_official import import_official
 
     flags = {"norm": args.norm, "init": args.init, "commitment_weight": args.commitment_weight,
              "lookup_precision": args.lookup_precision}

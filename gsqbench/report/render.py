@@ -12,19 +12,18 @@ import json
 import logging
 import math
 import os
-import re
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from gsqbench.errors import UserError
 from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_child, safe_name
 from gsqbench.report import paper_reference as paper
 from gsqbench.report import plots
-from gsqbench.results import (
-    load_results, read_code_counts, read_per_image, read_run_info, read_train_log, sample_ids,
+from gsqbench.report.data import (
+    Group, Run, finite, flatten, grid_axes, group_runs, metric_value, runs_from_frame, separation_reason,
 )
+from gsqbench.results import load_results, read_code_counts, read_per_image, read_train_log, sample_ids
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,99 +39,11 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 RD_METRICS = (("psnr", "PSNR (dB)"), ("lpips@alex", "LPIPS (alex)"), ("rfid@inception", "rFID"))
 SCALING_METRICS = (("rfid@inception", "rFID"), ("lpips@alex", "LPIPS (alex)"), ("psnr", "PSNR (dB)"))
-_DIM_KEYS, _VOCAB_KEYS = {"dim", "latent_dim", "embedding_dim"}, {"codebook_size", "vocab_size", "vocab"}
-_COMPRESSION_KEYS = {"preset", "downsample", "compression", "f"}
-
-
-# ----------------------------------------------------------------------------------------------- data
-@dataclass
-class Run:
-    """One run directory: its run.json and its metric rows keyed by metric name."""
-
-    run_dir: Path
-    info: dict[str, Any]
-    metrics: dict[str, dict[str, Any]]
-    suite: str
-    run_id: str
-    subject: str
-    seed: str
-    fairness_hash: str
-    card_hash: str
-
-    @property
-    def label(self) -> str:
-        return self.subject if self.subject == self.run_id else f"{self.subject} ({self.run_id})"
-
-
-@dataclass
-class Group:
-    """Runs that may be compared: same suite, fairness hash and protocol card hash."""
-
-    suite: str
-    fairness_hash: str
-    card_hash: str
-    runs: list[Run] = field(default_factory=list)
-
-
-def _runs_from_frame(df: "pd.DataFrame") -> list[Run]:
-    runs = []
-    for run_dir, rows in df.groupby("run_dir", sort=True):
-        first = rows.iloc[0]
-        info = read_run_info(run_dir)
-        runs.append(Run(
-            run_dir=Path(run_dir), info=info, metrics={r["metric"]: r for r in rows.to_dict("records")},
-            suite=str(first["suite"] or info.get("suite", "")), run_id=str(first["run"] or info.get("run_id", "")),
-            subject=str(first["subject"] or info.get("subject", "")), seed=str(first["seed"]),
-            fairness_hash=str(first["fairness_hash"]), card_hash=str(first["card_hash"]),
-        ))
-    return runs
-
-
-def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
-    """suite → groups (by fairness hash, then card hash), in a stable order."""
-    suites: dict[str, dict[tuple[str, str], Group]] = {}
-    for run in sorted(runs, key=lambda r: (r.suite, r.fairness_hash, r.card_hash, r.subject, r.run_id)):
-        key = (run.fairness_hash, run.card_hash)
-        suites.setdefault(run.suite, {}).setdefault(key, Group(run.suite, *key)).runs.append(run)
-    return {s: list(g.values()) for s, g in suites.items()}
-
-
-def separation_reason(groups: Sequence[Group]) -> str | None:
-    """Why a suite's rows are split into several tables (None when there is one group)."""
-    if len(groups) < 2:
-        return None
-    parts = []
-    fair = sorted({g.fairness_hash for g in groups})
-    cards = sorted({g.card_hash for g in groups})
-    if len(fair) > 1:
-        parts.append("fairness hashes differ: " + " vs ".join(f"{h[:8]}…" for h in fair))
-    if len(cards) > 1:
-        fields = _differing_card_fields(groups)
-        parts.append("protocol card hashes differ: " + " vs ".join(f"{h[:8]}…" for h in cards)
-                     + (f" (card fields that differ: {', '.join(fields[:8])}{', …' if len(fields) > 8 else ''})"
-                        if fields else ""))
-    return "; ".join(parts) + "; rows are not comparable"
-
-
-def _differing_card_fields(groups: Sequence[Group]) -> list[str]:
-    """Hashed card fields whose value differs between the groups' first runs: tells the user what split the table."""
-    from gsqbench.card import hashable_view  # pure-Python module: no torch
-
-    cards = [flatten(hashable_view(g.runs[0].info.get("card") or {})) for g in groups]
-    keys = sorted(set().union(*cards)) if cards else []
-    return [k for k in keys if k != "card_hash" and len({c.get(k, "∅") for c in cards}) > 1]
 
 
 # ----------------------------------------------------------------------------------------------- formatting
-def _finite(x: Any) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
 def fmt_value(value: Any, kind: str) -> str:
-    if not _finite(value):
+    if not finite(value):
         return "n/a"
     v = float(value)
     if kind == "pct":  # two decimals: 99.98 % (a few dead codes) must not read as 100.0 %
@@ -149,9 +60,9 @@ def fmt_value(value: Any, kind: str) -> str:
 def fmt_interval(row: Mapping[str, Any], kind: str) -> str:
     """'± stderr' (or ± half the CI width when only the interval is known), in the value's units."""
     err = row.get("stderr")
-    if not _finite(err) and _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
+    if not finite(err) and finite(row.get("ci_low")) and finite(row.get("ci_high")):
         err = (float(row["ci_high"]) - float(row["ci_low"])) / 2
-    if not _finite(err):
+    if not finite(err):
         return ""
     scale, digits = (100.0, "f2") if kind == "pct" else (1.0, kind if kind.startswith("f") else "g2")
     e = float(err) * scale
@@ -160,11 +71,11 @@ def fmt_interval(row: Mapping[str, Any], kind: str) -> str:
 
 def _cell_title(row: Mapping[str, Any]) -> str:
     bits = []
-    if _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
+    if finite(row.get("ci_low")) and finite(row.get("ci_high")):
         bits.append(f"95% CI [{float(row['ci_low']):.6g}, {float(row['ci_high']):.6g}]")
-    if _finite(row.get("stderr")):
+    if finite(row.get("stderr")):
         bits.append(f"stderr {float(row['stderr']):.3g}")
-    if _finite(row.get("n")):
+    if finite(row.get("n")):
         bits.append(f"n={int(float(row['n']))}")
     return "; ".join(bits)
 
@@ -175,16 +86,6 @@ def _slug(name: str) -> str:
     if clean == name:
         return clean
     return f"{clean[:80]}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    """Nested dicts as dotted keys; leaves (lists included) as compact JSON text."""
-    if isinstance(obj, Mapping):
-        out: dict[str, str] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)}
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -205,7 +106,7 @@ def summary_table(runs: Sequence[Run]) -> tuple[dict[str, Any], list[tuple[int, 
 
 
 def _best_value(rows: Sequence[Mapping[str, Any] | None]) -> float | None:
-    avail = [r for r in rows if r is not None and not r.get("unavailable") and _finite(r.get("value"))]
+    avail = [r for r in rows if r is not None and not r.get("unavailable") and finite(r.get("value"))]
     if len(avail) < 2 or avail[0].get("direction") not in ("lower", "higher"):
         return None
     values = [float(r["value"]) for r in avail]
@@ -215,7 +116,7 @@ def _best_value(rows: Sequence[Mapping[str, Any] | None]) -> float | None:
 def _cell(m: Mapping[str, Any] | None, kind: str, best: float | None, footnotes: dict[str, int]) -> dict[str, Any]:
     if m is None:
         return {"text": "–", "na": True, "title": "not measured in this run"}
-    if m.get("unavailable") or not _finite(m.get("value")):
+    if m.get("unavailable") or not finite(m.get("value")):
         reason = str(m.get("unavailable") or "value is NaN")
         n = footnotes.setdefault(reason, len(footnotes) + 1)
         return {"text": "n/a", "na": True, "title": reason, "fn": n}
@@ -234,7 +135,7 @@ def all_metrics_table(runs: Sequence[Run]) -> dict[str, Any]:
             m = r.metrics.get(name)
             if m is None:
                 cells.append({"text": "–", "na": True})
-            elif m.get("unavailable") or not _finite(m.get("value")):
+            elif m.get("unavailable") or not finite(m.get("value")):
                 cells.append({"text": "n/a", "na": True, "title": str(m.get("unavailable") or "NaN")})
             else:
                 cells.append({"text": fmt_value(m["value"], "g4"), "pm": fmt_interval(m, "g"),
@@ -305,7 +206,7 @@ def group_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], lis
         figures.append({"src": assets.rel(p), "caption": "Training curves (train_log.csv)"})
     elif not logs:
         notes.append("no train_log.csv in these runs: training curves not drawn")
-    points = [{"label": r.label, "bits": _metric(r, "bits_per_token"), **{k: _metric(r, k) for k, _ in RD_METRICS}}
+    points = [{"label": r.label, "bits": metric_value(r, "bits_per_token"), **{k: metric_value(r, k) for k, _ in RD_METRICS}}
               for r in group.runs]
     p, rd_notes = plots.rate_distortion(points, RD_METRICS, assets.path("rate_distortion.png"))
     notes += rd_notes
@@ -321,35 +222,10 @@ def group_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], lis
     return figures, notes
 
 
-def _metric(run: Run, key: str) -> float | None:
-    m = run.metrics.get(key)
-    if m is None or m.get("unavailable") or not _finite(m.get("value")):
-        return None
-    return float(m["value"])
-
-
-def _grid_axes(run: Run) -> dict[str, float]:
-    """Numeric scaling axes from the run's grid values: dim, codebook_size, groups, compression factor."""
-    axes: dict[str, float] = {}
-    for key, text in flatten(run.info.get("grid") or {}).items():
-        leaf = key.rsplit(".", 1)[-1]
-        raw = text.strip('"')
-        if leaf in _COMPRESSION_KEYS:
-            match = re.search(r"f(\d+)", raw) or re.fullmatch(r"(\d+)", raw)
-            if match:
-                axes["compression"] = float(match.group(1))
-            continue
-        name = "dim" if leaf in _DIM_KEYS else "codebook_size" if leaf in _VOCAB_KEYS else \
-            "groups" if leaf == "groups" else None
-        if name and _finite(raw):
-            axes[name] = float(raw)
-    return axes
-
-
 def scaling_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], list[str]]:
     """Paper-style scaling plots when the runs' grid varies along (dim × vocabulary) or (compression × groups)."""
-    axes = [_grid_axes(r) for r in group.runs]
-    metric = next(((k, t) for k, t in SCALING_METRICS if all(_metric(r, k) is not None for r in group.runs)), None)
+    axes = [grid_axes(r) for r in group.runs]
+    metric = next(((k, t) for k, t in SCALING_METRICS if all(metric_value(r, k) is not None for r in group.runs)), None)
     varies = {a for a in ("dim", "codebook_size", "groups", "compression")
               if len({ax.get(a) for ax in axes if a in ax}) > 1 and all(a in ax for ax in axes)}
     if not varies:
@@ -357,7 +233,7 @@ def scaling_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], l
     if metric is None:
         return [], ["scaling plots skipped: no quality metric is available for every run"]
     key, title = metric
-    points = [{**ax, "y": _metric(r, key)} for r, ax in zip(group.runs, axes)]
+    points = [{**ax, "y": metric_value(r, key)} for r, ax in zip(group.runs, axes)]
     figures = []
     # (x axis, series axis, file, paper figure): x falls back to the series axis when only that one varies
     for x_key, s_key, filename, paper in (
@@ -494,7 +370,7 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
         raise UserError(f"report output '{out}' exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    runs = _runs_from_frame(load_results(*results_dirs))
+    runs = runs_from_frame(load_results(*results_dirs))
     suites = group_runs(runs)
     env = _env()
     paper_ctx = paper_tables()
@@ -554,7 +430,7 @@ def render_regress(comparison: "pd.DataFrame", out_dir: str | os.PathLike, *, ba
     })
     for r in rows:
         for c in ("baseline", "current", "delta"):
-            r[c] = fmt_value(r[c], "g7") if _finite(r[c]) else ""
+            r[c] = fmt_value(r[c], "g7") if finite(r[c]) else ""
     html = _env().get_template("regress.html.j2").render(title=title, baseline=baseline, counts=counts, rows=rows)
     _write_static(out)
     return atomic_write_text(safe_child(out, "regress.html"), html)

@@ -1,0 +1,138 @@
+"""Which runs a report shows and which may be compared: run directories read into `Run`s, grouped by suite,
+fairness hash and protocol card hash (design.md "Fairness is checked, not promised"). Pure Python, no torch."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from gsqbench.results import read_run_info
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_DIM_KEYS, _VOCAB_KEYS = {"dim", "latent_dim", "embedding_dim"}, {"codebook_size", "vocab_size", "vocab"}
+_COMPRESSION_KEYS = {"preset", "downsample", "compression", "f"}
+
+
+def finite(x: Any) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted keys; leaves (lists included) as compact JSON text."""
+    if isinstance(obj, Mapping):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)}
+
+
+@dataclass
+class Run:
+    """One run directory: its run.json and its metric rows keyed by metric name."""
+
+    run_dir: Path
+    info: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+    suite: str
+    run_id: str
+    subject: str
+    seed: str
+    fairness_hash: str
+    card_hash: str
+
+    @property
+    def label(self) -> str:
+        return self.subject if self.subject == self.run_id else f"{self.subject} ({self.run_id})"
+
+
+@dataclass
+class Group:
+    """Runs that may be compared: same suite, fairness hash and protocol card hash."""
+
+    suite: str
+    fairness_hash: str
+    card_hash: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def runs_from_frame(df: "pd.DataFrame") -> list[Run]:
+    runs = []
+    for run_dir, rows in df.groupby("run_dir", sort=True):
+        first = rows.iloc[0]
+        info = read_run_info(run_dir)
+        runs.append(Run(
+            run_dir=Path(run_dir), info=info, metrics={r["metric"]: r for r in rows.to_dict("records")},
+            suite=str(first["suite"] or info.get("suite", "")), run_id=str(first["run"] or info.get("run_id", "")),
+            subject=str(first["subject"] or info.get("subject", "")), seed=str(first["seed"]),
+            fairness_hash=str(first["fairness_hash"]), card_hash=str(first["card_hash"]),
+        ))
+    return runs
+
+
+def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
+    """suite → groups (by fairness hash, then card hash), in a stable order."""
+    suites: dict[str, dict[tuple[str, str], Group]] = {}
+    for run in sorted(runs, key=lambda r: (r.suite, r.fairness_hash, r.card_hash, r.subject, r.run_id)):
+        key = (run.fairness_hash, run.card_hash)
+        suites.setdefault(run.suite, {}).setdefault(key, Group(run.suite, *key)).runs.append(run)
+    return {s: list(g.values()) for s, g in suites.items()}
+
+
+def separation_reason(groups: Sequence[Group]) -> str | None:
+    """Why a suite's rows are split into several tables (None when there is one group)."""
+    if len(groups) < 2:
+        return None
+    parts = []
+    fair = sorted({g.fairness_hash for g in groups})
+    cards = sorted({g.card_hash for g in groups})
+    if len(fair) > 1:
+        parts.append("fairness hashes differ: " + " vs ".join(f"{h[:8]}…" for h in fair))
+    if len(cards) > 1:
+        fields = differing_card_fields(groups)
+        parts.append("protocol card hashes differ: " + " vs ".join(f"{h[:8]}…" for h in cards)
+                     + (f" (card fields that differ: {', '.join(fields[:8])}{', …' if len(fields) > 8 else ''})"
+                        if fields else ""))
+    return "; ".join(parts) + "; rows are not comparable"
+
+
+def differing_card_fields(groups: Sequence[Group]) -> list[str]:
+    """Hashed card fields whose value differs between the groups' first runs: tells the user what split the table."""
+    from gsqbench.card import hashable_view  # pure-Python module: no torch
+
+    cards = [flatten(hashable_view(g.runs[0].info.get("card") or {})) for g in groups]
+    keys = sorted(set().union(*cards)) if cards else []
+    return [k for k in keys if k != "card_hash" and len({c.get(k, "∅") for c in cards}) > 1]
+
+
+def metric_value(run: Run, key: str) -> float | None:
+    m = run.metrics.get(key)
+    if m is None or m.get("unavailable") or not finite(m.get("value")):
+        return None
+    return float(m["value"])
+
+
+def grid_axes(run: Run) -> dict[str, float]:
+    """Numeric scaling axes from the run's grid values: dim, codebook_size, groups, compression factor."""
+    axes: dict[str, float] = {}
+    for key, text in flatten(run.info.get("grid") or {}).items():
+        leaf = key.rsplit(".", 1)[-1]
+        raw = text.strip('"')
+        if leaf in _COMPRESSION_KEYS:
+            match = re.search(r"f(\d+)", raw) or re.fullmatch(r"(\d+)", raw)
+            if match:
+                axes["compression"] = float(match.group(1))
+            continue
+        name = "dim" if leaf in _DIM_KEYS else "codebook_size" if leaf in _VOCAB_KEYS else \
+            "groups" if leaf == "groups" else None
+        if name and finite(raw):
+            axes[name] = float(raw)
+    return axes
