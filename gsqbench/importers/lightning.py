@@ -70,20 +70,29 @@ def _scan(path: Path) -> list[str] | None:
         return None
 
 
+def _reason(exc: BaseException) -> str:
+    """A short cause from a torch.load error, without torch's advice to retry with weights_only=False."""
+    text = str(exc)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    if detail:
+        text = detail.group(1)
+    elif "weights_only" in text:
+        text = "the weights-only unpickler rejected its content"
+    return " ".join(f"{type(exc).__name__}: {text}".split())[:200]
+
+
 def _load_weights_only(path: Path, stand_ins: list[str]) -> Any:
     allowed = [(STAND_INS[name], name) for name in stand_ins]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([^\s]+) was not an allowed global", str(exc))
-        if found:  # a global the static scan could not see (pushed dynamically): refused all the same
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:  # a global the static scan could not see (legacy format, pushed dynamically): refused the same
             raise refusal(path, [found.group(1)]) from None
-        detail = " ".join(str(exc).split())[:200]
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (weights-only unpickler: {detail})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_reason(exc)})") from None
     except Exception as exc:
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_reason(exc)})") from None
 
 
 def read_checkpoint(path: str | Path) -> tuple[Any, list[str]]:
