@@ -685,3 +685,22 @@ def test_eval_runs_unchanged_on_a_release_file(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["card"]["model"]["source"] == "published-release"
     assert run["card"]["model"]["checkpoint_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_model_json_architecture_errors_are_one_line(tmp_path, capsys):
+    sd = random_state(maskgit_keys(z=32, V=64, **SMALL), seed=4)
+    torch.save(sd, tmp_path / "m.bin")
+    out = tmp_path / "ours"
+    assert main(["import", str(tmp_path / "m.bin"), "--out", str(out)]) == 0
+    spec_path = out / "model.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["architecture"] == "maskgit-vqgan" and spec["quantizer"]["name"] == "maskgit-vq"
+    spec_path.write_text(json.dumps({**spec, "architecture": "maskgit-vqgn"}))
+    with pytest.raises(UserError, match="architecture 'maskgit-vqgn' is not known; did you mean 'maskgit-vqgan'"):
+        load_tokenizer(out)
+    spec_path.write_text(json.dumps({**spec, "quantizer": {**spec["quantizer"], "l2norm": True}}))
+    with pytest.raises(UserError, match="quantizer key 'l2norm' is not known"):
+        load_tokenizer(out)
+    spec_path.write_text(json.dumps({**spec, "model": {**spec["model"], "chanel_mult": [1]}}))
+    with pytest.raises(UserError, match="unknown key 'chanel_mult'; did you mean 'channel_mult'"):
+        load_tokenizer(out)

@@ -11,7 +11,6 @@ import dataclasses
 import re
 from typing import Any, Iterable, Mapping
 
-import torch
 from torch import Tensor
 
 from gsqbench.checkpoints import state_dict_mismatch
@@ -96,7 +95,3 @@ def drop(state: dict[str, Tensor], prefix: str, reason: str, exact: bool = False
 
 def dtypes(state: Mapping[str, Tensor]) -> list[str]:
     return sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
-
-
-def meta_state(model: torch.nn.Module) -> dict[str, Tensor]:
-    return dict(model.state_dict())
