@@ -117,9 +117,11 @@ def save_tokenizer(
     model = tok.config.to_dict()
     if model_spec and model_spec.get("preset") is not None:
         model = {"preset": model_spec["preset"], **model}
+    architecture = getattr(tok, "architecture", None)  # published tokenizers (gsqbench.models.published)
     atomic_write_json(directory / MODEL_JSON, {
         "format": FORMAT,
         "version": VERSION,
+        **({"architecture": architecture} if architecture else {}),
         "model": model,
         "quantizer": dict(quantizer_spec),
         "meta": dict(meta or {}),
@@ -155,7 +157,12 @@ def _load_own(directory: Path) -> tuple[Tokenizer, dict[str, Any]]:
     expected_sha = spec.get("weights_sha256")
     if expected_sha and sha256_file(weights) != expected_sha:
         raise UserError(f"{weights}: sha256 differs from {MODEL_JSON} (file changed or truncated)")
-    tok = build_tokenizer(spec["model"], spec["quantizer"])
+    if "architecture" in spec:  # an imported published tokenizer: rebuilt by its registered builder
+        from gsqbench.models.published import build_architecture
+
+        tok = build_architecture(spec["architecture"], spec["model"], spec["quantizer"])
+    else:
+        tok = build_tokenizer(spec["model"], spec["quantizer"])
     try:
         state = load_file(weights, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -170,13 +177,18 @@ def _load_own(directory: Path) -> tuple[Tokenizer, dict[str, Any]]:
 def load_tokenizer(
     path: str | Path, *, official_flags: Mapping[str, Any] | None = None
 ) -> tuple[Tokenizer, dict[str, Any]]:
-    """Load our checkpoint directory or an official release folder (`config.yaml` + `checkpoint.pt`).
+    """Load our checkpoint directory, an official release folder (`config.yaml` + `checkpoint.pt`), or a
+    published release file (LlamaGen, Open-MAGVIT2, MaskGIT, taming; gsqbench.importers.releases).
 
-    A path to one of the files inside is accepted too. The model comes back on CPU in eval mode.
+    A path to one of the files inside a directory is accepted too. The model comes back on CPU in eval mode.
     `official_flags` supplies quantizer flags an official folder without `config.yaml` cannot provide.
     """
     p = Path(path)
-    if p.is_file() and p.name in (MODEL_JSON, WEIGHTS_FILE, OFFICIAL_CHECKPOINT, OFFICIAL_CONFIG):
+    if p.is_file() and p.name not in (MODEL_JSON, WEIGHTS_FILE, OFFICIAL_CHECKPOINT, OFFICIAL_CONFIG):
+        from gsqbench.importers.releases import load_release  # a published release file (LlamaGen, taming, ...)
+
+        return load_release(p)
+    if p.is_file():
         p = p.parent
     if (p / MODEL_JSON).is_file():
         return _load_own(p)

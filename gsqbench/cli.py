@@ -22,6 +22,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("list", "list_"),
     ("weights", "weights"),
     ("import-official", "import_official"),
+    ("import", "import_"),
 )
 
 
