@@ -346,10 +346,10 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
               device: torch.device, out_dir: Optional[Path], meter: CostMeter) -> tuple[_PassState, int]:
     state = _PassState()
     batches, n = _batches(dataset, settings, device)
-    from tqdm import tqdm
+    from gsqbench.progress import Progress
 
-    bar = tqdm(total=len(_shard(n)), unit="img", desc="evaluate",
-               disable=None if settings.progress and ddp.is_main() else True)  # None: off when not a terminal
+    # a bar on a terminal, one line per 10 % in a log
+    bar = Progress(len(_shard(n)), "evaluate", enabled=settings.progress and ddp.is_main(), unit="images")
     try:
         while True:
             with _timed(state, "data", device):

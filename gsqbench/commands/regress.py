@@ -19,8 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gsqbench.io import check_input_file, check_output_dir
     from gsqbench.regress import exit_code, format_table, parse_cli_tolerances, regress
 
+    if Path(args.baseline).exists():  # an absent one: regress() says to use --update
+        check_input_file(args.baseline, "--baseline")
+    if args.output:
+        check_output_dir(args.output, "-o")
     tolerances = parse_cli_tolerances(args.tolerance)
     comparison = regress(args.results, args.baseline, cli_tolerances=tolerances, update=args.update)
     print(format_table(comparison))

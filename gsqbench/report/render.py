@@ -21,9 +21,9 @@ from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gsqbench.report import paper_reference as paper
 from gsqbench.report import plots
 from gsqbench.report.data import (
-    Group, Run, finite, flatten, grid_axes, group_runs, metric_value, runs_from_frame, separation_reason,
+    Group, Run, Unlisted, collect_runs, finite, flatten, grid_axes, group_runs, metric_value, separation_reason,
 )
-from gsqbench.results import load_results, read_code_counts, read_per_image, read_train_log, sample_ids
+from gsqbench.results import read_code_counts, read_per_image, read_train_log, sample_ids
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -370,7 +370,7 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
         raise UserError(f"report output '{out}' exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    runs = runs_from_frame(load_results(*results_dirs))
+    runs, unlisted = collect_runs(*results_dirs)
     suites = group_runs(runs)
     env = _env()
     paper_ctx = paper_tables()
@@ -378,6 +378,7 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
     for suite, groups in suites.items():
         page = suite_page_name(suite)
         ctx = {"title": title, "suite": suite, "reason": separation_reason(groups), "paper": paper_ctx,
+               "unlisted": unlisted_rows(unlisted, out, suite),
                "groups": [_group_context(g, i, out, _slug(suite), k_samples, worst_k, with_plots) for i, g in enumerate(groups)]}
         atomic_write_text(safe_child(out, page), env.get_template("suite.html.j2").render(**ctx))
         index_entries.append({"suite": suite, "page": page, "n_runs": sum(len(g.runs) for g in groups),
@@ -387,10 +388,20 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
     regress_summary = _read_regress_summary(out)
     index = env.get_template("index.html.j2").render(
         title=title, suites=index_entries, regress=regress_summary,
-        sources=[str(Path(d)) for d in results_dirs])
+        sources=[str(Path(d)) for d in results_dirs], unlisted=unlisted_rows(unlisted, out))
     path = atomic_write_text(safe_child(out, "index.html"), index)
     log.info("report written to %s (%d suites, %d runs)", path, len(suites), len(runs))
+    for u in unlisted:
+        if u.state == "unreadable":
+            log.warning("report: run %s/%s is shown as unreadable: %s", u.suite, u.run_id, u.detail)
     return path
+
+
+def unlisted_rows(unlisted: Sequence[Unlisted], out: Path, suite: str | None = None) -> list[dict[str, str]]:
+    """Rows of the "not in the comparison tables" block (templates/unlisted.html.j2): every run folder that was
+    found but is not evaluated or cannot be read, so that none is left out silently."""
+    return [{"suite": u.suite, "run": u.run_id, "state": u.state, "detail": u.detail, "folder": str(u.run_dir)}
+            for u in unlisted if suite is None or u.suite == suite]
 
 
 def _write_static(out: Path) -> None:
