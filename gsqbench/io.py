@@ -148,7 +148,7 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if p.exists():
         if not p.is_dir():
-            raise UserError(f"{what} '{p}' exists and is a file; expected a directory (or a path to create)")
+            raise UserError(f"{what} '{p}' is a file, not a directory; give a directory (or a path to create)")
         if not os.access(p, os.W_OK | os.X_OK):
             raise UserError(f"{what} '{p}' is not writable (permission denied)")
         return p
