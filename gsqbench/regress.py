@@ -33,6 +33,7 @@ from gsqbench.io import atomic_write_text
 from gsqbench.results import (
     METRIC_COLUMNS, fmt_float, normalize_metrics_frame, read_run_info, rows_to_csv,
 )
+from gsqbench.stats import MACHINE_DEPENDENT
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,8 +82,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 #: for a metric with a direction but no default: 1 % of the baseline
 FALLBACK_TOLERANCE = _rel(0.01)
 #: timing/cost/shape metrics: reported, never a regression (they depend on the machine or are fixed by the spec)
-INFORMATIONAL = frozenset({
-    "encode_images_per_s", "decode_images_per_s", "train_images_per_s", "train_time_s", "peak_memory_mb",
+INFORMATIONAL = MACHINE_DEPENDENT | frozenset({
     "tokens_counted", "params", "params_quantizer", "bits_per_token", "bits_per_image", "compression_ratio",
 })
 

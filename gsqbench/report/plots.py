@@ -2,7 +2,8 @@
 
 Plots mirror the paper's figures (gsq-reference.md §7.9): training curves, rate–distortion (bits/token vs quality),
 per-group code usage with rank–frequency (Zipf) curves, and scaling grids (latent dim × vocabulary; compression ×
-groups). Nothing here imports torch.
+groups). Rate–distortion and scaling points are a subject's mean over seeds with error bars to its 95 % interval
+(gsqbench.stats), never one line zig-zagging through every seed. Nothing here imports torch.
 """
 from __future__ import annotations
 

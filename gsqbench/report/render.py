@@ -3,7 +3,11 @@
 `render_report(results_dirs, out_dir)` writes a self-contained folder: index.html, one page per suite, style.css and
 assets/ (plots and image panels), all linked relatively so it opens from disk without a server, CDN or JS.
 Rows are compared only within one (suite, fairness hash, protocol card hash) group; a suite mixing hashes gets one
-table per group and says why. User-given names are escaped by jinja2 (autoescape on) and sanitised in file names.
+table per group and says why. Each table row is a subject (× grid point) aggregated over its seeds, with intervals
+and ★/☆ marks from gsqbench.stats (metrics-protocol.md §15); per-seed rows stay one click away, and each suite's
+aggregated table is also written as CSV. `render_regress` and `render_compare` write the pages of `gsqbench regress
+-o` and `gsqbench compare -o`, which the index links. User-given names are escaped by jinja2 (autoescape on) and
+sanitised in file names.
 """
 from __future__ import annotations
 
@@ -21,12 +25,11 @@ from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gsqbench.report import paper_reference as paper
 from gsqbench.report import plots
 from gsqbench.report.data import (
-    Group, Run, finite, flatten, grid_axes, group_runs, metric_value, runs_from_frame, separation_reason,
+    Group, Run, finite, flatten, grid_axes, group_runs, runs_from_frame, separation_reason,
 )
 from gsqbench.results import load_results, read_code_counts, read_per_image, read_train_log, rows_to_csv, sample_ids
 from gsqbench.stats import (
-    MACHINE_DEPENDENT, SUMMARY_FIELDS, Cell, GroupStats, Unit, divergence_text, is_diverged, rows_for_csv,
-    summary_rows,
+    SUMMARY_FIELDS, Cell, GroupStats, Unit, divergence_text, is_diverged, rows_for_csv, summary_rows,
 )
 
 if TYPE_CHECKING:
@@ -470,6 +473,11 @@ def _group_context(group: Group, stats: GroupStats, index: int, out_dir: Path, s
         figures, notes = group_plots(group, assets, stats)
         scaling_figs, scaling_notes = scaling_plots(group, assets, stats)
     id_note = stats.image_id_note()
+    shown = _first_seeds(group, stats)
+    recon = recon_grid(shown, assets, k)
+    if len(shown.runs) < len([r for r in group.runs if not is_diverged(r)]):
+        recon["note"] = "; ".join(filter(None, [recon.get("note"), "one run per subject shown (its first seed); the "
+                                                "other seeds' samples are in their run folders"]))
     return {
         "index": index, "fairness_hash": group.fairness_hash, "card_hash": group.card_hash,
         "n_runs": len(group.runs), "summary": summary, "footnotes": footnotes,
@@ -477,9 +485,14 @@ def _group_context(group: Group, stats: GroupStats, index: int, out_dir: Path, s
         "stats_notes": [id_note] if id_note else [],
         "all_metrics": all_metrics_table(stats), "card": card_table(group.runs),
         "spec": spec_tables(group.runs), "figures": figures, "notes": notes + scaling_notes,
-        "scaling": scaling_figs, "recon": recon_grid(group, assets, k), "worst": worst_images(group, assets, worst_k),
+        "scaling": scaling_figs, "recon": recon, "worst": worst_images(shown, assets, worst_k),
         "provenance": [(r.label, _provenance_line(r.info.get("provenance") or {})) for r in group.runs],
     }
+
+
+def _first_seeds(group: Group, stats: GroupStats) -> Group:
+    """The group with one finished run per row (its first seed): image panels per seed would repeat each subject."""
+    return Group(group.suite, group.fairness_hash, group.card_hash, [u.runs[0] for u in stats.units if u.runs])
 
 
 def _provenance_line(prov: Mapping[str, Any]) -> str:
