@@ -26,7 +26,7 @@ from gsqbench.stats import MACHINE_DEPENDENT, GroupStats, Unit, format_number, v
 HEADLINE = ("psnr", "ssim", "lpips@alex", "lpips@vgg", "rfid@inception", "is@inception", "usage_pooled", "ppl_pooled")
 FIELDS = ("suite", "fairness_hash", "card_hash", "reference", "subject", "grid", "metric", "direction",
           "reference_mean", "reference_seeds", "mean", "seeds", "difference", "ci_low", "ci_high", "p_value",
-          "verdict", "method", "note")
+          "verdict", "method", "note", "diverged")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class ComparisonRow:
     verdict: str
     method: str
     note: str
+    diverged: str = ""  # the subject's divergence note when any of its seeds diverged (the gate fails on it)
 
 
 @dataclass
@@ -143,7 +144,7 @@ def compare_to_reference(group: Group, reference: str, metrics: Sequence[str] | 
             notes.append(f"{unit.label}{_at(unit)}: no {reference} run at this grid point, not compared")
             continue
         if unit.all_diverged:
-            rows += [_row(group, stats, ref, unit, m, verdict_text=unit.divergence_note) for m in metrics]
+            rows += [_row(group, stats, ref, unit, m, diverged=unit.divergence_note) for m in metrics]
             continue
         if unit.diverged:
             notes.append(f"{unit.label}{_at(unit)}: {unit.divergence_note}; compared over its finished seeds")
@@ -167,7 +168,7 @@ def _at(unit: Unit) -> str:
 
 
 def _row(group: Group, stats: GroupStats, ref: Unit, unit: Unit, metric: str,
-         verdict_text: str | None = None) -> ComparisonRow | None:
+         diverged: str = "") -> ComparisonRow | None:
     rc, uc = stats.cell(ref, metric), stats.cell(unit, metric)
     r_est = rc.estimate if rc else None
     u_est = uc.estimate if uc else None
@@ -177,8 +178,8 @@ def _row(group: Group, stats: GroupStats, ref: Unit, unit: Unit, metric: str,
                 reference_mean=r_est.mean if r_est else math.nan, reference_seeds=len(ref.runs),
                 mean=u_est.mean if u_est else math.nan, seeds=len(unit.runs))
     nan = dict(difference=math.nan, ci_low=math.nan, ci_high=math.nan, p_value=math.nan)
-    if verdict_text is not None:
-        return ComparisonRow(**base, **nan, verdict=verdict_text, method="", note="")
+    if diverged:
+        return ComparisonRow(**base, **nan, verdict="diverged", method="", note=diverged, diverged=diverged)
     if r_est is None and u_est is None:
         return None
     if r_est is None or u_est is None:
@@ -189,7 +190,7 @@ def _row(group: Group, stats: GroupStats, ref: Unit, unit: Unit, metric: str,
         return ComparisonRow(**base, **nan, verdict="not comparable", method="", note=nc)
     d = stats.difference(unit, ref, metric)
     return ComparisonRow(**base, difference=d.value, ci_low=d.ci_low, ci_high=d.ci_high, p_value=d.p_value,
-                         verdict=verdict(d, direction), method=d.method, note=d.note)
+                         verdict=verdict(d, direction), method=d.method, note=d.note, diverged=unit.divergence_note)
 
 
 # ----------------------------------------------------------------------------------------------- gating
@@ -208,7 +209,8 @@ def parse_fail_if_worse(items: Iterable[str]) -> list[tuple[str, Tolerance]]:
 
 def gate(comparison: Comparison, rules: Sequence[tuple[str, Tolerance]]) -> list[str]:
     """One line per subject that is worse than the reference on a gated metric by more than its margin, with 95 %
-    confidence (the interval's bound nearest zero lies beyond the margin on the worse side). A gated metric whose
+    confidence (the interval's bound nearest zero lies beyond the margin on the worse side), or whose runs diverged
+    (on any seed). A gated metric whose
     verdict cannot be decided (no interval, not comparable, unavailable) is a UserError: a gate must not pass
     silently on what it could not check."""
     failures = []
@@ -217,8 +219,8 @@ def gate(comparison: Comparison, rules: Sequence[tuple[str, Tolerance]]) -> list
         if not rows:
             raise UserError(f"--fail-if-worse {metric}: no subject other than the reference was compared on it")
         for r in rows:
-            if r.verdict.startswith("diverged"):
-                failures.append(f"FAIL {r.subject} {metric}: {r.verdict}")
+            if r.diverged:  # a variant that diverges (on any seed) is worse, whatever its finished seeds say
+                failures.append(f"FAIL {r.subject} {metric}: {r.diverged}")
                 continue
             if r.verdict in ("no interval", "not comparable", "unavailable"):
                 raise UserError(f"--fail-if-worse {metric}: cannot decide for {r.subject}: {r.verdict}"
@@ -248,7 +250,7 @@ def format_table(comparison: Comparison) -> str:
     body = []
     for r in comparison.rows:
         verdict_text = r.verdict + (f" ({r.note})" if r.note and r.verdict in ("not comparable", "unavailable",
-                                                                              "no interval") else "")
+                                                                              "no interval", "diverged") else "")
         body.append([r.subject, *([r.grid] if has_grid else []), r.metric, format_number(r.reference_mean),
                      format_number(r.mean), _signed(r.difference), _interval(r), verdict_text])
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
@@ -260,8 +262,7 @@ def format_table(comparison: Comparison) -> str:
               for row in [header] + body]
     counts: dict[str, int] = {}
     for r in comparison.rows:
-        key = "diverged" if r.verdict.startswith("diverged") else r.verdict
-        counts[key] = counts.get(key, 0) + 1
+        counts[r.verdict] = counts.get(r.verdict, 0) + 1
     lines.append(", ".join(f"{k} {v}" for k, v in counts.items()) or "nothing compared")
     lines.append("difference = subject − reference. Interval: per-image metrics paired over images (percentile "
                  "bootstrap; + seed spread, Welch t, with ≥ 2 seeds each); set-level metrics Welch t over seeds, "

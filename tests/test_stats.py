@@ -198,3 +198,19 @@ def test_differing_image_ids_are_never_paired(tmp_path, capsys):
     assert main(["compare", str(tmp_path), "--reference", "gsq"]) == 0
     out = capsys.readouterr().out
     assert "no interval (odd was evaluated on other image ids" in out and "note: runs evaluated on different" in out
+
+
+def test_a_diverged_variant_is_shown_as_such_and_fails_the_gate(tmp_path, capsys):
+    for seed in range(2):
+        write_run(tmp_path, "gsq", seed, per_image={"psnr": [24.0 + seed, 25.0, 23.0]})
+        write_run(tmp_path, "boom", seed, divergence={"step": 40, "term": "loss_commit"})
+    assert main(["compare", str(tmp_path), "--reference", "gsq", "--fail-if-worse", "psnr"]) == 1
+    out = capsys.readouterr().out
+    assert "diverged (2 of 2 seeds diverged: seed 0 diverged at step 40 (loss_commit)" in out
+    assert any(ln.startswith("FAIL boom psnr: 2 of 2 seeds diverged") for ln in out.splitlines()), out
+    write_run(tmp_path, "flaky", 0, per_image={"psnr": [24.5, 25.0, 23.0]})  # better on the seed that finished
+    write_run(tmp_path, "flaky", 1, divergence={"step": 7, "term": "loss_rec"})
+    assert main(["compare", str(tmp_path), "--reference", "gsq", "--fail-if-worse", "psnr"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL flaky psnr: 1 of 2 seeds diverged: seed 1 diverged at step 7 (loss_rec)" in out
+    assert "note: flaky: 1 of 2 seeds diverged" in out

@@ -603,7 +603,6 @@ def _read_compare_summary(out: Path) -> dict[str, Any] | None:
     counts: dict[str, int] = {}
     for r in data.get("rows") or []:
         v = str(r.get("verdict", ""))
-        v = "diverged" if v.startswith("diverged") else v
         counts[v] = counts.get(v, 0) + 1
     return {"page": "compare.html", "reference": str(data.get("reference", "")), "suite": str(data.get("suite", "")),
             "counts": counts}
