@@ -197,7 +197,7 @@ def _train_progress(run_dir: Path) -> str:
             pass
     at = f" {steps} steps" if steps is not None else ""
     if exported:
-        return f"trained{at}, checkpoint exported; no metrics.csv (`gsqbench run` evaluates it)"
+        return f"trained{at}, checkpoint exported; no metrics.csv (evaluate it with gsqbench run or eval)"
     return f"training stopped or still running{f' (logged up to step {steps})' if steps is not None else ''}; " \
            "no metrics.csv"
 
