@@ -6,14 +6,11 @@ each loaded by torch-fidelity's own loader from the same weight file, on the sam
 to float16 as gsqbench stores them (a documented choice) and handed over in float64 (gsqbench's arithmetic).
 
 The weight files are random-init state dicts saved under the official file names and installed through the weight
-manager (manifest override, so results are non-conformant): every tensor of ≥ 2 dims is an overlapping strided view
-of a small random buffer (He scale), which keeps the 138 M-parameter VGG16 file under a megabyte while the loading
-code sees ordinary state dicts. To fit the CPU budget the networks' input sizes are shrunk (Inception 299 → 75, its
+manager (manifest override, so results are non-conformant), kept small by tests/random_weights.py. To fit the CPU budget the networks' input sizes are shrunk (Inception 299 → 75, its
 smallest, VGG 224 → 32) on torch-fidelity's classes, which both our metrics and the oracle use.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from contextlib import contextmanager
@@ -32,6 +29,7 @@ from gsqbench.metrics.base import Facts
 from gsqbench.metrics.features import FeatureStore
 from gsqbench.metrics.kid import KIDMetric
 from gsqbench.metrics.prc import PrecisionRecallMetric, knn_radii, precision_recall
+from random_weights import inception_file, manifest, vgg16_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,48 +46,16 @@ def _no_init():
         yield
 
 
-def _compact_random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Random state dict of `module`'s shapes: BN at identity, biases small, weights strided views of a buffer."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in module.state_dict().items():
-        shape = tuple(t.shape)
-        if name.endswith("num_batches_tracked"):
-            out[name] = torch.zeros((), dtype=torch.long)
-        elif name.endswith("running_var") or (t.ndim == 1 and name.endswith("weight")):
-            out[name] = torch.ones(shape)
-        elif name.endswith("running_mean") or t.ndim == 1:
-            out[name] = torch.randn(shape, generator=g) * 0.01 if name.endswith("bias") and "bn" not in name \
-                else torch.zeros(shape)
-        else:
-            inner = math.prod(shape[1:])
-            buf = torch.randn(inner + 13 * shape[0], generator=g) * math.sqrt(2.0 / inner)
-            out[name] = buf.as_strided(shape, (13, *torch.empty(shape[1:]).stride()))
-    return out
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Random Inception and VGG16 files under their official names, installed through the weight manager."""
     root = tmp_path_factory.mktemp("kidprc")
-    import torchvision
-
-    with torch.device("meta"):
-        vgg = torchvision.models.vgg16()
-        inception = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    empty = root / "empty.pth"
-    torch.save({}, empty)
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"), torch.device("meta"):
-        inception = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-    files = {"inception-fid": root / "weights-inception-2015-12-05-6726825d.pth", "vgg16": root / "vgg16-397923af.pth"}
-    torch.save(_compact_random_state(inception, 1), files["inception-fid"])
-    torch.save(_compact_random_state(vgg, 2), files["vgg16"])
-    manifest = {name: {"filename": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                for name, p in files.items()}
+    files = {"inception-fid": inception_file(root / "weights-inception-2015-12-05-6726825d.pth"),
+             "vgg16": vgg16_file(root / "vgg16-397923af.pth")}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GSQBENCH_HOME", str(root / "home"))
         mp.setenv("TORCH_HOME", str(root / "torch"))
-        mp.setenv("GSQBENCH_WEIGHTS_MANIFEST", json.dumps(manifest))
+        mp.setenv("GSQBENCH_WEIGHTS_MANIFEST", manifest(files))
         mp.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
         mp.setattr(FeatureExtractorVGG16, "INPUT_IMAGE_SIZE", 32)
         from gsqbench import weights

@@ -272,3 +272,42 @@ def test_reference_cache_shared_code_path_and_measurability(tmp_path):
     assert DinoFDMetric.comparable("rfd@dinov2", Facts(n_images=1024)) is not None
     assert "1025" in DinoFDMetric.comparable("rfd@dinov2", Facts(n_images=50))
     assert DinoFDMetric.comparable("rfd@dinov2", Facts(n_images=1025)) is None
+
+
+def test_missing_weights_unavailable_required_listed_and_reported(tmp_path, monkeypatch, capsys):
+    """Without the file: `weights list` shows the entry, eval reports every opt-in metric unavailable with the fix
+    command (metrics.csv, the report's all-metrics table), and `--require rfd@dinov2` exits 2 with one line."""
+    from gsqbench.checkpoints import save_tokenizer
+    from gsqbench.cli import main
+    from gsqbench.models.tokenizer import build_tokenizer
+    from gsqbench.results import read_csv_rows
+
+    monkeypatch.setenv("GSQBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("GSQBENCH_WEIGHTS_MANIFEST", raising=False)
+    assert main(["weights", "list"]) == 0
+    listed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dinov2-vitl14 ")]
+    assert listed and "missing" in listed[0] and "dinov2_vitl14_pretrain.pth" in listed[0]
+
+    torch.manual_seed(0)
+    model, quantizer = {"preset": "tiny-f8", "latent_dim": 8}, {"name": "gsq", "dim": 8, "codebook_size": 16}
+    ckpt = save_tokenizer(tmp_path / "ckpt", build_tokenizer(model, quantizer), model, quantizer, {"weights": "raw"})
+    out = tmp_path / "results" / "eval" / "run"
+    args = ["eval", str(ckpt), "--data", "synthetic", "--resolution", "32", "--n", "3", "--samples", "0",
+            "--no-progress", "--metrics", "pixel", "--metrics", "rfd", "--metrics", "kid", "--metrics", "prc"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = {r["metric"]: r for r in read_csv_rows(out / "metrics.csv")}
+    fixes = {"rfd@dinov2": "dinov2-vitl14", "kid@inception": "inception-fid", "precision@vgg16": "vgg16",
+             "recall@vgg16": "vgg16"}
+    for key, name in fixes.items():
+        assert f"gsqbench weights download {name}" in rows[key]["unavailable"], key
+    assert rows["rfd@dinov2"]["direction"] == "lower" and rows["recall@vgg16"]["direction"] == "higher"
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "req"), "--require", "rfd@dinov2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rfd@dinov2" in err[0] and "gsqbench weights download dinov2-vitl14" in err[0]
+
+    assert main(["report", str(tmp_path / "results"), "-o", str(tmp_path / "report")]) == 0
+    html = "\n".join(p.read_text() for p in (tmp_path / "report").rglob("*.html"))
+    for key, name in fixes.items():
+        assert key in html and f"gsqbench weights download {name}" in html, key

@@ -176,7 +176,11 @@ def _free_port() -> int:
 
 
 def _encode_and_export(checkpoint: str, root: str) -> None:
-    """Encode the tokens and run an evaluation with the npz export: what each rank (or the single process) does."""
+    """Encode the tokens and run an evaluation with the npz export and KID's kept float16 features: what each rank
+    (or the single process) does."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from gsqbench import distributed as ddp
     from gsqbench.checkpoints import load_tokenizer
     from gsqbench.evaluate import EvalSettings, evaluate
     from gsqbench.tokens import encode_dataset
@@ -186,14 +190,21 @@ def _encode_and_export(checkpoint: str, root: str) -> None:
     encode_dataset(tok, _dataset(), Path(root) / "tokens", batch_size=BATCH, shard_size=SHARD, progress=False)
     # batches of one image: conv kernels are not bitwise batch-size independent, and the ranks' shards (5 + 5
     # images) split eval's batches differently from one process
-    settings = EvalSettings(metrics=("pixel",), batch_size=1, samples=0, save_recon="npz", progress=False)
-    evaluate(tok, _dataset(), settings, device="cpu", out_dir=Path(root) / "run")
+    settings = EvalSettings(metrics=("pixel", "kid"), require=("kid@inception",), batch_size=1, samples=0,
+                            save_recon="npz", keep_features=True, progress=False)
+    size = FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE
+    FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE = 75  # the smallest the stem takes: CPU budget
+    try:
+        result = evaluate(tok, _dataset(), settings, device="cpu", out_dir=Path(root) / "run")
+    finally:
+        FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE = size
+    if ddp.is_main():
+        (Path(root) / "kid.json").write_text(json.dumps(result.value("kid@inception")))
 
 
-def _worker(rank: int, port: int, home: str, checkpoint: str, root: str) -> None:
+def _worker(rank: int, port: int, env: dict, checkpoint: str, root: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "GSQBENCH_HOME": home})
-    os.environ.pop("GSQBENCH_WEIGHTS_MANIFEST", None)
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", **env})
     torch.set_num_threads(1)
     from gsqbench import distributed as ddp
 
@@ -205,9 +216,19 @@ def _worker(rank: int, port: int, home: str, checkpoint: str, root: str) -> None
 
 
 @pytest.mark.slow
-def test_two_process_gloo_encode_and_export_equal_one_process(checkpoint, tmp_path):
+def test_two_process_gloo_encode_and_export_equal_one_process(checkpoint, tmp_path, monkeypatch):
+    from random_weights import inception_file, manifest
+
+    weights = {"inception-fid": inception_file(tmp_path / "weights-inception-2015-12-05-6726825d.pth")}
+    env = {"GSQBENCH_HOME": str(tmp_path / "home"), "TORCH_HOME": str(tmp_path / "torch"),
+           "GSQBENCH_WEIGHTS_MANIFEST": manifest(weights)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from gsqbench import weights as manager
+
+    manager.import_file(weights["inception-fid"], "inception-fid")
     _encode_and_export(str(checkpoint), str(tmp_path / "one"))
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path / "home"), str(checkpoint), str(tmp_path / "two")),
+    mp.start_processes(_worker, args=(_free_port(), env, str(checkpoint), str(tmp_path / "two")),
                        nprocs=2, join=True, start_method="spawn")
     one, two = tmp_path / "one", tmp_path / "two"
     assert _shards(two / "tokens") == _shards(one / "tokens") and len(_shards(one / "tokens")) == 3
@@ -217,3 +238,8 @@ def test_two_process_gloo_encode_and_export_equal_one_process(checkpoint, tmp_pa
         np.testing.assert_array_equal(np.load(two / "run" / "export" / f"{side}.npz")["arr_0"],
                                       np.load(one / "run" / "export" / f"{side}.npz")["arr_0"])
     assert (two / "run" / "export" / "ids.json").read_text() == (one / "run" / "export" / "ids.json").read_text()
+    # KID: each rank's float16 feature chunks assembled by rank 0 in id order, computed there, broadcast
+    kept = Path("features") / "kid_inception"
+    for name in ("real.npy", "fake.npy", "ids.json"):
+        assert (two / "run" / kept / name).read_bytes() == (one / "run" / kept / name).read_bytes(), name
+    assert json.loads((two / "kid.json").read_text()) == json.loads((one / "kid.json").read_text())

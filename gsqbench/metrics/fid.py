@@ -79,8 +79,10 @@ def build_inception(
 ) -> torch.nn.Module:
     """torch-fidelity's TF-compatible InceptionV3 returning (features[layer], logits_unbiased) per batch.
 
-    torch-fidelity unpickles its weight file with weights_only=False; we load it with weights_only=True ourselves
-    and hand over an in-memory re-serialisation of the plain tensors, so no untrusted pickle is ever executed.
+    torch-fidelity unpickles its weight file with weights_only=False into a randomly initialised network. Here the
+    file is loaded with weights_only=True; torch-fidelity's constructor runs on the meta device with a tensor-free
+    copy of the state dict (its own strict key/shape check still applies, no untrusted pickle is executed and no
+    random init is spent), and the checked tensors are then assigned into the module it built.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -93,18 +95,21 @@ def build_inception(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"Inception weights {weights_path}: expected a state dict of tensors")
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, buf)
     buf.seek(0)
     try:
-        model = FeatureExtractorInceptionV3(
-            EXTRACTOR, [feature_layer, LOGITS], feature_extractor_weights_path=buf,
-            feature_extractor_internal_dtype="float32",
-        )
+        with torch.device("meta"):
+            model = FeatureExtractorInceptionV3(
+                EXTRACTOR, [feature_layer, LOGITS], feature_extractor_weights_path=buf,
+                feature_extractor_internal_dtype="float32",
+            )
     except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
         raise UserError(
             f"Inception weights {weights_path}: not a torch-fidelity InceptionV3 state dict ({exc})"
         ) from None
-    return model.to(device).eval()
+    model.load_state_dict({k: (v.to(torch.float32) if v.is_floating_point() else v).contiguous()
+                           for k, v in state.items()}, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def shared_inception(shared: Optional[dict], weights_path: Path, device: torch.device,
