@@ -24,7 +24,7 @@ import torch
 
 from gsqbench.errors import UserError
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
-from gsqbench.metrics.common import check_image_pair, exact_fp32, resolve_weights
+from gsqbench.metrics.common import SharedExtractor, check_image_pair, exact_fp32, resolve_weights
 from gsqbench.metrics.features import FeatureStore, compute_on_main, store_root
 from gsqbench.metrics.fid import EXTRACTOR, RESIZE_MODE, WEIGHT_NAME, inception_extractor_fields, shared_inception
 from gsqbench.registry import register_metric
@@ -114,8 +114,8 @@ class KIDMetric(Metric):
         return None
 
     def _features(self, images_u8: torch.Tensor) -> torch.Tensor:
-        with exact_fp32():
-            return self.model(images_u8)[0]
+        with exact_fp32():  # a SharedExtractor moves the batch itself (and may hand back rFID's forward of it)
+            return self.model(images_u8 if isinstance(self.model, SharedExtractor) else images_u8.to(self.device))[0]
 
     @torch.no_grad()
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
