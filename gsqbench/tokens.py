@@ -164,7 +164,8 @@ def _encode_rows(tokenizer: nn.Module, dataset: Any, rows: range, batch_size: in
         qout = tokenizer.encode(to_model_input(images.to(device)))
         idx = qout.indices.detach().cpu()
         if idx.ndim != 4:
-            raise UserError(f"encode: the quantizer returned indices of shape {tuple(idx.shape)}; expected (b, h, w, G)")
+            raise UserError(f"encode: the quantizer returned indices of shape {tuple(idx.shape)}; "
+                            "expected (b, h, w, G)")
         if int(idx.min()) < 0 or int(idx.max()) > np.iinfo(dtype).max:
             raise UserError(f"encode: code {int(idx.max())} does not fit {dtype.name}")
         parts.append(idx.numpy().astype(dtype))

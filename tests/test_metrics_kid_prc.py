@@ -6,8 +6,9 @@ each loaded by torch-fidelity's own loader from the same weight file, on the sam
 to float16 as gsqbench stores them (a documented choice) and handed over in float64 (gsqbench's arithmetic).
 
 The weight files are random-init state dicts saved under the official file names and installed through the weight
-manager (manifest override, so results are non-conformant), kept small by tests/random_weights.py. To fit the CPU budget the networks' input sizes are shrunk (Inception 299 → 75, its
-smallest, VGG 224 → 32) on torch-fidelity's classes, which both our metrics and the oracle use.
+manager (manifest override, so results are non-conformant), kept small by tests/random_weights.py. To fit the CPU
+budget the networks' input sizes are shrunk (Inception 299 → 75, its smallest, VGG 224 → 32) on torch-fidelity's
+classes, which both our metrics and the oracle use.
 """
 from __future__ import annotations
 

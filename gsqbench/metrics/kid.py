@@ -74,7 +74,9 @@ def kid_subsets(fake: np.ndarray, real: np.ndarray, subsets: int = SUBSETS, subs
 
 @register_metric(KEY)
 class KIDMetric(Metric):
-    """KID: unbiased polynomial-kernel MMD² of Inception pool features over subsets, as torch-fidelity (opt-in)."""
+    """KID of reconstructions vs originals on Inception pool features, over subsets as torch-fidelity (opt-in).
+
+    Unbiased MMD² with the polynomial kernel (x·y/d + 1)³; see the module docstring."""
 
     family, card_group = "kid", "kid"
     outputs = {KEY: "lower"}

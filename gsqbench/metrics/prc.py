@@ -118,7 +118,9 @@ def _block(feats: np.ndarray, start: int, size: int, device: torch.device | str)
 
 @register_metric("prc@vgg16")
 class PrecisionRecallMetric(Metric):
-    """Improved precision and recall (k = 3) on VGG16 fc2 features, as torch-fidelity's prc (opt-in)."""
+    """Improved precision and recall (k = 3) of reconstructions on VGG16 fc2 features, as torch-fidelity (opt-in).
+
+    precision: fake samples inside the real k-NN manifold; recall: real samples inside the fake one."""
 
     family, card_group = "prc", "prc"
     outputs = {"precision@vgg16": "higher", "recall@vgg16": "higher"}

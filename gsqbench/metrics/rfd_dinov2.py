@@ -160,7 +160,8 @@ class DinoV2Features(nn.Module):
             return self.vit(x)
 
 
-def build_dinov2(weights_path: str | Path, device: torch.device | str = "cpu", arch: DinoArch = VITL14) -> DinoV2Features:
+def build_dinov2(weights_path: str | Path, device: torch.device | str = "cpu",
+                 arch: DinoArch = VITL14) -> DinoV2Features:
     """The feature extractor from a local FB-layout file (weights_only=True), strictly loaded, frozen, eval mode."""
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -188,8 +189,9 @@ def build_dinov2(weights_path: str | Path, device: torch.device | str = "cpu", a
 
 @register_metric(KEY)
 class DinoFDMetric(Metric):
-    """FD of DINOv2 ViT-L/14 features (Stein et al. 2023, dgm-eval preprocessing), reconstructions vs originals
-    (opt-in)."""
+    """Fréchet distance of reconstructions vs originals on DINOv2 ViT-L/14 features, as dgm-eval (opt-in).
+
+    Stein et al. 2023; see the module docstring for the preprocessing and the network."""
 
     family, card_group = "rfd", "rfd"
     outputs = {KEY: "lower"}
