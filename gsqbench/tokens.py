@@ -289,7 +289,7 @@ def decode_tokens(tokenizer: nn.Module, token_dir: str | Path, out_dir: str | Pa
                 idx = torch.from_numpy(codes[j:j + batch].astype(np.int64)).to(device)
                 images = to_uint8(tokenizer.decode_indices(idx)).cpu().numpy().transpose(0, 2, 3, 1)
                 for image_id, img in zip(ids[shard["start"] + j:], images):
-                    atomic_write_bytes(id_path(out, image_id), encode_png(img))
+                    atomic_write_bytes(id_path(out, image_id), encode_png(img), durable=False)
                     written.append(image_id)
     ddp.barrier()
     if ddp.is_main():

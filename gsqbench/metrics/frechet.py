@@ -23,6 +23,7 @@ import torch
 from gsqbench import distributed
 from gsqbench.errors import UserError
 from gsqbench.io import atomic_write_bytes
+from gsqbench.metrics.base import MetricValue
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +247,8 @@ class RealReference:
 
 
 def frechet_value(key: str, real: FeatureStats, fake: FeatureStats, reference: RealReference,
-                  what: str) -> "Any":
+                  what: str) -> MetricValue:
     """The MetricValue of one Fréchet distance (lower is better), or unavailable with the reason below 2 images."""
-    from gsqbench.metrics.base import MetricValue
-
     n_fake = int(fake.n)
     n_real = 2 if reference.precomputed else int(real.n)
     if min(n_fake, n_real) < 2:
