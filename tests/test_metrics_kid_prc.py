@@ -165,3 +165,22 @@ def test_feature_store_refuses_float16_overflow_and_missing_weights(tmp_path, mo
     assert "gsqbench weights download vgg16" in rows[1].unavailable
     with pytest.raises(UserError, match="vgg16"):
         PrecisionRecallMetric(required=True)
+
+
+def test_feature_store_state_round_trip_resumes_with_the_same_files(tmp_path):
+    """A store restored from state_dict() (what a resumed evaluation would do) assembles what one store would."""
+    rng = np.random.default_rng(4)
+    feats = torch.from_numpy(rng.normal(size=(6, 3)).astype(np.float32))
+    ids = ["c", "a", "f", "b", "e", "d"]
+    one = FeatureStore(tmp_path / "one", ("real",), 3, chunk_rows=2)
+    one.add("real", ids, feats)
+    one.sync()
+    first = FeatureStore(tmp_path / "two", ("real",), 3, chunk_rows=2)
+    first.add("real", ids[:3], feats[:3])
+    state = json.loads(json.dumps(first.state_dict()))  # plain lists: JSON-safe
+    resumed = FeatureStore(tmp_path / "two", ("real",), 3, chunk_rows=2)
+    resumed.load_state_dict(state)
+    resumed.add("real", ids[3:], feats[3:])
+    resumed.sync()
+    assert resumed.ids == sorted(ids) and np.array_equal(resumed.open("real"), one.open("real"))
+    np.testing.assert_array_equal(one.open("real"), feats.numpy()[np.argsort(ids)].astype(np.float16))

@@ -269,6 +269,19 @@ def test_reference_cache_shared_code_path_and_measurability(tmp_path):
     assert second.card()["rfd_reference_source"].startswith("cache:")
     assert v1 == pytest.approx(frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0),
                                                 np.cov(fake, rowvar=False)), rel=1e-9)
+    # streaming state (for a resumed evaluation): half the batches, state_dict → a fresh metric, the rest
+    r = torch.zeros(20, 3, 2, 2, dtype=torch.uint8)
+    r[:, 0, 0, 0] = torch.arange(20, dtype=torch.uint8)
+    f = r.clone()
+    f[:, 0, 0, 0] += 20
+    ids = [f"i{k:02d}" for k in range(20)]
+    half = DinoFDMetric(weights_path=weights, arch=arch, extractor=stub)
+    half.update(r[:9], f[:9], ids[:9])
+    resumed = DinoFDMetric(weights_path=weights, arch=arch, extractor=stub)
+    resumed.load_state_dict(half.state_dict())
+    resumed.update(r[9:], f[9:], ids[9:])
+    resumed.sync()
+    assert resumed.compute()[0].value == pytest.approx(v1, rel=1e-12)
     assert DinoFDMetric.comparable("rfd@dinov2", Facts(n_images=1024)) is not None
     assert "1025" in DinoFDMetric.comparable("rfd@dinov2", Facts(n_images=50))
     assert DinoFDMetric.comparable("rfd@dinov2", Facts(n_images=1025)) is None

@@ -85,6 +85,22 @@ class FeatureStore:
         self._chunks[side].append((name, ids))
         self._pending[side] = []
 
+    # ----------------------------------------------------------------------------------------------- resuming
+    def state_dict(self) -> dict:
+        """This rank's progress as plain lists (pending rows are flushed to a chunk file first): with the chunk
+        files under a stable root (the run folder), a resumed evaluation continues from here."""
+        for side in self.sides:
+            self._flush(side)
+        return {"chunks": {s: [[name, list(ids)] for name, ids in self._chunks[s]] for s in self.sides},
+                "n": dict(self.n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [name for s in self.sides for name, _ in state["chunks"][s] if not (self.parts / name).is_file()]
+        if missing:
+            raise UserError(f"features: cannot resume, chunk file {self.parts / missing[0]} is gone")
+        self._chunks = {s: [(name, list(ids)) for name, ids in state["chunks"][s]] for s in self.sides}
+        self.n = {s: int(state["n"][s]) for s in self.sides}
+
     # ----------------------------------------------------------------------------------------------- gathering
     def sync(self) -> None:
         """Flush, gather every rank's chunk lists and (rank 0) assemble each side in image-id order. Once."""

@@ -131,6 +131,14 @@ class KIDMetric(Metric):
         if self.store is not None:
             self.store.sync()
 
+    def state_dict(self) -> dict:
+        """Streaming state for a resumed evaluation: the feature chunks written so far (plain lists)."""
+        return {"store": self.store.state_dict()} if self.store is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.store is not None:
+            self.store.load_state_dict(state["store"])
+
     def compute(self) -> list[MetricValue]:
         if self.model is None:
             return [MetricValue.missing(KEY, self._unavailable, "lower")]

@@ -173,6 +173,14 @@ class PrecisionRecallMetric(Metric):
         if self.store is not None:
             self.store.sync()
 
+    def state_dict(self) -> dict:
+        """Streaming state for a resumed evaluation: the feature chunks written so far (plain lists)."""
+        return {"store": self.store.state_dict()} if self.store is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.store is not None:
+            self.store.load_state_dict(state["store"])
+
     def compute(self) -> list[MetricValue]:
         if self.model is None:
             return [MetricValue.missing(k, self._unavailable, d) for k, d in self.outputs.items()]

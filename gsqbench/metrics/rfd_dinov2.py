@@ -256,6 +256,16 @@ class DinoFDMetric(Metric):
             self.real.sync()
             self.fake.sync()
 
+    def state_dict(self) -> dict:
+        """Streaming state for a resumed evaluation: each side's float64 (N, μ, M2) as CPU tensors."""
+        return {side: {"n": stats.n.cpu(), "mean": stats.mean.cpu(), "m2": stats.m2.cpu()}
+                for side, stats in (("real", self.real), ("fake", self.fake))}
+
+    def load_state_dict(self, state: dict) -> None:
+        for side, stats in (("real", self.real), ("fake", self.fake)):
+            device = stats.mean.device
+            stats.n, stats.mean, stats.m2 = (state[side][k].to(device) for k in ("n", "mean", "m2"))
+
     def compute(self) -> list[MetricValue]:
         if self.model is None:
             return [MetricValue.missing(KEY, self._unavailable, "lower")]
