@@ -26,7 +26,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -301,6 +301,19 @@ def decode_tokens(tokenizer: nn.Module, token_dir: str | Path, out_dir: str | Pa
 # from a checkpoint (what the CLI calls)
 
 
+def checkpoint_digest(path: Path) -> Optional[str]:
+    """SHA-256 of a checkpoint's weight file (our model.safetensors, an official checkpoint.pt, or a file)."""
+    for name in ("model.safetensors", "checkpoint.pt"):
+        if (path / name).is_file():
+            return sha256_file(path / name)
+    return sha256_file(path) if path.is_file() else None
+
+
+def _spec_hash(meta: Mapping[str, Any]) -> str:
+    spec = {"model": meta.get("model_spec"), "quantizer": meta.get("quantizer_spec")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _load(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     """The tokenizer in eval mode on `device`, and what identifies it (recorded in tokens.json, checked on resume)."""
     from gsqbench.checkpoints import load_tokenizer
@@ -344,16 +357,3 @@ def decode_checkpoint(token_dir: str | Path, checkpoint: str | Path, out_dir: st
     finally:
         if distributed:
             ddp.shutdown()
-
-
-def checkpoint_digest(path: Path) -> Optional[str]:
-    """SHA-256 of a checkpoint's weight file (our model.safetensors, an official checkpoint.pt, or a file)."""
-    for name in ("model.safetensors", "checkpoint.pt"):
-        if (path / name).is_file():
-            return sha256_file(path / name)
-    return sha256_file(path) if path.is_file() else None
-
-
-def _spec_hash(meta: Mapping[str, Any]) -> str:
-    spec = {"model": meta.get("model_spec"), "quantizer": meta.get("quantizer_spec")}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()

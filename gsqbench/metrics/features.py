@@ -15,7 +15,6 @@ far below its 65,504 maximum, and an overflow is refused rather than stored as i
 from __future__ import annotations
 
 import io
-import json
 import logging
 import shutil
 import tempfile
