@@ -25,6 +25,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("weights", "weights"),
     ("import-official", "import_official"),
     ("import", "import_"),
+    ("encode", "encode"),
+    ("decode", "decode"),
 )
 
 

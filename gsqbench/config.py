@@ -142,6 +142,8 @@ class EvalSpec:
     fid_cache_dir: Optional[str] = None  # cache real-side statistics here, keyed by data + extractor
     precision: Optional[Literal["fp32", "bf16"]] = None  # model precision; None = the mode's (fp32 / bf16)
     lpips_nets: tuple[Literal["alex", "vgg"], ...] = ("alex", "vgg")
+    keep_features: bool = False  # keep the float16 feature files KID / precision-recall write under <run>/features
+    save_recon: Optional[Literal["npz", "png"]] = None  # export reconstructions and originals under <run>/export
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,8 @@ def spec_to_dict(obj: Any) -> Any:
 
 #: EvalSpec fields that were once free-form `eval.options`; the hashed view keeps that layout (see fairness_view)
 _EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets")
+#: EvalSpec fields that only decide which files an evaluation leaves behind: never part of the fairness hash
+_EVAL_OUTPUT_FIELDS = ("keep_features", "save_recon")
 
 
 def fairness_view(shared: SharedSpec) -> dict[str, Any]:
@@ -308,11 +312,12 @@ def fairness_view(shared: SharedSpec) -> dict[str, Any]:
 
     The eval section is laid out as before the typed eval spec (its former free-form fields under `options`, only
     when set away from their defaults), so runs made before keep their hash and stay comparable with new ones.
+    Output-only fields (`_EVAL_OUTPUT_FIELDS`: which files are kept or exported) are left out.
     """
     view = spec_to_dict(shared)
     ev, defaults = view["eval"], spec_to_dict(EvalSpec())
     ev["options"] = {k: ev.pop(k) for k in _EVAL_OPTION_FIELDS if ev[k] != defaults[k]}
-    for k in _EVAL_OPTION_FIELDS:
+    for k in (*_EVAL_OPTION_FIELDS, *_EVAL_OUTPUT_FIELDS):
         ev.pop(k, None)
     return view
 

@@ -36,9 +36,11 @@ class WriteFailed(OSError):
     The CLI prints it as one line and exits 1 (not bad input, so not 2)."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
     """Write to a temp file in the same directory, fsync, then rename over `path` (atomic on POSIX).
 
+    `durable=False` skips the fsync: still never half-written if the process dies, only not flushed against a power
+    loss; for bulk exports of many small files (one PNG per image), where an fsync each would dominate.
     The file gets mode 0666 & ~umask like any normally created file (mkstemp alone would leave 0600, so a shared
     report could not be read by others). Any OS error (ENOSPC, EIO, EACCES, ...) removes the temp file, leaves the
     previous `path` untouched and is raised as WriteFailed naming `path`.
@@ -52,7 +54,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)

@@ -23,8 +23,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("read-only views", ("gsqbench.regress", "gsqbench.report", "gsqbench.stats", "gsqbench.compare")),
     ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.augment", "gsqbench.data",
                  "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
-                 "gsqbench.importers")),
-    ("stages", ("gsqbench.evaluate", "gsqbench.train")),
+                 "gsqbench.importers", "gsqbench.export")),
+    ("stages", ("gsqbench.evaluate", "gsqbench.train", "gsqbench.tokens")),
     ("orchestration", ("gsqbench.validate", "gsqbench.runner")),
     ("interface", ("gsqbench.commands", "gsqbench.cli", "gsqbench.__main__")),
 ]

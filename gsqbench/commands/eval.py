@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mode", default="gsqbench", help="gsqbench (pinned protocol) | gsq-compat (official quirks)")
     parser.add_argument("--metrics", action="append", default=[], metavar="NAME",
-                        help="metric family (pixel, lpips, fid, codebook, cost) or key; repeatable (default all)")
+                        help="metric family (pixel, lpips, fid, codebook, cost; opt-in: rfd, kid, prc) or key; "
+                        "repeatable (default: all but the opt-in ones)")
     parser.add_argument("--require", action="append", default=[], metavar="METRIC",
                         help="fail (exit 2) if this metric is unavailable, e.g. rfid@inception; repeatable")
     parser.add_argument("--fid-reference-stats", default=None, metavar="FILE",
@@ -32,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fid-cache-dir", default=None, metavar="DIR",
                         help="cache real-side FID statistics here, keyed by data, crop, N and extractor")
     parser.add_argument("--samples", type=int, default=8, help="image pairs saved as PNG (default 8)")
+    parser.add_argument("--save-recon", default=None, metavar="FORMAT",
+                        help="export every reconstruction and original under <out>/export: npz (ADM layout, "
+                        "arr_0 uint8 NxHxWx3 in image-id order + ids.json) or png (<id>.png per side)")
+    parser.add_argument("--keep-features", action="store_true",
+                        help="keep the float16 feature files of KID / precision-recall under <out>/features")
     parser.add_argument("--weights", default=None, help="ema | raw: which weights the checkpoint holds "
                         "(default: from the checkpoint, else ema)")
     parser.add_argument("--out", default=None, metavar="DIR",
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed)
     spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
                     require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,
-                    fid_cache_dir=args.fid_cache_dir)
+                    fid_cache_dir=args.fid_cache_dir, save_recon=args.save_recon, keep_features=args.keep_features)
     result = evaluate_checkpoint(Path(args.checkpoint), data, spec, out_dir=run_dir, device=args.device,
                                  seed=args.seed, num_workers=args.num_workers, progress=not args.no_progress,
                                  weights=args.weights, force=args.force)

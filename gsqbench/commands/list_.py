@@ -47,7 +47,8 @@ def list_metrics() -> list[str]:
     for name in reg.names():
         cls = reg.get(name)
         keys = ", ".join(f"{k} ({d})" for k, d in cls.outputs.items())
-        rows.append((name, f"[{cls.family}] {keys}: {describe(cls)}"))
+        family = cls.family if getattr(cls, "selected_by_default", True) else f"{cls.family}, opt-in"
+        rows.append((name, f"[{family}] {keys}: {describe(cls)}"))
     return _rows(rows)
 
 
