@@ -7,9 +7,10 @@ exactly equal D (tie_break="random": a uniformly random one of them). No cancell
 ‖x‖² + ‖c‖² − 2⟨x, c⟩ in fp32, it resolves neighbouring codes at d = 2, V = 262,144 (~3e-10 apart in cosine).
 
 How, never materialising N×V and at about the speed of the fp32 search:
-- general d: the blocked fp32 expanded search (`expanded.search`) finds each row's minimum m and its second
-  smallest expanded distance. A slack s (`_slack`) of at least twice a rigorous bound on the fp32 rounding error
-  plus the float64 error guarantees that the true nearest code lies within s of m. A row whose second smallest
+- general d: the blocked fp32 search (`expanded.search`) ranks codes by g = ‖c‖² − 2⟨x, c⟩ (‖x‖² is the same for
+  every code) and finds each row's minimum m and its second smallest g. A slack s (`_slack`) of at least twice
+  a rigorous bound on the fp32 rounding error plus the float64 error guarantees that the true nearest code lies
+  within s of m. A row whose second smallest
   exceeds m + s is done (its fp32 argmin); the other rows re-score every code within s in float64
   (`_candidate_pairs`).
 - d = 1: distinct code values sorted; on each side of x the float64 distance grows with the distance in value,
@@ -65,18 +66,22 @@ def distance64(x: Tensor, c: Tensor) -> Tensor:
 
 
 def _slack(x_sq: Tensor, c_sq_max: float, d: int) -> Tensor:
-    """Per-row s ≥ max |D̃(c*) − D̃(j)| where j is the fp32 argmin and c* the float64 winner, in fp32.
+    """Per-row s ≥ g̃(c*) − g̃(j), where g̃ is the fp32 value of g = ‖c‖² − 2⟨x, c⟩ that the search ranks by, j
+    the fp32 argmin and c* the float64 winner; in fp32, never rounded down.
 
-    With A = fl(‖x‖²) + max fl(‖c‖²), the fp32 expanded value D̃ = fl(fl(a + b) − fl(2⟨x, c⟩)) (any summation
-    order, with or without FMA) is within E = (2γ_d + 3u)·A·(1 + 1e-6) + (4d + 8)·2⁻¹⁴⁹ of the real D
-    (γ_d = du/(1 − du), u = 2⁻²⁴; the last term covers products that underflow), and the float64 value within
-    (d + 1)·2⁻⁵³·D of it. So D̃(c*) ≤ D(c*) + E ≤ D(j)(1 + 3(d+1)2⁻⁵³) + E ≤ D̃(j) + 2E + 6(d+1)2⁻⁵³·A, and
-    rounding m + s to fp32 loses at most u·3A. The (5d + 16)·u·A used here exceeds (4.02d + 10.1)·u·A, the sum
-    of these terms for every d ≥ 1.
+    g̃ = fl(fl(−2⟨x, c⟩) + fl(‖c‖²)) with each sum in any order, with or without FMA, is within
+    E = (γ_d + u)·B + 2(γ_d + u)·R of g (u = 2⁻²⁴, γ_d = du/(1 − du), B = max ‖c‖², R = ‖x‖·√B), plus 2⁻¹⁵⁰
+    per product that underflows. The float64 distances D = ‖x‖² + g are within ε = (d + 2)·2⁻⁵³ relative of
+    the real ones, so D64(c*) ≤ D64(j) gives g(c*) ≤ g(j) + 3ε·D(j), and g̃(c*) ≤ g̃(j) + 2E + 3ε(‖x‖² + B + 2R).
+    Rounding m + s to fp32 loses at most u·(B + 2R + s). The total is below (2.02d + 3.02)·u·B +
+    (4.04d + 6.04)·u·R + the float64 and underflow terms; (3d + 6)·u·B + (5d + 10)·u·R is used.
     """
-    a = x_sq.double() + c_sq_max
-    s = (5 * d + 16) * _U32 * a + 16 * (d + 2) * _U64 * a + (8 * d + 16) * _SUB32
-    return s.float().nextafter(torch.tensor(math.inf, device=s.device))  # never rounded down
+    grow = 1.0 + 2 * (d + 2) * _U32  # computed squared norms may sit up to γ_d below the real ones
+    a = x_sq.double() * grow
+    b = max(c_sq_max, 0.0) * grow
+    r = a.sqrt() * math.sqrt(b)
+    s = _U32 * ((3 * d + 6) * b + (5 * d + 10) * r) + 8 * (d + 2) * _U64 * (a + b + 2 * r) + (8 * d + 16) * _SUB32
+    return s.float().nextafter(torch.tensor(math.inf, device=s.device))
 
 
 def pick(n: int, rows: Tensor, ids: Tensor, d64: Tensor, tie_break: TieBreak,
@@ -118,12 +123,13 @@ def _ieee_fp32(device: torch.device) -> Iterator[None]:
 
 
 def _candidate_pairs(x: Tensor, c: Tensor, thr: Tensor, block_elems: int) -> tuple[Tensor, Tensor]:
-    """(row, code) pairs whose fp32 expanded distance is ≤ thr[row], in blocks; same arithmetic structure as
-    the search (dot product, then fl(‖x‖² + ‖c‖²) added), so the same error bound holds."""
+    """(row, code) pairs whose fp32 g = ‖c‖² − 2⟨x, c⟩ is ≤ thr[row], in blocks; the same arithmetic as the
+    search (dot product, then ‖c‖² added), so the same error bound holds."""
     n, d = x.shape
     v = c.shape[0]
     elementwise = x.device.type == "cpu" and d <= 4
-    x_sq, c_sq, xs, cs = expanded.prepare_operands(x, c, "fp32-expanded", elementwise)
+    _, c_sq, xs, cs = expanded.prepare_operands(x, c, "fp32-expanded", elementwise)
+    zero = torch.zeros(1, 1, device=x.device)  # g leaves ‖x‖² out
     codes_per_block = min(v, 1 << 12)
     rows_per_block = max(1, min(n, block_elems // codes_per_block))
     tmp = torch.empty(rows_per_block, codes_per_block, device=x.device)
@@ -134,8 +140,8 @@ def _candidate_pairs(x: Tensor, c: Tensor, thr: Tensor, block_elems: int) -> tup
         x_blk = xs[:, r0:r1] if elementwise else xs[r0:r1]
         for c0 in range(0, v, codes_per_block):
             c1 = min(v, c0 + codes_per_block)
-            dist = expanded.fill_distances(buf[:r1 - r0, :c1 - c0], tmp[:r1 - r0, :c1 - c0], x_sq[r0:r1, None],
-                                           c_sq[c0:c1], x_blk, cs[:, c0:c1], elementwise, "fp32-expanded", False)
+            dist = expanded.fill_distances(buf[:r1 - r0, :c1 - c0], tmp[:r1 - r0, :c1 - c0], zero, c_sq[c0:c1],
+                                           x_blk, cs[:, c0:c1], elementwise, "fp32-expanded", True)
             nz = (dist <= thr[r0:r1, None]).nonzero()
             out_r.append(nz[:, 0] + r0)
             out_c.append(nz[:, 1] + c0)

@@ -3,9 +3,11 @@
 This is the official `compute_dist` + `torch.argmin` (spec gsq-reference.md §2.3) in fp32 (`fp32-expanded`) or
 with bf16 operands and a bf16 matmul result (`bf16`, the official lookup under bf16 autocast), computed in
 cache-sized blocks with the same roundings as the straightforward full-matrix lookup, so the indices are the
-same bit for bit. With `slack` it also keeps, per row, the second smallest expanded distance where it lies within
-the slack of the minimum: the exact lookup (`gsqbench.lookup.exact`) uses it to find the rows whose fp32 argmin
-might not be the true nearest code.
+same bit for bit. With `slack` (the exact lookup's candidate pass, `gsqbench.lookup.exact`) it ranks codes by
+g = fl(‖c‖² − 2⟨x, c⟩) instead, the row's ‖x‖² left out (same argmin in exact arithmetic; the rounding error then
+scales with ‖x‖·‖c‖ + ‖c‖², not ‖x‖², which matters for codes clustered far from x such as VQ's U(±1/V) init),
+and also keeps per row the second smallest g where it lies within the slack of the minimum, to find the rows
+whose fp32 argmin might not be the true nearest code.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ ExpandedPrecision = Literal["fp32-expanded", "bf16"]
 
 @dataclass
 class BlockSearch:
-    """Per row: first index of the minimum and the minimum expanded distance (fp32); with a slack also the
-    second smallest distance over the other codes, exact wherever it is ≤ minimum + slack (else only known to
-    exceed it)."""
+    """Per row: first index of the minimum and the minimum expanded distance (fp32; with a slack g, i.e.
+    without ‖x‖²); with a slack also the second smallest over the other codes, exact wherever it is ≤ minimum +
+    slack (else only known to exceed it)."""
 
     index: Tensor  # (n,) int64
     value: Tensor  # (n,) float32
@@ -174,6 +176,8 @@ def search_cpu(x: Tensor, codebook: Tensor, precision: ExpandedPrecision, block_
     v = codebook.shape[0]
     elementwise = d <= _ELEMENTWISE_MAX_DIM[precision]
     x_sq, c_sq, xs, cs = prepare_operands(x, codebook, precision, elementwise)
+    if slack is not None:
+        x_sq = torch.zeros_like(x_sq)  # g = ‖c‖² − 2⟨x, c⟩: one "norm" value, so every row block is uniform
     # rows sorted by ‖x‖² so that most blocks have one norm value (see fill_distances); undone at the end
     order = torch.argsort(x_sq, stable=True)
     x_sq = x_sq[order]
@@ -242,8 +246,8 @@ def search_accelerator(x: Tensor, codebook: Tensor, precision: ExpandedPrecision
                     best_val = torch.where(better, val, best_val)
                     best_arg = torch.where(better, idx, best_arg)
                 continue
-            # product, then the norms added: the arithmetic order the exact lookup's error bound assumes
-            dist = torch.mm(xs[rows], cs[:, cols]).add_(x_sq[rows, None] + c_sq[None, cols])
+            # g: the product, then ‖c‖² added, the arithmetic the exact lookup's error bound assumes
+            dist = torch.mm(xs[rows], cs[:, cols]).add_(c_sq[None, cols])
             b1, i1, b2 = _block_top2(dist)
             if best_val is None:
                 best_val, best_arg, second = b1, i1 + c0, b2
