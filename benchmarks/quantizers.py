@@ -8,7 +8,8 @@
    compute_dist: N×V floats per matrix), run only where it fits in memory, and (b) vector-quantize-pytorch's
    `VectorQuantize(use_cosine_sim=True)` with the same d, V and G heads sharing one codebook. The `exact` module
    row takes an SGD step on the codebook after every step, as training does, so its d = 2 angular index is
-   rebuilt every time; the "fixed codebook" row is evaluation, where the index is built once and cached.
+   rebuilt every time; the "fixed codebook" row is evaluation, where the index is built once and cached. These
+   three module rows are timed round-robin, so their ratios survive load changes on a shared machine.
 2. Every registered quantizer at equal bits per token on the same latent grid (the demo's 12-bit subjects, and
    16 bits), compared with GSQ.
 Also prints the machine's fp32 matmul throughput and the arithmetic lower bound it implies for each lookup
@@ -192,9 +193,13 @@ def bench_lookup(case: LookupCase, device: torch.device, repeats: int) -> list[R
     else:
         rows.append(C.skipped(case.name, "straightforward full matrix", f"needs ~{gb:.0f} GB, does not fit",
                               reference=True))
-    rows.append(C.run_row(case.name, EXACT_TRAIN, ours_module(case, device, "exact"), device, repeats))
-    rows.append(C.run_row(case.name, EXACT_EVAL, ours_module(case, device, "exact", train=False), device, repeats))
-    rows.append(C.run_row(case.name, EXPANDED, ours_module(case, device, "fp32-expanded"), device, repeats))
+    # round-robin, so that a load change on a shared machine hits the three alike and their ratios hold
+    group = C.run_interleaved(case.name, [(EXACT_TRAIN, ours_module(case, device, "exact")),
+                                          (EXACT_EVAL, ours_module(case, device, "exact", train=False)),
+                                          (EXPANDED, ours_module(case, device, "fp32-expanded"))], device, repeats)
+    for row in group:
+        row.reference = False  # the case's reference is the straightforward lookup
+    rows += group
     rows.append(C.run_row(case.name, "search only, exact", ours_search(case, device, "exact"), device, repeats))
     if case.rows <= 1 << 14:  # the fp32-expanded search alone is most of its module row; not repeated when slow
         rows.append(C.run_row(case.name, "search only, fp32-expanded", ours_search(case, device, "fp32-expanded"),

@@ -160,3 +160,16 @@ def test_the_former_fp32_mode_is_a_one_line_error_naming_the_new_modes(name: str
     assert "\n" not in msg and "'exact'" in msg and "'fp32-expanded'" in msg and "lookup_precision" in msg
     with pytest.raises(UserError, match="exact, fp32-expanded, bf16"):
         build_quantizer({"name": name, "dim": 4, "codebook_size": 16, "lookup_precision": "fp64"})
+
+
+@pytest.mark.parametrize("d", [3, 8])
+def test_exact_through_the_accelerator_search_path(d: int, monkeypatch) -> None:
+    # the CUDA code path of the candidate search (large addmm-free blocks, top-2 per block), run here on CPU
+    from gsqbench.lookup import expanded
+
+    def accelerator(x, c, precision, block_elems, codes_per_block, slack=None):
+        return expanded.search_accelerator(x, c, precision, 700 * 300, 700, slack)
+
+    monkeypatch.setattr(expanded, "search_cpu", accelerator)
+    x, c = _unit(400, d, 11), _unit(20_000, d, 12)
+    assert torch.equal(nearest_code(x, c), _truth(x, c))
