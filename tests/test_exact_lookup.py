@@ -82,7 +82,8 @@ def test_exact_resolves_constructed_near_ties_and_takes_the_lowest_of_exact_ties
     assert dist[40] / dist[120] - 1 == pytest.approx(1e-12, rel=1e-3) and dist[120] == dist[200]
     assert int(_truth(x, c)[0]) == want
     assert int(nearest_code(x, c)[0]) == want
-    many = x.expand(64, d) * torch.linspace(0.5, 2.0, 64)[:, None]  # other radii: other paths, same answer
+    # 300 rows at other radii: at d = 2 the angular path (1 row takes the general one), same answers
+    many = x.expand(300, d) * torch.linspace(0.5, 2.0, 300)[:, None]
     assert torch.equal(nearest_code(many, c), _truth(many, c))
 
 
@@ -173,3 +174,15 @@ def test_exact_through_the_accelerator_search_path(d: int, monkeypatch) -> None:
     monkeypatch.setattr(expanded, "search_cpu", accelerator)
     x, c = _unit(400, d, 11), _unit(20_000, d, 12)
     assert torch.equal(nearest_code(x, c), _truth(x, c))
+
+
+def test_thousands_of_duplicate_codes_first_and_random_tie_break() -> None:
+    # 3,000 copies of one code (d = 3: the general path, every copy a candidate of every row near it)
+    base = _unit(2000, 3, 21)
+    dup = base[0].expand(3000, 3)
+    c = torch.cat([base[1:1001], dup, base[1001:]])  # the copies are codes 1000..3999
+    x = torch.cat([dup[:500], F.normalize(dup[:500] + 1e-3 * torch.randn(500, 3, generator=_gen(22)), dim=1)])
+    assert torch.equal(nearest_code(x, c), _truth(x, c))
+    assert int(nearest_code(x[:1], c)[0]) == 1000
+    picks = sample_code(dup[:2000].contiguous(), c, mode="random", generator=_gen(23))
+    assert bool(((picks >= 1000) & (picks < 4000)).all()) and picks.unique().numel() > 1000  # ~1,460 expected

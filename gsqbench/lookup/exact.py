@@ -10,16 +10,16 @@ How, never materialising N×V and at about the speed of the fp32 search:
 - general d: the blocked fp32 search (`expanded.search`) ranks codes by g = ‖c‖² − 2⟨x, c⟩ (‖x‖² is the same for
   every code) and finds each row's minimum m and its second smallest g. A slack s (`_slack`) of at least twice
   a rigorous bound on the fp32 rounding error plus the float64 error guarantees that the true nearest code lies
-  within s of m. A row whose second smallest
-  exceeds m + s is done (its fp32 argmin); the other rows re-score every code within s in float64
-  (`_candidate_pairs`).
+  within s of m. A row whose second smallest exceeds m + s is done (its fp32 argmin); the other rows re-score
+  every code within s in float64 (`_rescore_candidates`).
 - d = 1: distinct code values sorted; on each side of x the float64 distance grows with the distance in value,
   so the nearest values on either side (and any run of exactly equal float64 distances) are the candidates.
 - d = 2: codes sorted by angle (`AngularIndex`, cached by codebook content). A code at angle Δ from x has
   D ≥ 4·‖x‖·r_lo·sin²(Δ/2) (r_lo: the smallest indexed code radius), so with U the float64 distance of x's
   angular neighbours every winner lies within sin²(Δ/2) ≤ U/(4‖x‖·r_lo): a window of one or two codes for
   l2-normalised data. Codes under half the median radius are always candidates; rows whose window holds more
-  than `_WINDOW` codes, and codebooks with many small codes, take the general path.
+  than `_WINDOW` codes, codebooks with many small codes, and calls with fewer than `_MIN_ROWS_TO_INDEX` rows
+  whose codebook is not indexed yet (the sort would cost more than the search) take the general path.
 
 Non-finite inputs follow torch.argmin on the float64 distance matrix (a NaN distance wins, first index): a row
 holding NaN gets index 0, a codebook holding NaN rows gives every finite row the first NaN row; codes with ±inf
@@ -49,8 +49,8 @@ _U64 = 2.0 ** -53  # float64 unit roundoff
 _SUB32 = 2.0 ** -149  # smallest fp32 subnormal: absolute error of a product that underflows
 _WINDOW = 8  # angular candidates gathered per row (d = 2); wider windows take the general path
 _MAX_SMALL_CODES = 64  # codes below half the median radius that the angular path checks for every row
-_PAIRS_CHUNK = 1 << 20  # candidate pairs re-scored at once
 _ROWS_2D = 16384  # rows per chunk of the angular path
+_MIN_ROWS_TO_INDEX = 32  # fewer rows search all codes (~10 ns per row·code) faster than V angles sort (~300 ns each)
 
 
 # ------------------------------------------------------------------------------------------ shared pieces
@@ -122,9 +122,13 @@ def _ieee_fp32(device: torch.device) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------- general d
 
 
-def _candidate_pairs(x: Tensor, c: Tensor, thr: Tensor, block_elems: int) -> tuple[Tensor, Tensor]:
-    """(row, code) pairs whose fp32 g = ‖c‖² − 2⟨x, c⟩ is ≤ thr[row], in blocks; the same arithmetic as the
-    search (dot product, then ‖c‖² added), so the same error bound holds."""
+def _rescore_candidates(x: Tensor, c: Tensor, thr: Tensor, tie_break: TieBreak,
+                        generator: Optional[torch.Generator], block_elems: int) -> Tensor:
+    """Exact winner of each row among the codes whose fp32 g = ‖c‖² − 2⟨x, c⟩ is ≤ thr[row] (a superset of the
+    float64 minimisers), in blocks, with the same arithmetic as the search (dot product, then ‖c‖² added) so the
+    same error bound holds. Candidates are re-scored in float64 and folded into a running (distance, key, code)
+    per row, key = −code ("first") or a uniform random number ("random": uniform among exact ties), so memory
+    stays one block even when many codes tie (e.g. thousands of duplicate rows)."""
     n, d = x.shape
     v = c.shape[0]
     elementwise = x.device.type == "cpu" and d <= 4
@@ -133,26 +137,43 @@ def _candidate_pairs(x: Tensor, c: Tensor, thr: Tensor, block_elems: int) -> tup
     codes_per_block = min(v, 1 << 12)
     rows_per_block = max(1, min(n, block_elems // codes_per_block))
     tmp = torch.empty(rows_per_block, codes_per_block, device=x.device)
-    buf = torch.empty_like(tmp)
-    out_r, out_c = [], []
+    best_d = torch.full((n,), math.inf, dtype=torch.float64, device=x.device)
+    best_key = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
+    best_code = torch.zeros(n, dtype=torch.long, device=x.device)
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
         x_blk = xs[:, r0:r1] if elementwise else xs[r0:r1]
         for c0 in range(0, v, codes_per_block):
             c1 = min(v, c0 + codes_per_block)
-            dist = expanded.fill_distances(buf[:r1 - r0, :c1 - c0], tmp[:r1 - r0, :c1 - c0], zero, c_sq[c0:c1],
-                                           x_blk, cs[:, c0:c1], elementwise, "fp32-expanded", True)
-            nz = (dist <= thr[r0:r1, None]).nonzero()
-            out_r.append(nz[:, 0] + r0)
-            out_c.append(nz[:, 1] + c0)
-    return torch.cat(out_r), torch.cat(out_c)
+            g = expanded.fill_distances(tmp[:r1 - r0, :c1 - c0], tmp[:r1 - r0, :c1 - c0], zero, c_sq[c0:c1],
+                                        x_blk, cs[:, c0:c1], elementwise, "fp32-expanded", True)
+            r, j = (g <= thr[r0:r1, None]).nonzero(as_tuple=True)
+            if r.numel() == 0:
+                continue
+            r, j = r + r0, j + c0
+            if tie_break == "first":
+                key = -j.double()
+            else:
+                key = torch.rand(r.shape, generator=generator, dtype=torch.float64).to(x.device)
+            _fold(r, j, distance64(x[r], c[j]), key, best_d, best_key, best_code)
+    return best_code
 
 
-def _rescore(n: int, x: Tensor, c: Tensor, rows: Tensor, codes: Tensor, tie_break: TieBreak,
-             generator: Optional[torch.Generator]) -> Tensor:
-    d64 = torch.cat([distance64(x[rows[i:i + _PAIRS_CHUNK]], c[codes[i:i + _PAIRS_CHUNK]])
-                     for i in range(0, rows.numel(), _PAIRS_CHUNK)])
-    return pick(n, rows, codes, d64, tie_break, generator)
+def _fold(r: Tensor, j: Tensor, d64: Tensor, key: Tensor, best_d: Tensor, best_key: Tensor,
+          best_code: Tensor) -> None:
+    """Merge candidate pairs (row r, code j) into the running per-row best: least distance, then greatest key."""
+    n, dev = best_d.numel(), r.device
+    blk_d = torch.full((n,), math.inf, dtype=torch.float64, device=dev).scatter_reduce_(0, r, d64, "amin")
+    win = d64 == blk_d[r]
+    blk_key = torch.full((n,), -math.inf, dtype=torch.float64, device=dev).scatter_reduce_(
+        0, r[win], key[win], "amax")
+    sel = win & (key == blk_key[r])
+    blk_code = torch.full((n,), torch.iinfo(torch.long).max, dtype=torch.long, device=dev).scatter_reduce_(
+        0, r[sel], j[sel], "amin")  # rows without pairs here keep blk_d = inf, so they never count as better
+    better = (blk_d < best_d) | ((blk_d == best_d) & (blk_key > best_key))
+    best_d.copy_(torch.where(better, blk_d, best_d))
+    best_key.copy_(torch.where(better, blk_key, best_key))
+    best_code.copy_(torch.where(better, blk_code, best_code))
 
 
 def general(x: Tensor, c: Tensor, tie_break: TieBreak, generator: Optional[torch.Generator],
@@ -168,8 +189,7 @@ def general(x: Tensor, c: Tensor, tie_break: TieBreak, generator: Optional[torch
     if amb.numel():
         xa = x.index_select(0, amb)
         thr = found.value.index_select(0, amb) + slack.index_select(0, amb)
-        rows, codes = _candidate_pairs(xa, c, thr, block_elems or (1 << 22))
-        out[amb] = _rescore(amb.numel(), xa, c, rows, codes, tie_break, generator)
+        out[amb] = _rescore_candidates(xa, c, thr, tie_break, generator, block_elems or (1 << 22))
     return out
 
 
@@ -258,11 +278,14 @@ class _IndexCache:
         self.size = size
         self.entries: list[tuple[Tensor, Optional[AngularIndex]]] = []
 
-    def get(self, c: Tensor) -> Optional[AngularIndex]:
+    def get(self, c: Tensor, build: bool = True) -> Optional[AngularIndex]:
+        """The index of c (None where angles do not apply), built if needed and `build`, else None."""
         for i, (key, index) in enumerate(self.entries):
             if key.shape == c.shape and key.device == c.device and torch.equal(key, c):
                 self.entries.insert(0, self.entries.pop(i))
                 return index
+        if not build:
+            return None
         index = build_angular_index(c)
         self.entries = [(c.detach().clone(), index)] + self.entries[: self.size - 1]
         return index
@@ -377,7 +400,7 @@ def nearest(x: Tensor, c: Tensor, *, tie_break: TieBreak = "first", generator: O
             out[rows] = one_dim(xf, c, tie_break, generator)
             return out
         if d == 2:
-            index = ANGULAR_CACHE.get(c)
+            index = ANGULAR_CACHE.get(c, build=rows.numel() >= _MIN_ROWS_TO_INDEX)
             if index is not None:  # in row chunks: a few hundred bytes of candidates per row
                 ok = torch.cat([_two_dim_into(out, rows[i:i + _ROWS_2D], xf[i:i + _ROWS_2D], c, index, tie_break,
                                               generator) for i in range(0, rows.numel(), _ROWS_2D)])
