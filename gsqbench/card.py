@@ -22,7 +22,7 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "card_hash",
     "model.checkpoint_sha256", "model.step", "model.tokenizer_spec_hash", "model.fairness_hash",
     "model.code_agreement",
-    "model.lookup_precision",  # a property of the subject's quantizer block (its kwargs), like V and G
+    "model.lookup_precision",  # what this subject ran (None without a codebook search); `model.lookup` is hashed
     "codebook.tokens_counted", "codebook.codebook_V", "codebook.codebook_G",
     "codebook.tokens_per_group",  # the subject's size, measured T
     "precision.device", "precision.driver",

@@ -144,6 +144,16 @@ class EvalSpec:
     lpips_nets: tuple[Literal["alex", "vgg"], ...] = ("alex", "vgg")
     keep_features: bool = False  # keep the float16 feature files KID / precision-recall write under <run>/features
     save_recon: Optional[Literal["npz", "png"]] = None  # export reconstructions and originals under <run>/export
+    # nearest-code lookup the evaluation pins for quantizers that have one; None = the mode's (exact / official bf16)
+    lookup: Optional[Literal["exact", "fp32-expanded", "bf16"]] = None
+
+    @property
+    def lookup_mode(self) -> str:
+        """The nearest-code lookup the evaluation pins: `lookup` when given, else the exact nearest code (gsqbench
+        mode) or the official bf16-autocast lookup (gsq-compat)."""
+        if self.lookup is not None:
+            return self.lookup
+        return "bf16" if self.mode == "gsq-compat" else "exact"
 
 
 @dataclass(frozen=True)
@@ -302,7 +312,7 @@ def spec_to_dict(obj: Any) -> Any:
 
 
 #: EvalSpec fields that were once free-form `eval.options`; the hashed view keeps that layout (see fairness_view)
-_EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets")
+_EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets", "lookup")
 #: EvalSpec fields that only decide which files an evaluation leaves behind: never part of the fairness hash
 _EVAL_OUTPUT_FIELDS = ("keep_features", "save_recon")
 

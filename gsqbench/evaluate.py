@@ -63,6 +63,10 @@ class EvalSettings(EvalSpec):
                 raise UserError(f"--require: unknown metric '{key}'{did_you_mean(key, keys)}")
         for net in self.lpips_nets:
             _check_choice("lpips_nets", net, ("alex", "vgg"))
+        if self.lookup is not None:
+            from gsqbench.lookup import check_lookup_precision
+
+            check_lookup_precision(self.lookup, "eval.lookup")
         _check_choice("save_recon", self.save_recon, (None, "npz", "png"))
 
     @classmethod
@@ -210,11 +214,6 @@ def _batches(dataset: Any, settings: EvalSettings, device: torch.device) -> tupl
 # Model state (§9)
 
 
-def eval_lookup(mode: str) -> str:
-    """The nearest-code lookup an evaluation pins: the official bf16 one in gsq-compat, fp32 otherwise."""
-    return "bf16" if mode == "gsq-compat" else "fp32"
-
-
 @contextlib.contextmanager
 def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
     """Asserts eval mode; pins lookup precision and TF32 off for the pass; restores everything afterwards."""
@@ -226,7 +225,7 @@ def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if old_lookup is not None:
-        quantizer.lookup_precision = eval_lookup(settings.mode)
+        quantizer.lookup_precision = settings.lookup_mode
     try:
         yield
     finally:
@@ -439,8 +438,11 @@ def _card(tokenizer: nn.Module, settings: EvalSettings, dataset: Any, metrics: S
     data = {**dataset_fields(dataset), "N": len(ids), "image_id_list_hash": id_list_hash(ids),
             "originals_hash": originals_hash}
     has_lookup = quantizer is not None and quantizer.lookup_precision is not None
+    # `lookup` is the protocol's pinned mode (hashed: `eval --lookup` gets its own card); `lookup_precision` what
+    # this subject actually ran (None without a codebook search: FSQ/LFQ rows stay comparable with GSQ's)
     model = {"weights": settings.weights, "argmin": "first-index", "code_agreement": agreement,
-             "lookup_precision": eval_lookup(settings.mode) if has_lookup else None, **dict(model_info)}
+             "lookup": settings.lookup_mode,
+             "lookup_precision": settings.lookup_mode if has_lookup else None, **dict(model_info)}
     precision = {"model": settings.model_precision,
                  "autocast": "bf16" if settings.model_precision == "bf16" else None,
                  "tf32": False, "device": str(device),

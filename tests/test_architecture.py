@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.locks", "gsqbench.progress", "gsqbench.config",
               "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights")),
     ("read-only views", ("gsqbench.regress", "gsqbench.report", "gsqbench.stats", "gsqbench.compare")),
-    ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.augment", "gsqbench.data",
+    ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.lookup", "gsqbench.augment", "gsqbench.data",
                  "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
                  "gsqbench.importers", "gsqbench.export")),
     ("stages", ("gsqbench.evaluate", "gsqbench.train", "gsqbench.tokens")),

@@ -38,12 +38,6 @@ def check_lookup_precision(value: object, field: str = "lookup_precision") -> Lo
 
 
 def _mode(precision: str) -> str:
-    # TRANSITIONAL (issue 12 phase 2): gsqbench/evaluate.py still pins quantizer.lookup_precision = "fp32" by
-    # attribute assignment (bypassing check_lookup_precision) and means the expanded form; remove this line when
-    # evaluate.py names the modes. Configs and constructor kwargs saying "fp32" are rejected by
-    # check_lookup_precision.
-    if precision == "fp32":
-        return "fp32-expanded"
     return check_lookup_precision(precision, "precision")
 
 
