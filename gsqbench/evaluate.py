@@ -215,17 +215,19 @@ def _batches(dataset: Any, settings: EvalSettings, device: torch.device) -> tupl
 
 
 @contextlib.contextmanager
-def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
-    """Asserts eval mode; pins lookup precision and TF32 off for the pass; restores everything afterwards."""
+def pinned_model(tokenizer: nn.Module, lookup: str) -> Iterator[None]:
+    """Asserts eval mode; pins the nearest-code lookup and TF32 off for the block; restores everything afterwards.
+
+    What every pass over a model that produces results uses (the evaluation, `gsqbench encode`)."""
     training = [name for name, m in tokenizer.named_modules() if m.training]
     if training:
-        raise AssertionError(f"evaluate() needs the model in eval mode; training: {training[:3]}")
+        raise AssertionError(f"the tokenizer must be in eval mode; training: {training[:3]}")
     quantizer = getattr(tokenizer, "quantizer", None)
     old_lookup = quantizer.lookup_precision if quantizer is not None else None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if old_lookup is not None:
-        quantizer.lookup_precision = settings.lookup_mode
+        quantizer.lookup_precision = lookup
     try:
         yield
     finally:
@@ -489,7 +491,7 @@ def evaluate(
         metrics = build_metrics(settings, device, tokenizer, _fid_reference(dataset, settings, device), meter, out)
     metrics = list(metrics)
     try:
-        with torch.no_grad(), _eval_state(tokenizer, settings):
+        with torch.no_grad(), pinned_model(tokenizer, settings.lookup_mode):
             state, n = _run_pass(tokenizer, dataset, settings, metrics, device, out, meter, exporter)
             for metric in metrics:
                 with _timed(state, f"sync:{type(metric).__name__}", device):
