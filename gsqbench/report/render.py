@@ -211,7 +211,7 @@ def spec_tables(runs: Sequence[Run]) -> dict[str, Any]:
 
 
 def _absent(key: str) -> str:
-    return "(not a parameter of this quantizer)" if key.startswith("quantizer.") else "(not set in this run)"
+    return "(no such parameter)" if key.startswith("quantizer.") else "(not set in this run)"
 
 
 def card_table(runs: Sequence[Run]) -> list[tuple[str, str, str]]:
