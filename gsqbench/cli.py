@@ -19,6 +19,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("eval", "eval"),
     ("report", "report"),
     ("regress", "regress"),
+    ("compare", "compare"),
     ("list", "list_"),
     ("weights", "weights"),
     ("import-official", "import_official"),

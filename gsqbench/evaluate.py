@@ -1,6 +1,8 @@
 """One streaming evaluation pass: every metric sees the same (real_u8, fake_u8, ids, qout), converted once.
 
-Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
+The metrics are the registered classes (gsqbench.metrics.catalogue) that `EvalSettings.metrics` selects, each built
+by its own `create(ctx)`; after the pass each value gets its class's measurability verdict and the protocol card is
+assembled by gsqbench.card.build_card. Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
 x = u8/127.5 − 1 → encode (timed) → decode (timed) → clamp → uint8 once (round-half-even; or the official
 truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model) →
 every metric's `update`. Under torch.distributed each rank evaluates its own shard (each image exactly once, no
@@ -27,52 +29,10 @@ from gsqbench.config import EvalSpec
 from gsqbench.data import to_model_input
 from gsqbench.errors import UserError, did_you_mean
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
+from gsqbench.metrics.catalogue import check_required_weights, metric_catalogue, resolve_metric_names
 from gsqbench.metrics.cost import CostMeter
 
 log = logging.getLogger(__name__)
-
-#: display and row order of the built-in families; plugin families follow, by registration order
-FAMILY_ORDER = ("pixel", "lpips", "fid", "codebook", "cost")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Settings and the metric catalogue (gsqbench.registry.METRICS)
-
-
-def metric_catalogue() -> list[type[Metric]]:
-    """Every registered metric class, in family order (FAMILY_ORDER, then plugin families) then registration order."""
-    from gsqbench.registry import METRICS, discover
-
-    discover()
-    classes = [METRICS.get(name) for name in METRICS.registration_order()]
-    rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
-    order = {cls: i for i, cls in enumerate(classes)}
-    return sorted(classes, key=lambda c: (rank.get(c.family, len(rank)), order[c]))
-
-
-def _class_for_key(key: str, classes: Sequence[type[Metric]]) -> Optional[type[Metric]]:
-    return next((c for c in classes if key in c.outputs), None)
-
-
-def resolve_metric_names(names: Sequence[str], classes: Sequence[type[Metric]], what: str) -> set[type[Metric]]:
-    """Classes selected by family names, registered metric names or metric keys; UserError for an unknown name."""
-    from gsqbench.registry import METRICS
-
-    chosen: set[type[Metric]] = set()
-    for name in names:
-        by_family = {c for c in classes if c.family == name}
-        by_key = _class_for_key(name, classes)
-        if by_family:
-            chosen |= by_family
-        elif name in METRICS:
-            chosen.add(METRICS.get(name))
-        elif by_key is not None:
-            chosen.add(by_key)
-        else:
-            valid = sorted({c.family for c in classes} | {k for c in classes for k in c.outputs})
-            raise UserError(f"{what}: unknown metric '{name}'{did_you_mean(name, valid)}")
-    return chosen
-
 
 @dataclass(frozen=True)
 class EvalSettings(EvalSpec):
@@ -192,20 +152,6 @@ def build_metrics(settings: EvalSettings, device: torch.device, tokenizer: Optio
                         fid_reference=fid_reference, meter=meter)
     built = (cls.create(ctx) for cls in settings.metric_classes())
     return [m for m in built if m is not None]
-
-
-def check_required_weights(require: Sequence[str]) -> None:
-    """Fail before any compute when a required metric's weights are missing (one line, exit 2)."""
-    from gsqbench.weights import WeightsUnavailable, weight_path
-
-    classes = metric_catalogue()
-    for key in require:
-        cls = _class_for_key(key, classes)
-        for name in (cls.weights if cls is not None else ()):
-            try:
-                weight_path(name)
-            except WeightsUnavailable as exc:
-                raise UserError(f"required metric '{key}' is unavailable: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
         raise UserError("--jobs: not with torchrun (each rank already takes its share of every run); use --jobs 1")
     runs = expand_runs(suite, only)
     if require:  # fail before hours of training, not after
-        from gsqbench.evaluate import check_required_weights
+        from gsqbench.metrics.catalogue import check_required_weights
 
         eval_settings(runs[0], require)
         check_required_weights(tuple(require))

@@ -20,7 +20,7 @@ PKG = REPO / "gsqbench"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.config", "gsqbench.card", "gsqbench.results",
               "gsqbench.registry", "gsqbench.weights", "gsqbench.effective")),
-    ("read-only views", ("gsqbench.regress", "gsqbench.report")),
+    ("read-only views", ("gsqbench.regress", "gsqbench.report", "gsqbench.stats", "gsqbench.compare")),
     ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.augment", "gsqbench.data",
                  "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
                  "gsqbench.importers")),
@@ -30,7 +30,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 #: modules that never import torch, directly, lazily or through another gsqbench module
 NO_TORCH = ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.config", "gsqbench.card", "gsqbench.results",
-            "gsqbench.registry", "gsqbench.weights", "gsqbench.effective", "gsqbench.regress", "gsqbench.report")
+            "gsqbench.registry", "gsqbench.weights", "gsqbench.effective", "gsqbench.regress", "gsqbench.report",
+            "gsqbench.stats", "gsqbench.compare")
 
 
 def _module_name(path: Path) -> str:

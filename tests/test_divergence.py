@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from gsqbench.cli import main
+from gsqbench.report import render_report
 from gsqbench.results import RUN_STATUSES, load_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +44,11 @@ def _run(*argv: str) -> int:
 
 
 def test_diverged_run_is_recorded_the_others_finish_and_run_exits_1(tmp_path, capsys):
-    suite, results = _suite(tmp_path), str(tmp_path / "r")
+    suite, results, baseline = _suite(tmp_path), str(tmp_path / "r"), str(tmp_path / "baseline.csv")
+    fixed = ["--set", "subjects.bad.quantizer.commitment_weight=0.25"]
+    assert _run(suite, "--results", str(tmp_path / "good"), *fixed) == 0  # the baseline: both runs finish
+    assert main(["regress", str(tmp_path / "good"), "--baseline", baseline, "--update"]) == 0
+    capsys.readouterr()
     assert _run(suite, "--results", results) == 1
     err = capsys.readouterr().err
     assert "1 run(s) diverged: bad-s0" in err and "bad-s0: diverged at step 1: loss_aux = inf" in err
@@ -59,6 +64,11 @@ def test_diverged_run_is_recorded_the_others_finish_and_run_exits_1(tmp_path, ca
     df = load_results(results)
     assert sorted(df[df["run"] == "bad-s0"]["metric"]) == ["train_images_per_s", "train_time_s"]
     assert not (bad / "checkpoint" / "model.safetensors").exists()
+    # the report keeps it in its suite's table, greyed and unranked; regress counts its baseline rows as regressed
+    page = (render_report([results], tmp_path / "report").parent / "suite-div.html").read_text()
+    assert '<tr class="diverged">' in page and "separate comparison groups" not in page
+    assert main(["regress", results, "--baseline", baseline]) == 1
+    assert "FAIL regressed: div/bad-s0" in capsys.readouterr().out
 
     # unchanged: refused (not retrained), still exit 1; the finished run is skipped
     before = (bad / "run.json").read_text()
@@ -68,7 +78,7 @@ def test_diverged_run_is_recorded_the_others_finish_and_run_exits_1(tmp_path, ca
     assert (bad / "run.json").read_text() == before
 
     # a changed spec trains it afresh
-    assert _run(suite, "--results", results, "--set", "subjects.bad.quantizer.commitment_weight=0.25") == 0
+    assert _run(suite, "--results", results, *fixed) == 0
     assert json.loads((bad / "run.json").read_text())["status"] == "done"
 
 

@@ -252,7 +252,9 @@ def _verify_key(path: Path, stored: Mapping, expected: Mapping) -> None:
 
 @register_metric("rfid@inception")
 class FIDMetric(Metric):
-    """`rfid@inception` (lower is better) and `is@inception` (higher is better) of reconstructions vs originals.
+    """rFID and Inception Score of the reconstructions, TF-FID Inception features (torch-fidelity), float64 stats.
+
+    `rfid@inception` (lower is better) against the originals and `is@inception` (higher is better).
 
     `reference`: the evaluator's key fields (dataset, split, crop, n, ids_hash, originals_hash); with `cache_dir`
     the real statistics are cached under that key. `reference_stats`: a precomputed npz (mu, sigma, optional n and
