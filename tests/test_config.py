@@ -110,6 +110,7 @@ def test_set_overrides_are_type_checked(tmp_path):
     (lambda r: r["shared"]["train"].update(ema_decay=True), r"'shared.train.ema_decay': True"),
     (lambda r: r["shared"]["model"].update(latent_dim=8.5), r"'shared.model.latent_dim': 8.5"),
     (lambda r: r.update(subjects=[]), r"'subjects'"),
+    (lambda r: r["shared"].update(data={"shuffle": False}), r"'shared.data.shuffle' was removed \(it was never read\)"),
     (lambda r: r.update(seeds=[0, 0]), r"'seeds'.*distinct"),
     (lambda r: r["subjects"].append(dict(r["subjects"][0])), r"duplicate subject name 'gsq'"),
 ])

@@ -199,3 +199,24 @@ def test_fid_and_is_below_2048_images_are_not_comparable():
     assert reason.startswith("N = 2,047 images < 2,048: FID") and "comparable from N = 2,048" in reason
     assert FIDMetric.comparable("is@inception", Facts(n_images=5)).startswith("N = 5 images < 2,048: IS")
     assert FIDMetric.comparable("rfid@inception", Facts(n_images=2048)) is None
+
+
+def test_random_crop_resamples_only_the_window_like_resize_then_crop():
+    """The seeded random crops (training and extra eval crops) resample only their window from the original; the
+    oracle is PIL resizing the whole photo (torchvision Resize(int) sizes) and then cropping, with the same draws."""
+    import numpy as np
+    from PIL import Image
+
+    from gsqbench import data
+
+    img = data._decoded_photo(str(data.sample_photo_path("skimage", "coffee.png")))
+    for seed in range(12):
+        size = (16, 32, 64)[seed % 3]
+        ours = np.asarray(data.random_crop(img, size, np.random.default_rng(seed)), dtype=float)
+        rng = np.random.default_rng(seed)
+        short = int(rng.integers(size, min(img.size) + 1))
+        w, h = img.size
+        full = img.resize((int(short * w / h), short) if w > h else (short, int(short * h / w)), Image.BILINEAR)
+        left, top = int(rng.integers(0, full.size[0] - size + 1)), int(rng.integers(0, full.size[1] - size + 1))
+        oracle = np.asarray(full.crop((left, top, left + size, top + size)), dtype=float)
+        assert np.abs(ours - oracle).max() <= 3 and np.abs(ours - oracle).mean() < 0.5, seed
