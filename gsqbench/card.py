@@ -22,7 +22,7 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "card_hash",
     "model.checkpoint_sha256", "model.step", "model.tokenizer_spec_hash", "model.fairness_hash",
     "model.code_agreement",
-    "model.lookup_precision",  # a property of the subject's quantizer block (its kwargs), like V and G
+    "model.lookup_precision",  # what this subject ran (None without a codebook search); `model.lookup` is hashed
     "codebook.tokens_counted", "codebook.codebook_V", "codebook.codebook_G",
     "codebook.tokens_per_group",  # the subject's size, measured T
     "precision.device", "precision.driver",
@@ -30,6 +30,8 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "fid.is_std_over_splits", "fid.fid_reference_source",  # a measured spread; where the same statistics came from
     "fid.fid_reference_key",  # derived from data + extractor fields (hashed already); set only when caching
     "fid.fid_note",  # the small-N warning, derived from N (hashed in the data group)
+    "rfd.rfd_reference_source", "rfd.rfd_reference_key",  # the same two for FD-DINOv2
+    "kid.kid_std_over_subsets",  # a measured spread
     "runtime",
 )
 

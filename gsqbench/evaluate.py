@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 class EvalSettings(EvalSpec):
     """How to evaluate: the suite's eval spec (gsqbench.config.EvalSpec) plus what each run fixes itself.
 
-    `metrics` selects families, registered metric names or metric keys (empty = all); `require` lists metric keys
+    `metrics` selects families, registered metric names or metric keys (empty = every metric selected by default,
+    i.e. all but the opt-in ones such as `rfd@dinov2`, KID and precision/recall); `require` lists metric keys
     that must not come out unavailable (UserError, exit 2, otherwise).
     """
 
@@ -62,6 +63,11 @@ class EvalSettings(EvalSpec):
                 raise UserError(f"--require: unknown metric '{key}'{did_you_mean(key, keys)}")
         for net in self.lpips_nets:
             _check_choice("lpips_nets", net, ("alex", "vgg"))
+        if self.lookup is not None:
+            from gsqbench.lookup import check_lookup_precision
+
+            check_lookup_precision(self.lookup, "eval.lookup")
+        _check_choice("save_recon", self.save_recon, (None, "npz", "png"))
 
     @classmethod
     def from_spec(cls, spec: EvalSpec, **runtime: Any) -> "EvalSettings":
@@ -74,11 +80,12 @@ class EvalSettings(EvalSpec):
         return self.precision or ("bf16" if self.mode == "gsq-compat" else "fp32")
 
     def metric_classes(self) -> list[type[Metric]]:
-        """The metric classes to run: all when `metrics` is empty, else those named, plus those of required keys."""
+        """The metric classes to run: those selected by default when `metrics` is empty, else those named; plus those
+        of required keys."""
         classes = metric_catalogue()
-        if not self.metrics:
-            return classes
         chosen = resolve_metric_names([*self.metrics, *self.require], classes, "eval.metrics")
+        if not self.metrics:
+            chosen |= {c for c in classes if getattr(c, "selected_by_default", True)}
         return [c for c in classes if c in chosen]
 
 
@@ -142,14 +149,16 @@ def compat_fake_uint8(x_hat: Tensor) -> Tensor:
 
 
 def build_metrics(settings: EvalSettings, device: torch.device, tokenizer: Optional[nn.Module] = None,
-                  fid_reference: Optional[Mapping[str, Any]] = None, meter: Optional[CostMeter] = None) -> list[Metric]:
+                  fid_reference: Optional[Mapping[str, Any]] = None, meter: Optional[CostMeter] = None,
+                  out_dir: Optional[Path] = None) -> list[Metric]:
     """The metric objects for the selected classes, each built by its own `create(ctx)` (None = not applicable).
 
-    `fid_reference` holds the data key fields that reference statistics are verified / cached under. A metric
-    whose weights are missing comes back unavailable (reason + fix command) unless one of its keys is required.
+    `fid_reference` holds the data key fields that reference statistics are verified / cached under; `out_dir` is
+    the run folder metrics that keep files (features) write under. A metric whose weights are missing comes back
+    unavailable (reason + fix command) unless one of its keys is required.
     """
     ctx = MetricContext(device=device, settings=settings, tokenizer=tokenizer, required=frozenset(settings.require),
-                        fid_reference=fid_reference, meter=meter)
+                        fid_reference=fid_reference, meter=meter, out_dir=out_dir)
     built = (cls.create(ctx) for cls in settings.metric_classes())
     return [m for m in built if m is not None]
 
@@ -205,11 +214,6 @@ def _batches(dataset: Any, settings: EvalSettings, device: torch.device) -> tupl
 # Model state (§9)
 
 
-def eval_lookup(mode: str) -> str:
-    """The nearest-code lookup an evaluation pins: the official bf16 one in gsq-compat, fp32 otherwise."""
-    return "bf16" if mode == "gsq-compat" else "fp32"
-
-
 @contextlib.contextmanager
 def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
     """Asserts eval mode; pins lookup precision and TF32 off for the pass; restores everything afterwards."""
@@ -221,7 +225,7 @@ def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if old_lookup is not None:
-        quantizer.lookup_precision = eval_lookup(settings.mode)
+        quantizer.lookup_precision = settings.lookup_mode
     try:
         yield
     finally:
@@ -241,6 +245,7 @@ class _PassState:
     tokens_per_image: Optional[int] = None
     saved: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    exporter: Any = None  # gsqbench.export.ImageExporter: each batch's evaluated uint8 pair + ids (--save-recon)
 
 
 @contextlib.contextmanager
@@ -289,13 +294,14 @@ def _image_digest(image_id: str, image: Tensor) -> str:
 
 
 def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metrics: Sequence[Metric],
-              device: torch.device, out_dir: Optional[Path], meter: CostMeter) -> tuple[_PassState, int]:
-    state = _PassState()
+              device: torch.device, out_dir: Optional[Path], meter: CostMeter,
+              exporter: Any = None) -> tuple[_PassState, int]:
+    state = _PassState(exporter=exporter)
     batches, n = _batches(dataset, settings, device)
-    from tqdm import tqdm
+    from gsqbench.progress import Progress
 
-    bar = tqdm(total=len(_shard(n)), unit="img", desc="evaluate",
-               disable=None if settings.progress and ddp.is_main() else True)  # None: off when not a terminal
+    # a bar on a terminal, one line per 10 % in a log
+    bar = Progress(len(_shard(n)), "evaluate", enabled=settings.progress and ddp.is_main(), unit="images")
     try:
         while True:
             with _timed(state, "data", device):
@@ -324,6 +330,9 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx
             metric.update(real_eval, fake_eval, ids, qout)
     state.ids += ids
     state.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
+    if state.exporter is not None:
+        with _timed(state, "export", device):
+            state.exporter.add(ids, real_eval, fake_eval)
     if out_dir is not None and settings.samples:
         with _timed(state, "samples", device):
             _save_samples(out_dir, gidx, ids, real_eval, fake_eval, settings.samples, state)
@@ -410,6 +419,17 @@ def _mark_comparability(rows: Sequence[MetricValue], metrics: Sequence[Metric], 
             row.not_comparable = cls.comparable(row.name, facts)
 
 
+def _exporter(settings: EvalSettings, out: Optional[Path]) -> Any:
+    """The `--save-recon` exporter writing under `<run>/export`, or None."""
+    if settings.save_recon is None:
+        return None
+    if out is None:
+        raise UserError(f"eval.save_recon: '{settings.save_recon}' needs an output directory (gsqbench eval --out DIR)")
+    from gsqbench.export import ImageExporter
+
+    return ImageExporter(out / "export", settings.save_recon)
+
+
 def _card(tokenizer: nn.Module, settings: EvalSettings, dataset: Any, metrics: Sequence[Metric], ids: list[str],
           originals_hash: str, rows: Sequence[MetricValue], device: torch.device,
           model_info: Mapping[str, Any]) -> dict:
@@ -418,8 +438,11 @@ def _card(tokenizer: nn.Module, settings: EvalSettings, dataset: Any, metrics: S
     data = {**dataset_fields(dataset), "N": len(ids), "image_id_list_hash": id_list_hash(ids),
             "originals_hash": originals_hash}
     has_lookup = quantizer is not None and quantizer.lookup_precision is not None
+    # `lookup` is the protocol's pinned mode (hashed: `eval --lookup` gets its own card); `lookup_precision` what
+    # this subject actually ran (None without a codebook search: FSQ/LFQ rows stay comparable with GSQ's)
     model = {"weights": settings.weights, "argmin": "first-index", "code_agreement": agreement,
-             "lookup_precision": eval_lookup(settings.mode) if has_lookup else None, **dict(model_info)}
+             "lookup": settings.lookup_mode,
+             "lookup_precision": settings.lookup_mode if has_lookup else None, **dict(model_info)}
     precision = {"model": settings.model_precision,
                  "autocast": "bf16" if settings.model_precision == "bf16" else None,
                  "tf32": False, "device": str(device),
@@ -460,23 +483,29 @@ def evaluate(
     check_required_weights(settings.require)
     torch.manual_seed(settings.seed)
     meter = CostMeter(device)
-    if metrics is None:
-        metrics = build_metrics(settings, device, tokenizer, _fid_reference(dataset, settings, device), meter)
-    metrics = list(metrics)
     out = Path(out_dir) if out_dir is not None else None
+    exporter = _exporter(settings, out)
+    if metrics is None:
+        metrics = build_metrics(settings, device, tokenizer, _fid_reference(dataset, settings, device), meter, out)
+    metrics = list(metrics)
     try:
         with torch.no_grad(), _eval_state(tokenizer, settings):
-            state, n = _run_pass(tokenizer, dataset, settings, metrics, device, out, meter)
+            state, n = _run_pass(tokenizer, dataset, settings, metrics, device, out, meter, exporter)
             for metric in metrics:
                 with _timed(state, f"sync:{type(metric).__name__}", device):
                     metric.sync()
             ids, originals_hash = _gather_ids(state, n)
+            if exporter is not None:
+                with _timed(state, "export", device):
+                    exporter.finish()
             counts = _code_counts(metrics)
             rows = []
             for metric in metrics:
                 with _timed(state, f"compute:{type(metric).__name__}", device):
                     rows += metric.compute()
     finally:
+        if exporter is not None:
+            exporter.close()
         for metric in metrics:
             metric.close()
     _check_required(rows, settings.require)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -41,10 +42,14 @@ class SuiteResult:
 
 @dataclass
 class Outcome:
-    """What one run produced: its metric values, and the divergence record when training stopped."""
+    """What one run produced: its metric values; `status` done | skipped (finished earlier) | diverged | refused
+    (diverged earlier with this spec, not trained again: `message` says so), with the divergence record."""
 
     metrics: dict[str, float]
     divergence: Optional[dict[str, Any]] = None
+    status: str = "done"
+    message: str = ""
+
 
 #: DataSource field names where gsqbench.data's messages use its own argument names
 _DATA_KEYS = {"n": "limit", "resolution": "size"}
@@ -178,31 +183,44 @@ def write_diverged(run: RunSpec, run_dir: Path, exc: Any, device: str) -> None:
 
 
 def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
-            progress: bool) -> Outcome:
-    """Train (or resume) then evaluate one run and write its results directory (or record its divergence)."""
+            progress: bool, label: str = "") -> Outcome:
+    """Train (or resume) then evaluate one run and write its results directory (or record its divergence).
+
+    `label` (e.g. "[2/4] vq-s0") starts the one-line stage messages (gsqbench.progress)."""
     import torch
 
     from gsqbench import distributed as ddp
     from gsqbench.evaluate import evaluate
+    from gsqbench.progress import fmt_seconds, stage
     from gsqbench.results import provenance, write_run
     from gsqbench.train import Diverged, train_metrics, train_run
 
+    label = label or run.run_id
     train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
     eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval")
     try:
         trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
     except Diverged as exc:
         write_diverged(run, run_dir, exc, device)
-        return Outcome({m.name: m.value for m in train_metrics(exc)}, exc.record())
+        if ddp.is_main():
+            stage("%s diverged at step %d: %s = %s", label, exc.step, exc.term, exc.value)
+        return Outcome({m.name: m.value for m in train_metrics(exc)}, exc.record(), status="diverged")
+    if ddp.is_main():
+        resumed = f" (resumed from step {trained.resumed_from})" if trained.resumed_from is not None else ""
+        stage("%s trained %d steps in %s%s", label, trained.steps, fmt_seconds(trained.time_s), resumed)
     dev = next(trained.model.parameters()).device
     settings = eval_settings(run, require, trained.weights, progress, str(run_dir.parent / ".fid-cache"))
     ckpt_sha = _checkpoint_sha256(run_dir)
+    t0 = time.perf_counter()
     with torch.no_grad():
         ev = evaluate(trained.model, eval_ds, settings, device=dev, out_dir=run_dir,
                       model_info={"fairness_hash": run.fairness_hash, "step": trained.steps,
                                   "weights": trained.weights, "checkpoint_sha256": ckpt_sha})
     metrics = [*ev.metrics, *train_metrics(trained)]
+    saved = sorted({i for part in ddp.all_gather_objects(ev.samples) for i in part})
     if ddp.is_main():
+        stage("%s evaluated %d images in %s", label, len(ev.per_image.get("image_id", [])),
+              fmt_seconds(time.perf_counter() - t0))
         info = {
             **_run_info(run), "card": ev.card, "card_hash": ev.card_hash, "checkpoint_sha256": ckpt_sha,
             "weights": trained.weights, "train_steps": trained.steps, "resumed_from": trained.resumed_from,
@@ -210,7 +228,7 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
             "provenance": provenance(device=str(dev), precision=run.shared.train.precision,
                                      world_size=ddp.world_size()),
         }
-        write_run(run_dir, info, metrics, per_image=ev.per_image, code_counts=ev.code_counts)
+        write_run(run_dir, info, metrics, per_image=ev.per_image, code_counts=ev.code_counts, samples=saved)
     return Outcome({m.name: m.value for m in metrics})
 
 
@@ -242,11 +260,16 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
               progress: bool = True, jobs: int = 1, threads: Optional[int] = None) -> SuiteResult:
     """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`.
 
+    Each run folder is locked while its run is checked, trained, evaluated and written (gsqbench.locks, held by
+    rank 0): a second process on the same folder is refused with one line naming the holder, so two suites with
+    different specs can never mix results in one folder.
+
     `jobs` > 1 trains and evaluates that many runs at once, each in its own process with `threads` intra-op
     threads (default: the CPU count divided by `jobs`); on several GPUs job k uses device cuda:(k mod count).
     A diverged run is recorded and the others carry on (SuiteResult.diverged, SuiteResult.refused).
     """
     from gsqbench import distributed as ddp
+    from gsqbench.progress import fmt_seconds, stage
     from gsqbench.results import run_dir_for
     from gsqbench.validate import validate_suite
 
@@ -261,40 +284,60 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
 
         eval_settings(runs[0], require)
         check_required_weights(tuple(require))
+    ddp.init_from_env(device)  # the locks are coordinated across ranks from the first run on
     out = SuiteResult()
-    todo: list[tuple[RunSpec, Path]] = []
+    todo: list[tuple[RunSpec, Path, str]] = []
     for i, run in enumerate(runs):
         run_dir = run_dir_for(results_root, suite.suite, run.run_id)
         out.run_dirs.append(run_dir)
-        if is_finished(run, run_dir):
-            log.info("[%d/%d] %s: finished earlier, skipped", i + 1, len(runs), run.run_id)
-            out.skipped.append(run.run_id)
-            out.summary[run.run_id] = _finished_metrics(run_dir)
+        label = f"[{i + 1}/{len(runs)}] {run.run_id}"
+        if jobs > 1:
+            out.summary[run.run_id] = {}  # keeps the suite's run order; the job checks and runs it under its lock
+            todo.append((run, run_dir, label))
             continue
-        divergence = earlier_divergence(run, run_dir)
-        if divergence is not None:
-            out.refused[run.run_id] = refusal_message(run, run_dir, divergence)
-            log.info(out.refused[run.run_id])
-            out.diverged[run.run_id] = divergence
-            out.summary[run.run_id] = _finished_metrics(run_dir)
-            continue
-        out.summary[run.run_id] = {}  # keeps the suite's run order in the summary
-        todo.append((run, run_dir))
-    kwargs = dict(strict_data=strict_data, require=tuple(require))
-    if jobs > 1 and len(todo) > 1:
-        outcomes = _run_parallel(todo, jobs, device, threads, kwargs)
-    else:
-        outcomes = {}
-        for k, (run, run_dir) in enumerate(todo):
-            log.info("[%d/%d] %s: training %d steps", k + 1, len(todo), run.run_id, run.shared.train.steps)
-            outcomes[run.run_id] = run_one(run, run_dir, device=device, progress=progress, **kwargs)
-    for run_id, outcome in outcomes.items():
-        out.summary[run_id] = outcome.metrics
-        if outcome.divergence is not None:
-            out.diverged[run_id] = outcome.divergence
+        t0 = time.perf_counter()
+        with ddp.rank0_lock(run_dir, f"gsqbench run {suite.suite}/{run.run_id}"):
+            outcome = check_and_run(run, run_dir, label, device=device, strict_data=strict_data, require=require,
+                                    progress=progress)
+        _collect(out, run.run_id, outcome)
+        if ddp.is_main() and outcome.status == "done":
+            stage("%s done in %s: %s", label, fmt_seconds(time.perf_counter() - t0), run_dir)
+    if todo:
+        outcomes = _run_parallel(suite.suite, todo, jobs, device, threads,
+                                 dict(strict_data=strict_data, require=tuple(require)))
+        for run_id, outcome in outcomes.items():
+            _collect(out, run_id, outcome)
     if report_dir is not None and ddp.is_main():
+        t0 = time.perf_counter()
         out.report = render_report(run_dir_for(results_root, suite.suite, "_").parent, Path(report_dir))
+        stage("report written in %s: %s", fmt_seconds(time.perf_counter() - t0), out.report)
     return out
+
+
+def check_and_run(run: RunSpec, run_dir: Path, label: str, **kwargs: Any) -> Outcome:
+    """Skip a run that finished earlier, refuse one that diverged earlier with this spec, else `run_one` it (the
+    caller holds the run folder's lock)."""
+    from gsqbench.progress import stage
+
+    if is_finished(run, run_dir):
+        stage("%s finished earlier, skipped", label)
+        return Outcome(_finished_metrics(run_dir), status="skipped")
+    divergence = earlier_divergence(run, run_dir)
+    if divergence is not None:
+        message = refusal_message(run, run_dir, divergence)
+        stage("%s %s", label, message)
+        return Outcome(_finished_metrics(run_dir), divergence, status="refused", message=message)
+    return run_one(run, run_dir, label=label, **kwargs)
+
+
+def _collect(out: SuiteResult, run_id: str, outcome: Outcome) -> None:
+    out.summary[run_id] = outcome.metrics
+    if outcome.status == "skipped":
+        out.skipped.append(run_id)
+    if outcome.status == "refused":
+        out.refused[run_id] = outcome.message
+    if outcome.divergence is not None:
+        out.diverged[run_id] = outcome.divergence
 
 
 def _job_devices(device: str, jobs: int) -> list[str]:
@@ -306,45 +349,57 @@ def _job_devices(device: str, jobs: int) -> list[str]:
     return [device] * jobs
 
 
-def _run_parallel(todo: list[tuple[RunSpec, Path]], jobs: int, device: str, threads: Optional[int],
-                  kwargs: dict[str, Any]) -> dict[str, Outcome]:
+def _run_parallel(suite: str, todo: list[tuple[RunSpec, Path, str]], jobs: int, device: str,
+                  threads: Optional[int], kwargs: dict[str, Any]) -> dict[str, Outcome]:
     """Each run in a fresh spawned process (fresh RNG and thread settings), at most `jobs` at once; results in
     the order of `todo`. A UserError in a job is raised here once the running jobs have ended."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
 
+    from gsqbench.progress import stage
     from gsqbench.registry import plugin_dirs
 
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     devices = _job_devices(device, jobs)
     level = logging.getLogger().getEffectiveLevel()
-    log.info("running %d runs, %d at a time, %d thread(s) each", len(todo), jobs, threads)
+    verbosity = 0 if level >= logging.WARNING else 1 if level >= logging.INFO else 2
+    stage("running %d runs, %d at a time, %d thread(s) each", len(todo), jobs, threads)
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
                              max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_job, run, run_dir, devices[k % jobs], threads, [str(d) for d in plugin_dirs()],
-                               level, kwargs) for k, (run, run_dir) in enumerate(todo)]
+        futures = [pool.submit(_job, suite, run, run_dir, label, devices[k % jobs], threads,
+                               [str(d) for d in plugin_dirs()], verbosity, kwargs)
+                   for k, (run, run_dir, label) in enumerate(todo)]
         try:
-            return {run.run_id: f.result() for (run, _), f in zip(todo, futures)}
+            return {run.run_id: f.result() for (run, _, _), f in zip(todo, futures)}
         except BaseException:  # an error in one job: start no further ones (running ones finish)
             for f in futures:
                 f.cancel()
             raise
 
 
-def _job(run: RunSpec, run_dir: Path, device: str, threads: int, plugins: list[str], level: int,
-         kwargs: dict[str, Any]) -> Outcome:
+def _job(suite: str, run: RunSpec, run_dir: Path, label: str, device: str, threads: int, plugins: list[str],
+         verbosity: int, kwargs: dict[str, Any]) -> Outcome:
     """One run in a child process of `run --jobs` (spawned: nothing inherited but these arguments)."""
     import torch
 
+    from gsqbench import distributed as ddp
+    from gsqbench.progress import CliLogging, fmt_seconds, stage
     from gsqbench.registry import add_plugin_dirs
 
-    logging.basicConfig(level=level, format=f"%(levelname)s {run.run_id}: %(message)s")
-    if plugins:
-        add_plugin_dirs(plugins)
-    torch.set_num_threads(threads)
-    log.info("%s: training %d steps (%s, %d thread(s))", run.run_id, run.shared.train.steps, device, threads)
-    return run_one(run, run_dir, device=device, progress=False, **kwargs)
+    logs = CliLogging(verbosity).start()
+    try:
+        if plugins:
+            add_plugin_dirs(plugins)
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        with ddp.rank0_lock(run_dir, f"gsqbench run {suite}/{run.run_id}"):
+            outcome = check_and_run(run, run_dir, label, device=device, progress=False, **kwargs)
+        if outcome.status == "done":
+            stage("%s done in %s: %s", label, fmt_seconds(time.perf_counter() - t0), run_dir)
+        return outcome
+    finally:
+        logs.finish()
 
 
 def render_report(results_dir: Path, report_dir: Path) -> Path:
@@ -423,11 +478,14 @@ def checkpoint_model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec, *, out_dir: str | Path,
                         device: Optional[str] = None, seed: int = 0, num_workers: int = 0, progress: bool = True,
-                        weights: Optional[str] = None) -> Any:
+                        weights: Optional[str] = None, force: bool = False) -> Any:
     """Load `checkpoint` (gsqbench dir or official release), evaluate it on `data`, write `out_dir` (rank 0).
 
     `weights` (ema | raw) overrides what the checkpoint says it holds. Works under torchrun: every rank evaluates its
-    shard. Returns the gsqbench.evaluate.EvalResult.
+    shard. `out_dir` must be new, empty, or a folder an earlier `gsqbench eval` created; any other folder (a suite's
+    run folder, say) is refused unless `force`, and even then only the evaluation files are replaced: the PNGs and
+    tables an earlier evaluation left are removed once the new results are written, never mixed in. The folder is
+    locked meanwhile (gsqbench.locks). Returns the gsqbench.evaluate.EvalResult.
     """
     import dataclasses
 
@@ -436,33 +494,39 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
     from gsqbench.data import build_dataset
     from gsqbench.evaluate import EvalSettings, evaluate
     from gsqbench.io import safe_name
-    from gsqbench.results import provenance, write_run
+    from gsqbench.results import eval_dir_state, mark_eval_dir, provenance, write_run
 
+    run_dir = Path(out_dir)
+    state = eval_dir_state(run_dir, force=force)  # reads only; every rank decides the same before any write
     settings = EvalSettings.from_spec(spec, seed=seed, num_workers=num_workers, progress=progress,
                                       weights=weights or spec.weights)
     distributed = ddp.init_from_env(device or "auto")
     dev = ddp.resolve_device(device or "auto")
     ckpt = Path(checkpoint)
     try:
-        tok, meta = load_tokenizer(ckpt)
+        tok, meta = load_tokenizer(ckpt)  # bad input fails here, before the folder is created
         if weights is None and meta.get("weights") in ("ema", "raw"):
             settings = dataclasses.replace(settings, weights=meta["weights"])
         dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
                                 crop=data.crop, n=data.n, seed=data.seed, crops_per_image=data.crops_per_image)
-        run_dir = Path(out_dir)
-        result = evaluate(tok.eval().to(dev), dataset, settings, device=dev, out_dir=run_dir,
-                          model_info=checkpoint_model_info(ckpt, meta))
-        if ddp.is_main():
-            info = {
-                "run_id": run_dir.name, "suite": run_dir.parent.name or "eval",
-                "subject": safe_name(str(meta.get("official_name") or meta.get("run_id") or ckpt.name)),
-                "seed": seed, "grid": {}, "spec": {"checkpoint": str(ckpt), "model": meta.get("model_spec"),
-                                                   "quantizer": meta.get("quantizer_spec"), "data": data.label()},
-                "fairness_hash": meta.get("fairness_hash"), "card": result.card, "card_hash": result.card_hash,
-                "provenance": provenance(device=str(dev), precision=result.card["precision"]["model"],
-                                         world_size=ddp.world_size()),
-            }
-            write_run(run_dir, info, result.metrics, per_image=result.per_image, code_counts=result.code_counts)
+        with ddp.rank0_lock(run_dir, f"gsqbench eval {ckpt}"):
+            if state == "new" and ddp.is_main():  # an eval folder keeps its marker; a forced one gets none
+                mark_eval_dir(run_dir, ckpt)
+            result = evaluate(tok.eval().to(dev), dataset, settings, device=dev, out_dir=run_dir,
+                              model_info=checkpoint_model_info(ckpt, meta))
+            saved = sorted({i for part in ddp.all_gather_objects(result.samples) for i in part})
+            if ddp.is_main():
+                info = {
+                    "run_id": run_dir.name, "suite": run_dir.parent.name or "eval",
+                    "subject": safe_name(str(meta.get("official_name") or meta.get("run_id") or ckpt.name)),
+                    "seed": seed, "grid": {}, "spec": {"checkpoint": str(ckpt), "model": meta.get("model_spec"),
+                                                       "quantizer": meta.get("quantizer_spec"), "data": data.label()},
+                    "fairness_hash": meta.get("fairness_hash"), "card": result.card, "card_hash": result.card_hash,
+                    "provenance": provenance(device=str(dev), precision=result.card["precision"]["model"],
+                                             world_size=ddp.world_size()),
+                }
+                write_run(run_dir, info, result.metrics, per_image=result.per_image, code_counts=result.code_counts,
+                          samples=saved)
     finally:
         if distributed:
             ddp.shutdown()

@@ -16,7 +16,8 @@ from gsqbench.validate import validate_suite
 #: fields that cannot change a result (never hashed), and those without effect in `_raw()`'s spec: no
 #: discriminator, perceptual weight 0, no LR decay (restated here, not imported, so the oracle is independent)
 _RESULT_FREE = [("train", "checkpoint_every"), ("train", "log_every"), ("data", "num_workers"), ("eval", "samples"),
-                ("eval", "require"), ("eval", "fid_cache_dir"), ("loss", "perceptual_required")]
+                ("eval", "require"), ("eval", "fid_cache_dir"), ("loss", "perceptual_required"),
+                ("eval", "keep_features"), ("eval", "save_recon")]
 _NO_EFFECT = [("loss", "adversarial_weight"), ("loss", "perceptual_weight"), ("loss", "perceptual_input_range"),
               ("train", "decay_start"), ("train", "min_lr_ratio")]
 
@@ -29,6 +30,7 @@ def _hashed_json(shared) -> str:
         del view[section][key]
     view["gan"] = {"discriminator": "none"}
     view["eval"]["precision"] = view["eval"]["precision"] or "fp32"
+    view["eval"]["lookup"] = view["eval"]["lookup"] or "exact"  # gsqbench mode's nearest-code lookup
     view["effective"] = {"perceptual": "off", "perceptual_trunk_sha256": None, "discriminator": "none",
                          "backbone": None, "backbone_sha256": None, "precision": shared.train.precision,
                          "resolved": False}
@@ -79,6 +81,9 @@ def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
     # eval.precision null means the mode's precision: the same hash as saying it
     said = load_suite(_write(tmp_path, _raw()), ["eval.precision=fp32"])
     assert expand_runs(said)[0].fairness_hash == runs[0].fairness_hash
+    # output-only fields (kept features, exported reconstructions) leave the hash alone
+    kept = load_suite(_write(tmp_path, _raw()), ["eval.keep_features=true", "eval.save_recon=npz"])
+    assert kept.shared.eval.save_recon == "npz" and expand_runs(kept)[0].fairness_hash == runs[0].fairness_hash
     # any shared change moves the hash; a quantizer change does not
     other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
     assert expand_runs(other)[0].fairness_hash != runs[0].fairness_hash

@@ -29,10 +29,10 @@ class _Quantizer(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.lookup_precision = "fp32"
+        self.lookup_precision = "exact"
 
     def forward(self, z):
-        zz = z.float() if self.lookup_precision == "fp32" else z.to(torch.bfloat16).float()
+        zz = z.to(torch.bfloat16).float() if self.lookup_precision == "bf16" else z.float()
         idx = torch.round((zz.clamp(-1, 1) + 1) * 3.5).long().permute(0, 2, 3, 1).contiguous()
         return QuantizerOutput(self.indices_to_codes(idx), idx)
 
@@ -107,7 +107,7 @@ def _evaluate_and_dump(out_path: str, batch_size: int) -> None:
     from gsqbench.metrics.fid import FIDMetric
 
     # LPIPS shares PSNR/SSIM's per-image gather (and is batch-checked in test_evaluate.py): left out to save time
-    settings = EvalSettings(batch_size=batch_size, progress=False, metrics=("pixel", "codebook"))
+    settings = EvalSettings(batch_size=batch_size, progress=False, metrics=("pixel", "codebook"), lookup="bf16")
     # FID at the 64-d feature layer: the same streaming sums and reduction as 2048-d, without a 2048² eig per rank
     tok = _Tokenizer().eval()
     metrics = build_metrics(settings, torch.device("cpu"), tok) + [FIDMetric("cpu", required=True, feature_layer="64")]

@@ -35,11 +35,11 @@ class ScalarQuantizer(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.lookup_precision = "fp32"
+        self.lookup_precision = "exact"
         self.scale = nn.Parameter(torch.ones(1))  # so the quantizer has parameters to count
 
     def forward(self, z):
-        zz = z.float() if self.lookup_precision == "fp32" else z.to(torch.bfloat16).float()
+        zz = z.to(torch.bfloat16).float() if self.lookup_precision == "bf16" else z.float()
         idx = torch.round((zz.clamp(-1, 1) + 1) * (LEVELS - 1) / 2).long()  # (b, 3, h, w)
         return QuantizerOutput(self.indices_to_codes(idx.permute(0, 2, 3, 1)), idx.permute(0, 2, 3, 1).contiguous())
 
@@ -174,7 +174,7 @@ def test_batch_size_independence_and_oracles(random_alexnet, tmp_path):
                                 "codebook", "cost"), progress=False)
         runs[bs] = evaluate(tok, ds, settings, device="cpu", out_dir=tmp_path / f"bs{bs}")
     a, b = _by_name(runs[1]), _by_name(runs[5])
-    for key in ("psnr", "psnr_pooled", "ssim", "code_agreement"):
+    for key in ("psnr", "psnr_pooled", "ssim", "usage_pooled"):
         assert a[key].value == b[key].value, key
     assert a["lpips@alex"].value == pytest.approx(b["lpips@alex"].value, rel=1e-6, abs=1e-7)
     assert runs[1].per_image["image_id"] == sorted(ids) == runs[5].per_image["image_id"]
@@ -234,14 +234,18 @@ def test_code_agreement_matches_independent_count():
     u8 = _images(n=3, size=16, seed=1)
     ds = ListDataset(u8, ["a", "b", "c"])
     tok = StandInTokenizer().eval()
-    res = evaluate(tok, ds, EvalSettings(metrics=("codebook",), progress=False), device="cpu")
+    exact = evaluate(tok, ds, EvalSettings(metrics=("codebook",), progress=False), device="cpu")
+    assert "code_agreement" not in _by_name(exact)  # an exact-lookup run has nothing to agree with
+    assert exact.card["model"]["lookup"] == "exact"
+    res = evaluate(tok, ds, EvalSettings(metrics=("codebook",), lookup="bf16", progress=False), device="cpu")
+    assert res.card["model"]["lookup"] == "bf16" and res.card_hash != exact.card_hash  # its own card
     x = torch.from_numpy(u8.astype(np.float32) / np.float32(127.5) - 1)
     z = F.avg_pool2d(x, 4)
     fp32 = torch.round((z.clamp(-1, 1) + 1) * 3.5)
     bf16 = torch.round((z.to(torch.bfloat16).float().clamp(-1, 1) + 1) * 3.5)
     want = float((fp32 == bf16).double().mean())
     assert _by_name(res)["code_agreement"].value == pytest.approx(want, abs=1e-12)
-    assert tok.quantizer.lookup_precision == "fp32"  # restored
+    assert tok.quantizer.lookup_precision == "exact"  # restored
 
 
 def test_gsq_compat_mode_uses_bf16_and_truncation():

@@ -97,6 +97,7 @@ EXCLUDED = {
     "data.num_workers": {"data.num_workers": 1}, "eval.samples": {"eval.samples": 3},
     "eval.require": {"eval.require": ["psnr"]}, "eval.fid_cache_dir": {"eval.fid_cache_dir": "elsewhere"},
     "loss.perceptual_required": {"loss.perceptual_required": True},
+    "eval.keep_features": {"eval.keep_features": True}, "eval.save_recon": {"eval.save_recon": "png"},
     "no-effect": {"gan.lr": 0.5, "gan.g_loss": "hinge", "loss.adversarial_weight": 5.0,
                   "loss.perceptual_input_range": "[-1,1]", "train.min_lr_ratio": 0.5},
 }

@@ -28,8 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gsqbench.io import check_input_file, check_output_dir
     from gsqbench.regress import exit_code, failing, failure_lines, format_table, parse_cli_tolerances, regress
 
+    if Path(args.baseline).exists():  # an absent one: regress() says to use --update
+        check_input_file(args.baseline, "--baseline")
+    if args.output:
+        check_output_dir(args.output, "-o")
     allow = [a.strip() for item in args.allow for a in item.split(",") if a.strip()]
     failing(allow)  # validates --allow before any work
     tolerances = parse_cli_tolerances(args.tolerance)

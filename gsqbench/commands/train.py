@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from gsqbench.commands.run import add_suite_arguments, apply_threads
+from gsqbench.commands.run import add_suite_arguments, apply_threads, check_suite_paths
 
 HELP = "train runs of a suite (resumes from the last checkpoint); no evaluation"
 
@@ -22,25 +22,28 @@ def run(args: argparse.Namespace) -> int:
     """Exit 0 when every selected run trained; 1 when any diverged (or diverged earlier with the same spec)."""
     import sys
 
-    from gsqbench.config import load_suite
-    from gsqbench.effective import expand_runs
+    from gsqbench.config import expand_runs, load_suite
     from gsqbench.errors import UserError, did_you_mean
     from gsqbench.results import run_dir_for
-    from gsqbench.runner import write_diverged, earlier_divergence, open_dataset, refusal_message
-    from gsqbench.train import Diverged, train_run
-    from gsqbench.validate import validate_suite
 
-    apply_threads(args)
-    suite = validate_suite(load_suite(args.suite, args.overrides))
+    suite = load_suite(args.suite, args.overrides)  # bad input fails here, before torch is imported
     runs = expand_runs(suite, args.only or None)
     ids = [r.run_id for r in runs]
     for rid in args.run_ids:
         if rid not in ids:
             raise UserError(f"--run {rid!r}: no such run in suite {suite.suite!r}{did_you_mean(rid, ids)}")
+    check_suite_paths(args, [r for r in runs if not args.run_ids or r.run_id in args.run_ids])
+
+    from gsqbench import effective
+    from gsqbench.runner import earlier_divergence, open_dataset, refusal_message, write_diverged
+    from gsqbench.train import Diverged, train_run
+    from gsqbench.validate import validate_suite
+
+    apply_threads(args)
+    suite = validate_suite(suite)
+    runs = [r for r in effective.expand_runs(suite, args.only or None) if not args.run_ids or r.run_id in args.run_ids]
     diverged = []
     for run in runs:
-        if args.run_ids and run.run_id not in args.run_ids:
-            continue
         run_dir = run_dir_for(args.results, suite.suite, run.run_id)
         earlier = earlier_divergence(run, run_dir)
         if earlier is not None:

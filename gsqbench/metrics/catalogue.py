@@ -8,7 +8,7 @@ from gsqbench.errors import UserError, did_you_mean
 from gsqbench.metrics.base import Metric
 
 #: display and row order of the built-in families; plugin families follow, by registration order
-FAMILY_ORDER = ("pixel", "lpips", "fid", "codebook", "cost")
+FAMILY_ORDER = ("pixel", "lpips", "fid", "rfd", "kid", "prc", "codebook", "cost")
 
 
 def metric_catalogue() -> list[type[Metric]]:

@@ -275,9 +275,11 @@ class CodebookMetric(Metric):
 
 @register_metric("code_agreement")
 class CodeAgreementMetric(Metric):
-    """Fraction of tokens whose code is unchanged when the nearest-code lookup is redone at the other precision.
+    """Fraction of tokens whose code is the exact nearest code, for runs evaluated with a non-exact lookup.
 
-    fp32 vs the official bf16 lookup (metrics-protocol.md §9); only for quantizers with a codebook search.
+    The run's lookup (e.g. the official bf16 one in gsq-compat, or `--lookup fp32-expanded`) is compared with the
+    exact nearest code on the same latents (metrics-protocol.md §9); only for quantizers with a codebook search, and
+    only when the evaluation's lookup is not already `exact`.
 
     The latent the quantizer sees is captured with a forward pre-hook; the comparison lookup runs on it per batch.
     """
@@ -294,7 +296,9 @@ class CodeAgreementMetric(Metric):
     @classmethod
     def create(cls, ctx: MetricContext) -> Optional["CodeAgreementMetric"]:
         q = ctx.quantizer
-        return cls(q) if q is not None and q.lookup_precision is not None else None
+        if q is None or q.lookup_precision is None or ctx.settings.lookup_mode == "exact":
+            return None
+        return cls(q)
 
     def _capture(self, module: torch.nn.Module, args: tuple) -> None:
         self.z = args[0].detach()
@@ -303,7 +307,7 @@ class CodeAgreementMetric(Metric):
         if self.z is None or qout is None:
             return
         current = self.quantizer.lookup_precision
-        self.quantizer.lookup_precision = "bf16" if current == "fp32" else "fp32"
+        self.quantizer.lookup_precision = "exact"
         try:
             other = self.quantizer(self.z).indices
         finally:

@@ -1,13 +1,13 @@
 """rFID and IS with torch-fidelity's TF-compatible Inception (metrics-protocol.md §6, §7).
 
 Follows torch-fidelity (`FeatureExtractorInceptionV3('inception-v3-compat')`, TF1 bilinear resize to 299 inside;
-`metric_fid.fid_statistics_to_metric`, `metric_isc.isc_features_to_metric`) and Heusel et al. 2017 for FID:
-features of real and fake images are streamed into float64 sums Σf, Σffᵀ and counts N per side (all-reduced
-across ranks), μ = Σf/N, Σ = (Σffᵀ − Nμμᵀ)/(N − 1), and
-FID = ‖μ_r − μ_f‖² + tr Σ_r + tr Σ_f − 2·Σ Re √eig(Σ_r Σ_f) in float64.
-IS (Salimans et al. 2016) uses the fake side's bias-free logits, softmax in float64, seeded permutation, 10 splits.
-The real side's statistics can come from a verified reference-statistics cache (keyed by SHA-256 over the §6 key
-fields), in which case its Inception pass is skipped.
+`metric_fid.fid_statistics_to_metric`, `metric_isc.isc_features_to_metric`) and Heusel et al. 2017 for FID. The
+streaming float64 statistics, the distance and the verified reference-statistics file/cache are the shared Fréchet
+code path in gsqbench/metrics/frechet.py (also used by `rfd@dinov2`); this module adds the Inception extractor and
+IS (Salimans et al. 2016: the fake side's bias-free logits, softmax in float64, seeded permutation, 10 splits).
+When the real side's statistics come from a file or the cache, its Inception pass is skipped.
+The built extractor is shared through the evaluation's `MetricContext.shared` (KID uses the same network and, via
+`SharedExtractor`, the same forward of each batch).
 
 Measurability (`comparable`): FID and IS need N ≥ 2,048 images (below the 2,048-d feature dimension the covariance
 is rank-deficient and FID is dominated by its small-N bias); from 2,048 to 10,000 images the value is comparable
@@ -15,9 +15,7 @@ only at equal N (the card's data group carries N): `compute` logs a warning and 
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -28,14 +26,20 @@ import torch
 
 from gsqbench import distributed
 from gsqbench.errors import UserError
-from gsqbench.io import atomic_write_bytes, sha256_file
+from gsqbench.io import sha256_file
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
-from gsqbench.metrics.common import check_image_pair, exact_fp32, resolve_weights
+from gsqbench.metrics.common import SharedExtractor, check_image_pair, exact_fp32, resolve_weights, shared_object
+# re-exported: the shared Fréchet code path (callers and tests import these names from here)
+from gsqbench.metrics.frechet import (  # noqa: F401
+    CALLER_KEY_FIELDS, FeatureStats, RealReference, frechet_distance, frechet_value, load_reference_stats,
+    reference_key, save_reference_stats,
+)
 from gsqbench.registry import register_metric
 
 log = logging.getLogger(__name__)
 
 EXTRACTOR = "inception-v3-compat"
+WEIGHT_NAME = "inception-fid"
 FEATURE_LAYERS = ("64", "192", "768", "2048")
 _LAYERS = ", ".join(FEATURE_LAYERS)
 LOGITS = "logits_unbiased"
@@ -44,83 +48,10 @@ DTYPES = "extractor float32 (tf32 off); statistics float64"
 IS_SPLITS, IS_SEED = 10, 2020
 #: images from which FID/IS are comparable at all, and below which they are flagged (biased upward at small N)
 MIN_IMAGES, WARN_IMAGES = 2048, 10_000
-# fields the evaluator provides; the metric adds the extractor-side fields (§6)
-CALLER_KEY_FIELDS = ("dataset", "split", "crop", "n", "ids_hash", "originals_hash")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Statistics and distances
-
-
-class FeatureStats:
-    """Streaming mean and centred scatter (float64) and N (int64) of one side's features.
-
-    Batches are merged with Chan et al.'s pairwise update (n, μ, M2 = Σ(f − μ)(f − μ)ᵀ) instead of raw sums Σf and
-    Σffᵀ: features far from the origin make Σffᵀ − Nμμᵀ cancel catastrophically even in float64 (§13 #13), while the
-    centred form keeps the covariance accurate to rounding and (nearly) independent of batching and sharding.
-    """
-
-    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
-        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.n = torch.zeros((), dtype=torch.int64, device=device)
-        self._synced = False
-
-    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        n_a = int(self.n)
-        n = n_a + n_b
-        if n_b == 0:
-            return
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
-        self.n = self.n + n_b
-
-    def update(self, feats: torch.Tensor) -> None:
-        f = feats.detach().to(self.mean.device, torch.float64)  # (b, d); float64 before any product (§13 #13)
-        if f.shape[0] == 0:
-            return
-        mean_b = f.mean(dim=0)
-        centred = f - mean_b
-        self._merge(f.shape[0], mean_b, centred.T @ centred)
-
-    def sync(self) -> None:
-        """Merge every rank's (n, μ, M2) in rank order (once; a second call would double-count)."""
-        if self._synced:
-            return
-        parts = distributed.all_gather_objects((int(self.n), self.mean.cpu(), self.m2.cpu()))
-        device = self.mean.device
-        self.mean = torch.zeros_like(self.mean)
-        self.m2 = torch.zeros_like(self.m2)
-        self.n = torch.zeros_like(self.n)
-        for n_b, mean_b, m2_b in parts:
-            self._merge(n_b, mean_b.to(device), m2_b.to(device))
-        self._synced = True
-
-    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """μ (d,) and unbiased Σ (d, d) as float64 numpy arrays; needs N ≥ 2."""
-        n = int(self.n)
-        if n < 2:
-            raise ValueError(f"FID statistics need at least 2 images per side, got {n}")
-        sigma = self.m2 / (n - 1)
-        sigma = 0.5 * (sigma + sigma.T)  # symmetric up to rounding; make it exactly so
-        return self.mean.cpu().numpy(), sigma.cpu().numpy()
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2·Σ Re √eig(Σ1Σ2) in float64, the eigenvalue form torch-fidelity uses.
-
-    eig(Σ1Σ2) of two PSD matrices is real and ≥ 0 in exact arithmetic; rounding can give tiny negative or complex
-    values, so the square root is taken in complex128 and only the real part kept.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise UserError(f"FID statistics: shapes μ {mu1.shape}/{mu2.shape}, Σ {sigma1.shape}/{sigma2.shape} differ")
-    diff = mu1 - mu2
-    eig = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
-    tr_covmean = float(np.sqrt(eig).real.sum())
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+# Inception Score
 
 
 def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = IS_SEED) -> tuple[float, float, list]:
@@ -154,8 +85,10 @@ def build_inception(
 ) -> torch.nn.Module:
     """torch-fidelity's TF-compatible InceptionV3 returning (features[layer], logits_unbiased) per batch.
 
-    torch-fidelity unpickles its weight file with weights_only=False; we load it with weights_only=True ourselves
-    and hand over an in-memory re-serialisation of the plain tensors, so no untrusted pickle is ever executed.
+    torch-fidelity unpickles its weight file with weights_only=False into a randomly initialised network. Here the
+    file is loaded with weights_only=True; torch-fidelity's constructor runs on the meta device with a tensor-free
+    copy of the state dict (its own strict key/shape check still applies, no untrusted pickle is executed and no
+    random init is spent), and the checked tensors are then assigned into the module it built.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -168,82 +101,36 @@ def build_inception(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"Inception weights {weights_path}: expected a state dict of tensors")
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, buf)
     buf.seek(0)
     try:
-        model = FeatureExtractorInceptionV3(
-            EXTRACTOR, [feature_layer, LOGITS], feature_extractor_weights_path=buf,
-            feature_extractor_internal_dtype="float32",
-        )
+        with torch.device("meta"):
+            model = FeatureExtractorInceptionV3(
+                EXTRACTOR, [feature_layer, LOGITS], feature_extractor_weights_path=buf,
+                feature_extractor_internal_dtype="float32",
+            )
     except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
         raise UserError(
             f"Inception weights {weights_path}: not a torch-fidelity InceptionV3 state dict ({exc})"
         ) from None
-    return model.to(device).eval()
+    model.load_state_dict({k: (v.to(torch.float32) if v.is_floating_point() else v).contiguous()
+                           for k, v in state.items()}, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reference-statistics cache
+def shared_inception(shared: Optional[dict], weights_path: Path, device: torch.device,
+                     feature_layer: str = "2048") -> SharedExtractor:
+    """The evaluation's one Inception (features[layer], logits) extractor for these weights, built on first use."""
+    return shared_object(shared, ("inception", str(weights_path), str(device), feature_layer),
+                         lambda: SharedExtractor(build_inception(weights_path, device, feature_layer), device))
 
 
-def reference_key(caller_fields: Mapping[str, Any], extractor_fields: Mapping[str, Any]) -> tuple[dict, str]:
-    """The §6 key (caller's data fields + extractor fields) and its SHA-256 over canonical JSON."""
-    missing = [f for f in CALLER_KEY_FIELDS if f not in caller_fields]
-    if missing:
-        raise UserError(
-            f"FID reference key: missing field(s) {', '.join(missing)}; expected {', '.join(CALLER_KEY_FIELDS)}"
-        )
-    key = {**{k: caller_fields[k] for k in sorted(caller_fields)}, **extractor_fields}
-    canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
-    return json.loads(canonical), hashlib.sha256(canonical.encode()).hexdigest()
+def inception_extractor_fields(weights_path: Path, feature_layer: str) -> dict:
+    """The extractor half of the §6 reference key (and of the card): what makes two feature sets comparable."""
+    import torch_fidelity
 
-
-def save_reference_stats(
-    path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: Mapping, key_sha: str
-) -> Path:
-    """Write μ, Σ (float64), N and the key fields as one npz, atomically."""
-    buf = io.BytesIO()
-    np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(n),
-             key_json=np.array(json.dumps(dict(key), sort_keys=True, default=str)), key_sha256=np.array(key_sha))
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def load_reference_stats(
-    path: str | Path, expected_key: Optional[Mapping] = None
-) -> tuple[np.ndarray, np.ndarray, Optional[int], Optional[dict]]:
-    """(μ, Σ, N or None, key or None) from an npz, verified: shapes, finiteness and, when given, every key field."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as exc:
-        raise UserError(f"FID reference statistics {path}: cannot read as .npz ({exc})") from None
-    if "mu" not in data or "sigma" not in data:
-        raise UserError(f"FID reference statistics {path}: needs arrays 'mu' and 'sigma' (found {sorted(data)})")
-    mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(
-            f"FID reference statistics {path}: mu {mu.shape} / sigma {sigma.shape}; expected finite (d,) and (d, d)"
-        )
-    n = int(data["n"]) if "n" in data else None
-    stored = json.loads(str(data["key_json"])) if "key_json" in data else None
-    if expected_key is not None and stored is not None:
-        _verify_key(path, stored, expected_key)
-    return mu, sigma, n, stored
-
-
-def _verify_key(path: Path, stored: Mapping, expected: Mapping) -> None:
-    """Every field the file records must equal this evaluation's; data fields are reported before extractor ones."""
-    bad = [k for k in stored if stored[k] != expected.get(k)]
-    if bad:
-        f = sorted(bad, key=lambda k: (k not in CALLER_KEY_FIELDS, k))[0]
-        raise UserError(
-            f"FID reference statistics {path}: field '{f}' is {stored.get(f)!r}, this evaluation needs "
-            f"{expected.get(f)!r} ({len(bad)} field(s) differ); delete the file or use matching statistics"
-        )
-    unverified = sorted(set(expected) - set(stored))
-    if unverified:
-        log.warning("reference statistics %s do not record %s: unverified", path, ", ".join(unverified))
+    return {"extractor": EXTRACTOR, "weights_sha256": sha256_file(weights_path), "feature_layer": feature_layer,
+            "resize": RESIZE_MODE, "dtypes": DTYPES, "torch_fidelity": torch_fidelity.__version__}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,12 +146,13 @@ class FIDMetric(Metric):
     `reference`: the evaluator's key fields (dataset, split, crop, n, ids_hash, originals_hash); with `cache_dir`
     the real statistics are cached under that key. `reference_stats`: a precomputed npz (mu, sigma, optional n and
     key fields). When real statistics come from a file, `update` runs Inception on the fake side only.
-    `extractor`: an already built `build_inception(weights_path, device, feature_layer)` to reuse.
+    `extractor`: an already built `build_inception(weights_path, device, feature_layer)` to reuse; `shared`: the
+    evaluation's shared-object dict (MetricContext.shared), so KID reuses this network and each batch's forward.
     """
 
     family, card_group = "fid", "fid"
     outputs = {"rfid@inception": "lower", "is@inception": "higher"}
-    weights = ("inception-fid",)
+    weights = (WEIGHT_NAME,)
     reference_stats = True
 
     def __init__(
@@ -279,7 +167,8 @@ class FIDMetric(Metric):
         feature_layer: str = "2048",
         is_splits: int = IS_SPLITS,
         is_seed: int = IS_SEED,
-        extractor: Optional[torch.nn.Module] = None,
+        extractor: Optional[Any] = None,
+        shared: Optional[dict] = None,
     ) -> None:
         if feature_layer not in FEATURE_LAYERS:
             raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {_LAYERS}")
@@ -287,32 +176,32 @@ class FIDMetric(Metric):
             raise UserError(f"IS splits: {is_splits!r}; expected a positive integer (default {IS_SPLITS})")
         self.device = torch.device(device)
         self.feature_layer, self.is_splits, self.is_seed = feature_layer, int(is_splits), int(is_seed)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        path, self._unavailable = resolve_weights("inception-fid", weights_path, required)
+        path, self._unavailable = resolve_weights(WEIGHT_NAME, weights_path, required)
         self.weights_path = path
         if path is None:
             self.model = None
-        else:  # a caller may share one built extractor (same weights file) across metric instances
-            self.model = extractor if extractor is not None else build_inception(path, self.device, feature_layer)
+        elif extractor is not None:  # a caller may share one built extractor (same weights file)
+            self.model = extractor
+        else:
+            self.model = shared_inception(shared, path, self.device, feature_layer)
         dim = int(feature_layer)
         self.real = FeatureStats(dim, self.device)
         self.fake = FeatureStats(dim, self.device)
         self._logits: list[torch.Tensor] = []
         self._ids: list[str] = []
-        self.key: Optional[dict] = None
-        self.key_sha: Optional[str] = None
-        self.reference_source = "computed"
-        self._ref: Optional[tuple[np.ndarray, np.ndarray, Optional[int]]] = None
+        self.reference: Optional[RealReference] = None
         self.is_std: Optional[float] = None  # population std over splits (torch-fidelity's "±"), set by compute
         self._synced = False
         if self.model is not None:
-            self._init_reference(reference, reference_stats)
+            self.reference = RealReference(what="FID", prefix="fid-ref", dim=dim,
+                                           extractor_fields=self._extractor_fields(), reference=reference,
+                                           cache_dir=cache_dir, stats_file=reference_stats)
 
     @classmethod
     def create(cls, ctx: MetricContext) -> "FIDMetric":
         s = ctx.settings
         return cls(ctx.device, required=ctx.requires_any(tuple(cls.outputs)), reference=ctx.fid_reference,
-                   cache_dir=s.fid_cache_dir, reference_stats=s.fid_reference_stats)
+                   cache_dir=s.fid_cache_dir, reference_stats=s.fid_reference_stats, shared=ctx.shared)
 
     @classmethod
     def comparable(cls, key: str, facts: Facts) -> Optional[str]:
@@ -324,10 +213,11 @@ class FIDMetric(Metric):
                 f"dominated by small-N bias (comparable from N = {MIN_IMAGES:,}; at equal N up to {WARN_IMAGES:,})")
 
     def small_n_note(self) -> Optional[str]:
+        """The card note (and logged warning) for 2,048 ≤ N < 10,000 images."""
         n = int(self.fake.n)
         if self.model is None or not MIN_IMAGES <= n < WARN_IMAGES:
             return None
-        return (f"N = {n:,} < {WARN_IMAGES:,}: FID is biased upward at small N; compare only rows with equal N")
+        return f"N = {n:,} < {WARN_IMAGES:,}: FID is biased upward at small N; compare only rows with equal N"
 
     def card_fields(self) -> dict[str, dict]:
         """The `fid` group, and the `is` group of the Inception Score computed from the same features."""
@@ -335,42 +225,24 @@ class FIDMetric(Metric):
                                             "logits": LOGITS, "softmax_dtype": "float64"}}
 
     def _extractor_fields(self) -> dict:
-        import torch_fidelity
+        return inception_extractor_fields(self.weights_path, self.feature_layer)
 
-        return {"extractor": EXTRACTOR, "weights_sha256": sha256_file(self.weights_path),
-                "feature_layer": self.feature_layer, "resize": RESIZE_MODE, "dtypes": DTYPES,
-                "torch_fidelity": torch_fidelity.__version__}
+    @property
+    def key(self) -> Optional[dict]:
+        return self.reference.key if self.reference is not None else None
 
-    def _cache_file(self) -> Optional[Path]:
-        return self.cache_dir / f"fid-ref-{self.key_sha}.npz" if self.cache_dir is not None and self.key_sha else None
-
-    def _init_reference(self, reference: Optional[Mapping[str, Any]], reference_stats: Optional[str | Path]) -> None:
-        if reference is not None:
-            self.key, self.key_sha = reference_key(reference, self._extractor_fields())
-        if reference_stats is not None:
-            mu, sigma, n, stored = load_reference_stats(reference_stats, self.key)
-            if mu.size != int(self.feature_layer):
-                raise UserError(
-                    f"FID reference statistics {reference_stats}: {mu.size}-d; layer {self.feature_layer} needs "
-                    f"{self.feature_layer}-d"
-                )
-            self._ref, self.reference_source = (mu, sigma, n), f"file:{Path(reference_stats).name}"
-            if stored is None:
-                log.warning("reference statistics %s carry no key fields: data/crop unverified", reference_stats)
-            return
-        cache = self._cache_file()
-        if cache is not None and cache.is_file():
-            mu, sigma, n, _ = load_reference_stats(cache, self.key)
-            self._ref, self.reference_source = (mu, sigma, n), f"cache:{self.key_sha}"
-            log.info("FID reference statistics from cache %s (real-side Inception pass skipped)", cache)
+    @property
+    def key_sha(self) -> Optional[str]:
+        return self.reference.key_sha if self.reference is not None else None
 
     @property
     def uses_cached_reference(self) -> bool:
-        return self._ref is not None
+        return self.reference is not None and self.reference.precomputed
 
     def _features(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with exact_fp32():
-            feats, logits = self.model(images_u8.to(self.device))
+            feats, logits = self.model(images_u8.to(self.device) if not isinstance(self.model, SharedExtractor)
+                                       else images_u8)
         return feats, logits
 
     @torch.no_grad()
@@ -380,7 +252,7 @@ class FIDMetric(Metric):
         check_image_pair(real_u8, fake_u8, what="FID")
         if len(image_ids) != fake_u8.shape[0]:
             raise UserError(f"FID: got {len(image_ids)} image ids for a batch of {fake_u8.shape[0]} images")
-        if self._ref is None:
+        if not self.uses_cached_reference:
             self.real.update(self._features(real_u8)[0])
         feats, logits = self._features(fake_u8)
         self.fake.update(feats)
@@ -399,41 +271,10 @@ class FIDMetric(Metric):
         self._ids = list(ids)
         self._logits = [torch.from_numpy(np.stack(rows))] if rows else []
 
-    def _real_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._ref is not None:
-            mu, sigma, n = self._ref
-            n_fake = int(self.fake.n)
-            if n is not None and n != n_fake:
-                raise UserError(f"FID reference statistics hold N={n} images but {n_fake} were reconstructed; "
-                                "the reference must be the same originals (metrics-protocol.md §6)")
-            return mu, sigma
-        mu, sigma = self.real.mean_cov()
-        self._maybe_cache(mu, sigma, int(self.real.n))
-        return mu, sigma
-
-    def _maybe_cache(self, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
-        cache = self._cache_file()
-        if cache is None or not distributed.is_main():
-            return
-        if self.key is not None and int(self.key.get("n", n)) != n:
-            log.warning("not caching FID reference: key says N=%s but %d images were seen", self.key.get("n"), n)
-            return
-        save_reference_stats(cache, mu, sigma, n, self.key, self.key_sha)
-        log.info("cached FID reference statistics at %s", cache)
-
     def compute(self) -> list[MetricValue]:
         if self.model is None:
             return [MetricValue.missing(k, self._unavailable, d) for k, d in self.outputs.items()]
-        n_fake, n_real = int(self.fake.n), int(self.real.n) if self._ref is None else 2
-        if min(n_fake, n_real) < 2:
-            fid = MetricValue.missing(
-                "rfid@inception", f"FID needs at least 2 images per side, got {n_real} real and {n_fake} fake", "lower"
-            )
-        else:
-            mu_r, sigma_r = self._real_stats()
-            mu_f, sigma_f = self.fake.mean_cov()
-            value = frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
-            fid = MetricValue("rfid@inception", value, direction="lower", n=n_fake)
+        fid = frechet_value("rfid@inception", self.real, self.fake, self.reference, "FID")
         logits = torch.cat(self._logits) if self._logits else torch.zeros(0, 1008)
         try:
             mean, std, scores = inception_score(logits, self.is_splits, self.is_seed)
@@ -450,11 +291,13 @@ class FIDMetric(Metric):
     def card(self) -> dict:
         import torch_fidelity
 
+        ref = self.reference
         return {"fid_backend": f"torch-fidelity {torch_fidelity.__version__}", "fid_extractor": EXTRACTOR,
                 "fid_weights_sha256": self._extractor_fields()["weights_sha256"] if self.model is not None else None,
                 "fid_feature_layer": self.feature_layer, "fid_resize": RESIZE_MODE, "fid_antialias": False,
-                "fid_dtypes": DTYPES, "fid_reference_key": self.key_sha, "fid_reference_source": self.reference_source,
-                "fid_n_real": int(self.real.n) if self._ref is None else self._ref[2],
+                "fid_dtypes": DTYPES, "fid_reference_key": self.key_sha,
+                "fid_reference_source": ref.source if ref is not None else "computed",
+                "fid_n_real": ref.n if ref is not None and ref.precomputed else int(self.real.n),
                 "fid_n_fake": int(self.fake.n), "is_splits": self.is_splits, "is_permutation_seed": self.is_seed,
                 "is_logits": LOGITS, "is_std_over_splits": self.is_std,
                 **({"fid_note": self.small_n_note()} if self.small_n_note() else {})}

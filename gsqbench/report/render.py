@@ -25,9 +25,9 @@ from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gsqbench.report import paper_reference as paper
 from gsqbench.report import plots
 from gsqbench.report.data import (
-    Group, Run, finite, flatten, grid_axes, group_runs, runs_from_frame, separation_reason,
+    Group, Run, Unlisted, collect_runs, finite, flatten, grid_axes, group_runs, separation_reason,
 )
-from gsqbench.results import load_results, read_code_counts, read_per_image, read_train_log, rows_to_csv, sample_ids
+from gsqbench.results import read_code_counts, read_per_image, read_train_log, rows_to_csv, sample_ids
 from gsqbench.stats import (
     SUMMARY_FIELDS, Cell, GroupStats, Unit, divergence_text, is_diverged, rows_for_csv, summary_rows,
 )
@@ -582,7 +582,7 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
         raise UserError(f"report output '{out}' exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    runs = runs_from_frame(load_results(*results_dirs))
+    runs, unlisted = collect_runs(*results_dirs)
     suites = group_runs(runs)
     env = _env()
     paper_ctx = paper_tables()
@@ -592,6 +592,7 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
         group_stats = [GroupStats(g.runs) for g in groups]
         csv_path = export_summary_csv(out, suite, groups, group_stats)
         ctx = {"title": title, "suite": suite, "reason": separation_reason(groups), "paper": paper_ctx,
+               "unlisted": unlisted_rows(unlisted, out, suite),
                "summary_csv": csv_path.name,
                "groups": [_group_context(g, st, i, out, _slug(suite), k_samples, worst_k, with_plots)
                           for i, (g, st) in enumerate(zip(groups, group_stats))]}
@@ -603,10 +604,20 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
     regress_summary = _read_regress_summary(out)
     index = env.get_template("index.html.j2").render(
         title=title, suites=index_entries, regress=regress_summary, compare=_read_compare_summary(out),
-        sources=[str(Path(d)) for d in results_dirs])
+        sources=[str(Path(d)) for d in results_dirs], unlisted=unlisted_rows(unlisted, out))
     path = atomic_write_text(safe_child(out, "index.html"), index)
     log.info("report written to %s (%d suites, %d runs)", path, len(suites), len(runs))
+    for u in unlisted:
+        if u.state == "unreadable":
+            log.warning("report: run %s/%s is shown as unreadable: %s", u.suite, u.run_id, u.detail)
     return path
+
+
+def unlisted_rows(unlisted: Sequence[Unlisted], out: Path, suite: str | None = None) -> list[dict[str, str]]:
+    """Rows of the "not in the comparison tables" block (templates/unlisted.html.j2): every run folder that was
+    found but is not evaluated or cannot be read, so that none is left out silently."""
+    return [{"suite": u.suite, "run": u.run_id, "state": u.state, "detail": u.detail, "folder": str(u.run_dir)}
+            for u in unlisted if suite is None or u.suite == suite]
 
 
 def _write_static(out: Path) -> None:
