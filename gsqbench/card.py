@@ -29,6 +29,7 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "psnr.psnr_capped_images",  # a measured count (identical reconstructions), not a setting
     "fid.is_std_over_splits", "fid.fid_reference_source",  # a measured spread; where the same statistics came from
     "fid.fid_reference_key",  # derived from data + extractor fields (hashed already); set only when caching
+    "fid.fid_note",  # the small-N warning, derived from N (hashed in the data group)
     "rfd.rfd_reference_source", "rfd.rfd_reference_key",  # the same two for FD-DINOv2
     "kid.kid_std_over_subsets",  # a measured spread
     "runtime",

@@ -30,6 +30,14 @@ Kinds:
 - `synthetic`: procedural images (smooth colour gradient + a few flat shapes + mild noise), a pure function of
   (seed, split, index), so any id regenerates bit-exactly.
 
+Several crops per image (`crops_per_image` C > 1, sample-photos eval and image-folder): crop 0 of every image is
+the crop protocol's (its id unchanged), crops 1..C−1 are seeded random crops of the decoded original (shorter side
+rescaled, PIL bilinear antialiased, to a uniform size in [S, shorter side], then an S×S window at a uniform
+position), drawn from a generator seeded by (seed, SHA-256 of the image id, crop index), so a crop never depends
+on which other images are in the set. Ids `<id>#crop<j>`; order crop-major (every image's crop 0 first), so the
+first samples saved are the protocol crops. Five held-out photos give few tokens; their crops give enough for
+codebook usage to be measurable (metrics-protocol §8: 5·V tokens per group).
+
 Sharding (`shard_indices`) gives contiguous, possibly uneven shards: every index exactly once, no padding.
 `train_loader` yields batches as a pure function of (seed, batch counter), so training resumes exactly.
 """
@@ -206,6 +214,53 @@ class ImageDataset(torch.utils.data.Dataset):
                 "crop": self.crop, **CROP_CARDS.get(self.crop, {}),
                 "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest()}
 
+    def original(self, index: int) -> Image.Image:
+        """The decoded RGB original of image `index` (for extra crops); datasets generated at S have none."""
+        raise UserError(f"data.crops_per_image: data.kind {self.kind} has no originals to crop; use data.limit")
+
+
+def random_crop(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """Shorter side rescaled to U[S, shorter side] (PIL bilinear, antialiased), then an S×S window at a uniform
+    position (the sample-photos training crops and the extra evaluation crops).
+
+    The rescaled photo is never built: only the window is resampled, from the matching box of the original
+    (PIL `resize(box=...)`, the same filter; within a level or two of resize-then-crop, tests/test_fairness.py).
+    At 32×32 crops of ~500-pixel photos that is most of the cost of a demo training step saved.
+    """
+    w, h = img.size
+    short = int(rng.integers(size, max(size, min(w, h)) + 1))
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision Resize(int)
+    left = int(rng.integers(0, nw - size + 1))
+    top = int(rng.integers(0, nh - size + 1))
+    if (nw, nh) == (w, h):
+        return img.crop((left, top, left + size, top + size))
+    sx, sy = w / nw, h / nh
+    return img.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+
+
+class MultiCrop(ImageDataset):
+    """`crops` crops of every image of `base` (module docstring): crop 0 is the base's own, the others seeded
+    random crops of its originals; crop-major order."""
+
+    def __init__(self, base: ImageDataset, crops: int, seed: int):
+        super().__init__(split=base.split, resolution=base.resolution, crop=base.crop)
+        self.base, self.crops, self.seed, self.kind = base, crops, seed, base.kind
+        n = len(base)
+        self.ids = [base.ids[b] if j == 0 else f"{base.ids[b]}#crop{j}" for j in range(crops) for b in range(n)]
+
+    def load(self, index: int) -> Tensor:
+        j, b = divmod(index, len(self.base))
+        if j == 0:
+            return self.base.load(b)
+        id_key = int.from_bytes(hashlib.sha256(self.base.ids[b].encode("utf-8")).digest()[:8], "big")
+        rng = np.random.default_rng([self.seed, id_key, j])
+        return pil_to_u8(random_crop(self.base.original(b), self.resolution, rng))
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "n": len(self), "n_originals": len(self.base), "crops_per_image": self.crops,
+                "extra_crops": "seeded random: shorter side ~ U[S, short] (PIL bilinear), uniform S x S window",
+                "crop_seed": self.seed, "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest()}
+
 
 # --- sample photos ---------------------------------------------------------------------------------------------
 
@@ -248,7 +303,8 @@ class SamplePhotos(ImageDataset):
         self.seed = seed
         if split == "eval":
             if n is not None and n > len(SAMPLE_PHOTOS_EVAL):
-                raise UserError(f"data.n: {n} exceeds the {len(SAMPLE_PHOTOS_EVAL)} sample-photos eval images")
+                raise UserError(f"data.n: {n} exceeds the {len(SAMPLE_PHOTOS_EVAL)} sample-photos eval images "
+                                "(data.crops_per_image evaluates several crops of each)")
             self.photos = SAMPLE_PHOTOS_EVAL[: n or len(SAMPLE_PHOTOS_EVAL)]
             self.ids = [p[0] for p in self.photos]
         else:
@@ -259,6 +315,11 @@ class SamplePhotos(ImageDataset):
     def _photo(self, index: int) -> Image.Image:
         _, package, filename = self.photos[index % len(self.photos)]
         return _decoded_photo(str(sample_photo_path(package, filename)))
+
+    def original(self, index: int) -> Image.Image:
+        if self.split == "train":  # its samples are random crops already: more of them is data.limit
+            return super().original(index)
+        return self._photo(index)
 
     def load(self, index: int) -> Tensor:
         img = self._photo(index)
@@ -274,13 +335,7 @@ class SamplePhotos(ImageDataset):
         return card
 
     def _random_crop(self, img: Image.Image, index: int) -> Image.Image:
-        size = self.resolution
-        rng = np.random.default_rng([self.seed, index])
-        short = int(rng.integers(size, max(size, min(img.size)) + 1))
-        img = _resize_short_side(img, short, Image.BILINEAR)
-        left = int(rng.integers(0, img.size[0] - size + 1))
-        top = int(rng.integers(0, img.size[1] - size + 1))
-        return img.crop((left, top, left + size, top + size))
+        return random_crop(img, self.resolution, np.random.default_rng([self.seed, index]))
 
 
 # --- image folder ----------------------------------------------------------------------------------------------
@@ -343,11 +398,14 @@ class ImageFolder(ImageDataset):
         return good, [str(f.relative_to(self.root).as_posix()) for f, _ in bad]
 
     def load(self, index: int) -> Tensor:
+        return apply_crop(self.original(index), self.crop, self.resolution)
+
+    def original(self, index: int) -> Image.Image:
         path = self.files[index]
         try:
             with Image.open(path) as img:
                 img.load()
-                return apply_crop(img, self.crop, self.resolution)
+                return to_rgb(img).copy()
         except (OSError, ValueError, SyntaxError) as exc:
             if isinstance(exc, UserError):
                 raise
@@ -401,15 +459,16 @@ class Synthetic(ImageDataset):
 
 def build_dataset(kind: Any, *, path: str | os.PathLike | None = None, split: Optional[str] = None,
                   resolution: Optional[int] = None, crop: Optional[str] = None, n: Optional[int] = None,
-                  seed: int = 0, strict: bool = False) -> ImageDataset:
-    """Dataset factory. `crop` defaults to 'gsq' for eval and 'train' for train; `split` defaults to 'eval'.
+                  seed: int = 0, strict: bool = False, crops_per_image: int = 1) -> ImageDataset:
+    """Dataset factory. `crop` defaults to 'gsq' for eval and 'train' for train; `split` defaults to 'eval';
+    `crops_per_image` > 1 wraps it in MultiCrop (module docstring).
 
     `kind` may also be a config object with attributes kind, path, size, crop, limit, strict (and optionally
     split, seed); explicit keyword arguments win. Without a `split` its crop decides: 'train' → train split.
     """
     if not isinstance(kind, str) and hasattr(kind, "kind"):
         return _build_from_spec(kind, path=path, split=split, resolution=resolution, crop=crop, n=n, seed=seed,
-                                strict=strict)
+                                strict=strict, crops_per_image=crops_per_image if crops_per_image != 1 else None)
     split = split or "eval"
     if resolution is None:
         raise UserError("data.resolution: missing; expected a positive integer (image side S)")
@@ -421,12 +480,20 @@ def build_dataset(kind: Any, *, path: str | os.PathLike | None = None, split: Op
         raise UserError(f"data.resolution: {resolution!r} is not valid; expected a positive integer")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise UserError(f"data.n: {n!r} is not valid; expected a positive integer or null (all)")
+    if not isinstance(crops_per_image, int) or isinstance(crops_per_image, bool) or crops_per_image < 1:
+        raise UserError(f"data.crops_per_image: {crops_per_image!r} is not valid; expected a positive integer")
     if kind == "image-folder":
         if path is None:
             raise UserError("data.path: required for data.kind image-folder (a directory of images)")
-        return ImageFolder(path, split=split, resolution=resolution, crop=crop, n=n, strict=strict)
-    cls = SamplePhotos if kind == "sample-photos" else Synthetic
-    return cls(split=split, resolution=resolution, crop=crop, n=n, seed=seed)
+        ds: ImageDataset = ImageFolder(path, split=split, resolution=resolution, crop=crop, n=n, strict=strict)
+    else:
+        cls = SamplePhotos if kind == "sample-photos" else Synthetic
+        ds = cls(split=split, resolution=resolution, crop=crop, n=n, seed=seed)
+    if crops_per_image == 1:
+        return ds
+    if kind == "synthetic" or (kind == "sample-photos" and split == "train"):
+        ds.original(0)  # raises the UserError naming the field
+    return MultiCrop(ds, crops_per_image, seed)
 
 
 def _build_from_spec(spec: Any, **overrides: Any) -> ImageDataset:
@@ -438,7 +505,8 @@ def _build_from_spec(spec: Any, **overrides: Any) -> ImageDataset:
         resolution=overrides["resolution"] or getattr(spec, "size", None) or getattr(spec, "resolution", None),
         crop=crop, n=overrides["n"] if overrides["n"] is not None else getattr(spec, "limit", None),
         seed=overrides["seed"] or getattr(spec, "seed", 0) or 0,
-        strict=overrides["strict"] or bool(getattr(spec, "strict", False)))
+        strict=overrides["strict"] or bool(getattr(spec, "strict", False)),
+        crops_per_image=overrides.get("crops_per_image") or getattr(spec, "crops_per_image", 1) or 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def test_quantizer_benchmark_demo_section_writes_json(tmp_path: Path) -> None:
     assert all(r["skipped"] is None and len(r["times_s"]) == 1 and r["median_s"] > 0 for r in impls.values())
     assert impls["straightforward full matrix"]["reference"] and data["matmul_gflops"] > 0
     bound = data["lower_bounds"][0]
-    assert bound["dot_gflop"] == pytest.approx(2 * 512 * 2 * 64 * 4 / 1e9)  # 2·N·V·d, N = 512 positions × G = 2
+    # 2·N·V·d with N = positions × G: the demo's eval batch of 16 images at 64² through tiny-f4 (16×16), G = 2
+    assert bound["dot_gflop"] == pytest.approx(2 * (16 * 16 * 16) * 2 * 64 * 4 / 1e9)
 
 
 def test_lookup_precision_study_quick_run_writes_json(tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=256, help="eval image size S (default 256)")
     parser.add_argument("--crop", default=None, help="crop protocol gsq | adm | train (default gsq)")
     parser.add_argument("--n", type=int, default=None, help="number of images (default all)")
+    parser.add_argument("--crops-per-image", type=int, default=1, metavar="C",
+                        help="evaluate C crops of each image: the crop protocol's plus C-1 seeded random crops "
+                             "(more tokens for codebook usage; default 1)")
     parser.add_argument("--split", default="eval", help="dataset split (default eval)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mode", default="gsqbench", help="gsqbench (pinned protocol) | gsq-compat (official quirks)")
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.runner import DataChoice, evaluate_checkpoint
 
     kind, path = _parse_data(args.data)
-    data = DataChoice(kind=kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n,
+    data = DataChoice(kind=kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n, crops_per_image=args.crops_per_image,
                       seed=args.seed)
     spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
                     require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,

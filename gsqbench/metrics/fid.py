@@ -8,6 +8,10 @@ IS (Salimans et al. 2016: the fake side's bias-free logits, softmax in float64, 
 When the real side's statistics come from a file or the cache, its Inception pass is skipped.
 The built extractor is shared through the evaluation's `MetricContext.shared` (KID uses the same network and, via
 `SharedExtractor`, the same forward of each batch).
+
+Measurability (`comparable`): FID and IS need N ≥ 2,048 images (below the 2,048-d feature dimension the covariance
+is rank-deficient and FID is dominated by its small-N bias); from 2,048 to 10,000 images the value is comparable
+only at equal N (the card's data group carries N): `compute` logs a warning and the card's `fid.fid_note` says so.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from gsqbench import distributed
 from gsqbench.errors import UserError
 from gsqbench.io import sha256_file
-from gsqbench.metrics.base import Metric, MetricContext, MetricValue
+from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.common import SharedExtractor, check_image_pair, exact_fp32, resolve_weights, shared_object
 # re-exported: the shared Fréchet code path (callers and tests import these names from here)
 from gsqbench.metrics.frechet import (  # noqa: F401
@@ -42,6 +46,8 @@ LOGITS = "logits_unbiased"
 RESIZE_MODE = "tf1-bilinear-299-align_corners_false-no-antialias"
 DTYPES = "extractor float32 (tf32 off); statistics float64"
 IS_SPLITS, IS_SEED = 10, 2020
+#: images from which FID/IS are comparable at all, and below which they are flagged (biased upward at small N)
+MIN_IMAGES, WARN_IMAGES = 2048, 10_000
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,6 +203,22 @@ class FIDMetric(Metric):
         return cls(ctx.device, required=ctx.requires_any(tuple(cls.outputs)), reference=ctx.fid_reference,
                    cache_dir=s.fid_cache_dir, reference_stats=s.fid_reference_stats, shared=ctx.shared)
 
+    @classmethod
+    def comparable(cls, key: str, facts: Facts) -> Optional[str]:
+        """Comparable from N ≥ 2,048 images (module docstring)."""
+        if facts.n_images >= MIN_IMAGES:
+            return None
+        what = "FID" if key == "rfid@inception" else "IS"
+        return (f"N = {facts.n_images:,} images < {MIN_IMAGES:,}: {what} of the 2,048-d Inception features is "
+                f"dominated by small-N bias (comparable from N = {MIN_IMAGES:,}; at equal N up to {WARN_IMAGES:,})")
+
+    def small_n_note(self) -> Optional[str]:
+        """The card note (and logged warning) for 2,048 ≤ N < 10,000 images."""
+        n = int(self.fake.n)
+        if self.model is None or not MIN_IMAGES <= n < WARN_IMAGES:
+            return None
+        return f"N = {n:,} < {WARN_IMAGES:,}: FID is biased upward at small N; compare only rows with equal N"
+
     def card_fields(self) -> dict[str, dict]:
         """The `fid` group, and the `is` group of the Inception Score computed from the same features."""
         return {"fid": self.card(), "is": {"splits": self.is_splits, "permutation_seed": self.is_seed,
@@ -262,6 +284,8 @@ class FIDMetric(Metric):
             is_value = MetricValue("is@inception", mean, stderr=stderr, direction="higher", n=logits.shape[0])
         except ValueError as exc:
             is_value = MetricValue.missing("is@inception", str(exc), "higher")
+        if self.small_n_note():
+            log.warning("rfid@inception / is@inception: %s", self.small_n_note())
         return [fid, is_value]
 
     def card(self) -> dict:
@@ -275,4 +299,5 @@ class FIDMetric(Metric):
                 "fid_reference_source": ref.source if ref is not None else "computed",
                 "fid_n_real": ref.n if ref is not None and ref.precomputed else int(self.real.n),
                 "fid_n_fake": int(self.fake.n), "is_splits": self.is_splits, "is_permutation_seed": self.is_seed,
-                "is_logits": LOGITS, "is_std_over_splits": self.is_std}
+                "is_logits": LOGITS, "is_std_over_splits": self.is_std,
+                **({"fid_note": self.small_n_note()} if self.small_n_note() else {})}
