@@ -23,6 +23,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("weights", "weights"),
     ("import-official", "import_official"),
     ("import", "import_"),
+    ("data", "data"),
+    ("stats", "stats"),
 )
 
 

@@ -65,7 +65,7 @@ class DataSource:
 class DataSpec:
     train: DataSource = field(default_factory=DataSource)
     eval: DataSource = field(default_factory=lambda: DataSource(crop="gsq"))
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # decoding worker processes per rank; None = chosen from the cores
     shuffle: bool = True
 
 
@@ -310,6 +310,7 @@ def fairness_view(shared: SharedSpec) -> dict[str, Any]:
     when set away from their defaults), so runs made before keep their hash and stay comparable with new ones.
     """
     view = spec_to_dict(shared)
+    view["data"]["num_workers"] = 0  # a runtime knob: results are identical for any worker count (tested)
     ev, defaults = view["eval"], spec_to_dict(EvalSpec())
     ev["options"] = {k: ev.pop(k) for k in _EVAL_OPTION_FIELDS if ev[k] != defaults[k]}
     for k in _EVAL_OPTION_FIELDS:

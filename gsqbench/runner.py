@@ -33,13 +33,14 @@ class SuiteResult:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train") -> Any:
+def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train",
+                 min_size: Optional[int] = None) -> Any:
     """Build a dataset through gsqbench.data; errors name the config key (`shared.data.<role>.*`)."""
     from gsqbench import data
 
     try:
         ds = data.build_dataset(source.kind, path=source.path, split=role, resolution=source.size, crop=source.crop,
-                                n=source.limit, seed=source.seed, strict=strict or source.strict)
+                                n=source.limit, seed=source.seed, strict=strict or source.strict, min_size=min_size)
     except UserError as exc:  # data.py names its fields 'data.<field>'; point at the suite's key instead
         msg = str(exc)
         msg = f"shared.data.{role}.{msg[5:]}" if msg.startswith("data.") else f"shared.data.{role}: {msg}"
@@ -85,7 +86,7 @@ def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema
 
 
 def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
-            progress: bool) -> dict[str, float]:
+            progress: bool, min_size: Optional[int] = None) -> dict[str, float]:
     """Train (or resume) then evaluate one run and write its results directory; returns metric -> value."""
     import torch
 
@@ -95,7 +96,7 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
     from gsqbench.train import train_metrics, train_run
 
     train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
-    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval")
+    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval", min_size=min_size)
     trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
     dev = next(trained.model.parameters()).device
     settings = eval_settings(run, require, trained.weights, progress, str(run_dir.parent / ".fid-cache"))
@@ -133,7 +134,7 @@ def _finished_metrics(run_dir: Path) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- suite
 def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] = None, *, device: str = "cpu",
               report_dir: Optional[str | Path] = None, strict_data: bool = False, require: Sequence[str] = (),
-              progress: bool = True) -> SuiteResult:
+              progress: bool = True, min_size: Optional[int] = None) -> SuiteResult:
     """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`."""
     from gsqbench import distributed as ddp
     from gsqbench.results import run_dir_for
@@ -157,7 +158,7 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
             continue
         log.info("[%d/%d] %s: training %d steps", i + 1, len(runs), run.run_id, run.shared.train.steps)
         out.summary[run.run_id] = run_one(run, run_dir, device=device, strict_data=strict_data, require=require,
-                                          progress=progress)
+                                          progress=progress, min_size=min_size)
     if report_dir is not None and ddp.is_main():
         out.report = render_report(run_dir_for(results_root, suite.suite, "_").parent, Path(report_dir))
     return out
@@ -197,6 +198,8 @@ class DataChoice:
     crop: Optional[str] = None
     n: Optional[int] = None
     seed: int = 0
+    strict: bool = False  # an unreadable image stops the evaluation instead of being skipped with a count
+    min_size: Optional[int] = None  # refuse images whose shorter side is below this (pixels)
 
     def label(self) -> str:
         return f"{self.kind}:{self.path}" if self.path else self.kind
@@ -225,7 +228,8 @@ def checkpoint_model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec, *, out_dir: str | Path,
-                        device: Optional[str] = None, seed: int = 0, num_workers: int = 0, progress: bool = True,
+                        device: Optional[str] = None, seed: int = 0, num_workers: Optional[int] = None,
+                        progress: bool = True,
                         weights: Optional[str] = None) -> Any:
     """Load `checkpoint` (gsqbench dir or official release), evaluate it on `data`, write `out_dir` (rank 0).
 
@@ -251,7 +255,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
         if weights is None and meta.get("weights") in ("ema", "raw"):
             settings = dataclasses.replace(settings, weights=meta["weights"])
         dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
-                                crop=data.crop, n=data.n, seed=data.seed)
+                                crop=data.crop, n=data.n, seed=data.seed, strict=data.strict,
+                                min_size=data.min_size)
         run_dir = Path(out_dir)
         result = evaluate(tok.eval().to(dev), dataset, settings, device=dev, out_dir=run_dir,
                           model_info=checkpoint_model_info(ckpt, meta))
@@ -270,3 +275,32 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
         if distributed:
             ddp.shutdown()
     return result
+
+
+# ----------------------------------------------------------------------------------------------- reference statistics
+def reference_stats(data: DataChoice, out: str | Path, *, mode: str = "gsqbench", batch_size: int = 32,
+                    device: Optional[str] = None, num_workers: Optional[int] = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Real-side FID statistics of `data` written to `out` with their complete key (what `gsqbench stats` calls).
+
+    Works under torchrun (each rank reads its shard). Returns the key fields, N and the number of skipped images.
+    """
+    from gsqbench import distributed as ddp
+    from gsqbench.data import build_dataset
+    from gsqbench.evaluate import EvalSettings, reference_statistics
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a directory; expected a .npz file path")
+    settings = EvalSettings(mode=mode, batch_size=batch_size, metrics=("fid",), num_workers=num_workers,
+                            progress=progress, samples=0)
+    distributed = ddp.init_from_env(device or "auto")
+    try:
+        dev = ddp.resolve_device(device or "auto")
+        dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
+                                crop=data.crop, n=data.n, seed=data.seed, strict=data.strict, min_size=data.min_size)
+        info = reference_statistics(dataset, settings, out, device=dev)
+    finally:
+        if distributed:
+            ddp.shutdown()
+    return info

@@ -13,3 +13,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_manifests(tmp_path_factory, monkeypatch):
+    """Dataset manifests (gsqbench.manifest) go to a per-test folder, never the user's ~/.cache/gsqbench."""
+    monkeypatch.setenv("GSQBENCH_MANIFESTS", str(tmp_path_factory.mktemp("manifests")))

@@ -21,10 +21,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.config", "gsqbench.card", "gsqbench.results",
               "gsqbench.registry", "gsqbench.weights")),
     ("read-only views", ("gsqbench.regress", "gsqbench.report")),
-    ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.augment", "gsqbench.data",
+    ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.augment", "gsqbench.manifest", "gsqbench.data",
                  "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
                  "gsqbench.importers")),
-    ("stages", ("gsqbench.evaluate", "gsqbench.train")),
+    ("stages", ("gsqbench.evaluate", "gsqbench.eval_resume", "gsqbench.train")),
     ("orchestration", ("gsqbench.validate", "gsqbench.runner")),
     ("interface", ("gsqbench.commands", "gsqbench.cli", "gsqbench.__main__")),
 ]

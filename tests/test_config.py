@@ -20,6 +20,7 @@ _EVAL_OPTIONS = {"fid_reference_stats": None, "fid_cache_dir": None, "precision"
 def _hashed_json(shared) -> str:
     """Independent oracle of the hashed view: asdict of the shared spec, eval's former options nested under it."""
     view = json.loads(json.dumps(dataclasses.asdict(shared)))
+    view["data"]["num_workers"] = 0  # a runtime knob (results identical for any worker count): hashed as 0
     ev = view["eval"]
     ev["options"] = {k: ev[k] for k, default in _EVAL_OPTIONS.items() if ev[k] != default}
     for k in _EVAL_OPTIONS:
@@ -69,6 +70,8 @@ def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
     # any shared change moves the hash; a quantizer change does not
     other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
     assert expand_runs(other)[0].fairness_hash != runs[0].fairness_hash
+    workers = load_suite(_write(tmp_path, _raw()), ["data.num_workers=3"])
+    assert expand_runs(workers)[0].fairness_hash == runs[0].fairness_hash
     q = load_suite(_write(tmp_path, _raw()), ["subjects.gsq.quantizer.codebook_size=128"])
     assert expand_runs(q)[0].fairness_hash == runs[0].fairness_hash
     assert expand_runs(q)[0].quantizer["codebook_size"] == 128

@@ -8,6 +8,12 @@ FID = ‖μ_r − μ_f‖² + tr Σ_r + tr Σ_f − 2·Σ Re √eig(Σ_r Σ_f) i
 IS (Salimans et al. 2016) uses the fake side's bias-free logits, softmax in float64, seeded permutation, 10 splits.
 The real side's statistics can come from a verified reference-statistics cache (keyed by SHA-256 over the §6 key
 fields), in which case its Inception pass is skipped.
+
+Key fields the evaluator only knows after its single pass over the data (the originals hash, and N and the id list
+when an unreadable image was skipped) may be passed as None ("pending"): the cache is then looked up by the other
+fields (the cache file name is the SHA-256 of the key without `originals_hash`), and `check_reference` verifies the
+complete key once the pass is done. A stale cache entry is then dropped and the real side recomputed (a second
+read, only in that case); a user's statistics file that does not match is an error.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ DTYPES = "extractor float32 (tf32 off); statistics float64"
 IS_SPLITS, IS_SEED = 10, 2020
 # fields the evaluator provides; the metric adds the extractor-side fields (§6)
 CALLER_KEY_FIELDS = ("dataset", "split", "crop", "n", "ids_hash", "originals_hash")
+# known only after reading every image: not part of the cache file's name, verified once the pass is done
+POST_PASS_FIELDS = ("originals_hash",)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,6 +85,16 @@ class FeatureStats:
         mean_b = f.mean(dim=0)
         centred = f - mean_b
         self._merge(f.shape[0], mean_b, centred.T @ centred)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.cpu(), "m2": self.m2.cpu(), "n": int(self.n), "synced": self._synced}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = self.mean.device
+        self.mean = state["mean"].to(device, torch.float64)
+        self.m2 = state["m2"].to(device, torch.float64)
+        self.n = torch.tensor(int(state["n"]), dtype=torch.int64, device=device)
+        self._synced = bool(state["synced"])
 
     def sync(self) -> None:
         """Merge every rank's (n, μ, M2) in rank order (once; a second call would double-count)."""
@@ -192,6 +210,14 @@ def reference_key(caller_fields: Mapping[str, Any], extractor_fields: Mapping[st
     return json.loads(canonical), hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def lookup_sha(key: Mapping[str, Any]) -> Optional[str]:
+    """SHA-256 of a key without its post-pass fields (the cache file's name); None while another field is pending."""
+    rest = {k: v for k, v in key.items() if k not in POST_PASS_FIELDS}
+    if any(v is None for k, v in rest.items() if k in CALLER_KEY_FIELDS):
+        return None
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
 def save_reference_stats(
     path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: Mapping, key_sha: str
 ) -> Path:
@@ -205,7 +231,11 @@ def save_reference_stats(
 def load_reference_stats(
     path: str | Path, expected_key: Optional[Mapping] = None
 ) -> tuple[np.ndarray, np.ndarray, Optional[int], Optional[dict]]:
-    """(μ, Σ, N or None, key or None) from an npz, verified: shapes, finiteness and, when given, every key field."""
+    """(μ, Σ, N or None, key or None) from an npz, verified: shapes, finiteness and, when given, every key field
+    (fields whose expected value is None are pending: the caller verifies them later with `key_mismatch`).
+
+    Files without key fields (the ADM / torch-fidelity layout: just `mu` and `sigma`) are accepted with a warning
+    that their provenance is unknown."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -223,18 +253,30 @@ def load_reference_stats(
     stored = json.loads(str(data["key_json"])) if "key_json" in data else None
     if expected_key is not None and stored is not None:
         _verify_key(path, stored, expected_key)
+    if stored is None:
+        log.warning("reference statistics %s carry no key fields (e.g. the ADM / torch-fidelity mu/sigma layout): "
+                    "their provenance is unknown; data, crop, N and extractor are unverified", path)
     return mu, sigma, n, stored
+
+
+def key_mismatch(stored: Mapping, expected: Mapping) -> list[str]:
+    """Fields the file records that differ from this evaluation's (pending fields, None, are skipped); data fields
+    first."""
+    bad = [k for k in stored if not (k in expected and expected[k] is None) and stored[k] != expected.get(k)]
+    return sorted(bad, key=lambda k: (k not in CALLER_KEY_FIELDS, k))
+
+
+def _mismatch_message(path: Path, stored: Mapping, expected: Mapping, bad: Sequence[str]) -> str:
+    f = bad[0]
+    return (f"FID reference statistics {path}: field '{f}' is {stored.get(f)!r}, this evaluation needs "
+            f"{expected.get(f)!r} ({len(bad)} field(s) differ); delete the file or use matching statistics")
 
 
 def _verify_key(path: Path, stored: Mapping, expected: Mapping) -> None:
     """Every field the file records must equal this evaluation's; data fields are reported before extractor ones."""
-    bad = [k for k in stored if stored[k] != expected.get(k)]
+    bad = key_mismatch(stored, expected)
     if bad:
-        f = sorted(bad, key=lambda k: (k not in CALLER_KEY_FIELDS, k))[0]
-        raise UserError(
-            f"FID reference statistics {path}: field '{f}' is {stored.get(f)!r}, this evaluation needs "
-            f"{expected.get(f)!r} ({len(bad)} field(s) differ); delete the file or use matching statistics"
-        )
+        raise UserError(_mismatch_message(path, stored, expected, bad))
     unverified = sorted(set(expected) - set(stored))
     if unverified:
         log.warning("reference statistics %s do not record %s: unverified", path, ", ".join(unverified))
@@ -293,8 +335,10 @@ class FIDMetric(Metric):
         self._ids: list[str] = []
         self.key: Optional[dict] = None
         self.key_sha: Optional[str] = None
+        self.lookup_sha: Optional[str] = None  # the cache file's name: the key without post-pass fields
         self.reference_source = "computed"
         self._ref: Optional[tuple[np.ndarray, np.ndarray, Optional[int]]] = None
+        self._ref_origin: Optional[tuple[str, Path, Optional[dict]]] = None  # (file | cache, path, stored key)
         self.is_std: Optional[float] = None  # population std over splits (torch-fidelity's "±"), set by compute
         self._synced = False
         if self.model is not None:
@@ -319,11 +363,17 @@ class FIDMetric(Metric):
                 "torch_fidelity": torch_fidelity.__version__}
 
     def _cache_file(self) -> Optional[Path]:
-        return self.cache_dir / f"fid-ref-{self.key_sha}.npz" if self.cache_dir is not None and self.key_sha else None
+        if self.cache_dir is None or not self.lookup_sha:
+            return None
+        return self.cache_dir / f"fid-ref-{self.lookup_sha}.npz"
+
+    def _set_key(self, fields: Mapping[str, Any]) -> None:
+        self.key, self.key_sha = reference_key(fields, self._extractor_fields())
+        self.lookup_sha = lookup_sha(self.key)
 
     def _init_reference(self, reference: Optional[Mapping[str, Any]], reference_stats: Optional[str | Path]) -> None:
         if reference is not None:
-            self.key, self.key_sha = reference_key(reference, self._extractor_fields())
+            self._set_key(reference)
         if reference_stats is not None:
             mu, sigma, n, stored = load_reference_stats(reference_stats, self.key)
             if mu.size != int(self.feature_layer):
@@ -332,18 +382,56 @@ class FIDMetric(Metric):
                     f"{self.feature_layer}-d"
                 )
             self._ref, self.reference_source = (mu, sigma, n), f"file:{Path(reference_stats).name}"
-            if stored is None:
-                log.warning("reference statistics %s carry no key fields: data/crop unverified", reference_stats)
+            self._ref_origin = ("file", Path(reference_stats), stored)
             return
         cache = self._cache_file()
         if cache is not None and cache.is_file():
-            mu, sigma, n, _ = load_reference_stats(cache, self.key)
-            self._ref, self.reference_source = (mu, sigma, n), f"cache:{self.key_sha}"
+            mu, sigma, n, stored = load_reference_stats(cache, self.key)
+            self._ref, self.reference_source = (mu, sigma, n), f"cache:{self.lookup_sha}"
+            self._ref_origin = ("cache", cache, stored)
             log.info("FID reference statistics from cache %s (real-side Inception pass skipped)", cache)
 
     @property
     def uses_cached_reference(self) -> bool:
         return self._ref is not None
+
+    def check_reference(self, fields: Mapping[str, Any]) -> bool:
+        """Verify the real-side statistics from a file or cache against the complete key of what was evaluated.
+
+        A user's file that does not match is an error (one line); a stale cache entry is dropped and True returned:
+        the evaluator then feeds the real images again (`update_real`) and the statistics are recomputed.
+        """
+        if self.model is None:
+            return False
+        self._set_key(fields)
+        if self._ref_origin is None or self._ref_origin[2] is None:
+            return False
+        origin, path, stored = self._ref_origin
+        bad = key_mismatch(stored, self.key)
+        if not bad:
+            return False
+        if origin == "file":
+            raise UserError(_mismatch_message(path, stored, self.key, bad))
+        log.warning("FID reference cache %s does not match the images evaluated (field '%s' differs): "
+                    "recomputing the real-side statistics", path, bad[0])
+        self._ref, self._ref_origin, self.reference_source = None, None, "computed"
+        return True
+
+    @torch.no_grad()
+    def update_real(self, real_u8: torch.Tensor, image_ids: Sequence[str]) -> None:
+        """Real side only: the second read after `check_reference` returned True, or `gsqbench stats`."""
+        if self.model is None:
+            return
+        if len(image_ids) != real_u8.shape[0]:
+            raise UserError(f"FID: got {len(image_ids)} image ids for a batch of {real_u8.shape[0]} images")
+        self.real.update(self._features(real_u8)[0])
+
+    def export_reference(self, path: str | Path, fields: Mapping[str, Any]) -> Path:
+        """Write this metric's real-side statistics (after `sync`) with the complete key of `fields` (`gsqbench
+        stats`): the file `--fid-reference-stats` verifies."""
+        self._set_key(fields)
+        mu, sigma = self.real.mean_cov()
+        return save_reference_stats(path, mu, sigma, int(self.real.n), self.key, self.key_sha)
 
     def _features(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with exact_fp32():
@@ -363,6 +451,27 @@ class FIDMetric(Metric):
         self.fake.update(feats)
         self._logits.append(logits.to("cpu", torch.float32))
         self._ids.extend(str(i) for i in image_ids)
+
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        """Streaming state for a resumable evaluation: both sides' (μ, M2, N), the fake logits and their ids."""
+        if self.model is None:
+            return {"unavailable": True}
+        return {"real": self.real.state_dict(), "fake": self.fake.state_dict(), "ids": list(self._ids),
+                "logits": torch.cat(self._logits) if self._logits else torch.zeros(0, 1008),
+                "reference_source": self.reference_source, "synced": self._synced}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.model is None or state.get("unavailable"):
+            if (self.model is None) != bool(state.get("unavailable")):
+                raise ValueError("FID state saved with the other weights availability")
+            return
+        if state["reference_source"] != self.reference_source:
+            raise ValueError(f"FID state used reference {state['reference_source']}, now {self.reference_source}")
+        self.real.load_state_dict(state["real"])
+        self.fake.load_state_dict(state["fake"])
+        self._ids = list(state["ids"])
+        self._logits = [state["logits"].to(torch.float32)] if len(self._ids) else []
+        self._synced = bool(state["synced"])
 
     def sync(self) -> None:
         """All-reduce the float64 sums/int64 counts; gather fake logits by image id (sorted) for IS."""
@@ -392,6 +501,8 @@ class FIDMetric(Metric):
         cache = self._cache_file()
         if cache is None or not distributed.is_main():
             return
+        if self.key is not None and any(self.key.get(f) is None for f in CALLER_KEY_FIELDS):
+            return  # the key was never completed (check_reference not called): nothing verifiable to cache
         if self.key is not None and int(self.key.get("n", n)) != n:
             log.warning("not caching FID reference: key says N=%s but %d images were seen", self.key.get("n"), n)
             return
