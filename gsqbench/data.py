@@ -19,10 +19,12 @@ Kinds:
   crop of photo i mod 5, rescaled so its shorter side is uniform in [S, shorter side] (bilinear) and cropped
   S×S at a uniform position, all drawn from a generator seeded by (seed, i), so sample i is always the same.
 - `image-folder`: every jpg/jpeg/png/bmp/webp/tif/tiff file under a directory, recursively (ImageNet layout
-  with class subfolders works as is), ids = relative POSIX paths, sorted. Files are header-checked when the
-  dataset is built: unreadable files are skipped with a counted warning, or refused (UserError) with
-  `strict=True`. A file whose body fails to decode later raises a UserError naming it (skipping at read time
-  would change the set mid-run). Conversion to RGB uint8: grayscale/bilevel are replicated, palette images
+  with class subfolders works as is), ids = relative POSIX paths, sorted. Building the dataset opens no file: it
+  reads the folder's manifest (gsqbench.manifest: paths, sizes, mtimes, cached and reused). Files known to be bad
+  (empty, or found unreadable by `gsqbench data check` or an earlier evaluation) are skipped with a counted
+  warning, or refused (UserError) with `strict=True`; known sizes below `min_size` are refused. A file that fails
+  to decode when read is reported by `read()` as a `Sample` without image, and the caller applies the policy
+  (README "Corrupt and small images"). Conversion to RGB uint8: grayscale/bilevel are replicated, palette images
   are expanded, 16-bit grayscale is scaled by 255/65535 with rounding (16-bit RGB files reach us already
   reduced by Pillow to their high byte, within one level of that), images with alpha (RGBA, LA, palette with
   transparency) are composited over WHITE. EXIF orientation is not applied (as in timm/torchvision).
@@ -32,6 +34,8 @@ Kinds:
 
 Sharding (`shard_indices`) gives contiguous, possibly uneven shards: every index exactly once, no padding.
 `train_loader` yields batches as a pure function of (seed, batch counter), so training resumes exactly.
+Decoding runs in DataLoader worker processes (`resolve_num_workers`: chosen from the cores unless given), with
+prefetching and pinned memory on CUDA; the worker count never changes a result.
 """
 from __future__ import annotations
 
@@ -686,13 +690,15 @@ class TrainLoader:
                     len(bad), self.step - 1, self.dropped, bad[0].image_id, bad[0].error)
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world": self.world}
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world": self.world,
+                "n": len(self.dataset)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "batch_size", "world"):
-            if int(state[key]) != getattr(self, key):
+        current = {"seed": self.seed, "batch_size": self.batch_size, "world": self.world, "n": len(self.dataset)}
+        for key, value in current.items():
+            if key in state and int(state[key]) != value:  # `n`: e.g. files added, or newly known to be unreadable
                 log.warning("resuming data order with %s %s (checkpoint had %s): the sample order changes",
-                            key, getattr(self, key), state[key])
+                            key, value, state[key])
         self.step = int(state["step"])
 
 

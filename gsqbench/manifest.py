@@ -74,6 +74,15 @@ class Listing:
     mtimes: np.ndarray  # int64 ns
 
 
+_EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
+
+
+def _is_image_name(name: str) -> bool:
+    """Extension match, case-insensitive (as os.path.splitext: a leading dot alone is no extension)."""
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in _EXTENSIONS
+
+
 def list_images(root: Path) -> Listing:
     """Every image file under `root`, recursively (symlinked folders followed once), sorted by relative path."""
     found: list[tuple[str, int, int]] = []
@@ -92,7 +101,7 @@ def list_images(root: Path) -> Listing:
                     try:
                         if entry.is_dir():
                             stack.append((Path(entry.path), rel + "/"))
-                        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                        elif _is_image_name(entry.name) and entry.is_file():
                             est = entry.stat()
                             found.append((rel, est.st_size, est.st_mtime_ns))
                     except OSError:  # a dangling symlink or an entry removed while listing
@@ -129,7 +138,8 @@ class Manifest:
 
     def bad(self) -> list[tuple[str, str]]:
         """(path, reason) of every known-bad file, in path order."""
-        return [(self.paths[i], self.reasons.get(self.paths[i], "unreadable")) for i in np.flatnonzero(self.status == BAD)]
+        bad = np.flatnonzero(self.status == BAD)
+        return [(self.paths[i], self.reasons.get(self.paths[i], "unreadable")) for i in bad]
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.status == code).sum()) for code, name in STATUS_NAMES.items()}
@@ -170,7 +180,8 @@ class Manifest:
         try:
             return atomic_write_bytes(path, self.to_bytes())
         except OSError as exc:
-            log.warning("cannot write the dataset manifest %s (%s); the folder will be listed again next time", path, exc)
+            log.warning("cannot write the dataset manifest %s (%s); the folder will be listed again next time",
+                        path, exc)
             return None
 
     @classmethod

@@ -51,3 +51,16 @@ def test_quantizer_benchmark_demo_section_writes_json(tmp_path: Path) -> None:
     assert impls["straightforward full matrix"]["reference"] and data["matmul_gflops"] > 0
     bound = data["lower_bounds"][0]
     assert bound["dot_gflop"] == pytest.approx(2 * 512 * 2 * 64 * 4 / 1e9)  # 2·N·V·d, N = 512 positions × G = 2
+
+
+def test_scale_benchmark_build_section_writes_json(tmp_path: Path) -> None:
+    """benchmarks/scale.py on a small folder: the build rows, the warm manifest reused, the goal line printed."""
+    import scale
+
+    out = tmp_path / "s.json"
+    assert scale.main(["--n", "300", "--only", "build", "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    impls = [r["impl"] for r in data["rows"]]
+    assert impls[0].startswith("before") and "cold" in impls[1] and "warm" in impls[2]
+    assert data["rows"][0]["reference"] and all(r["median_s"] > 0 for r in data["rows"])
+    assert data["build_n"] == 300 and data["folder"]["n"] == 300

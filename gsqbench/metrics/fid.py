@@ -48,6 +48,9 @@ IS_SPLITS, IS_SEED = 10, 2020
 CALLER_KEY_FIELDS = ("dataset", "split", "crop", "n", "ids_hash", "originals_hash")
 # known only after reading every image: not part of the cache file's name, verified once the pass is done
 POST_PASS_FIELDS = ("originals_hash",)
+# fields that may be pending (None) before the pass: N and the id list change when an image cannot be read, and a
+# dataset without an `ids` list only knows them afterwards
+PENDABLE_FIELDS = ("n", "ids_hash", "originals_hash")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,12 +63,20 @@ class FeatureStats:
     Batches are merged with Chan et al.'s pairwise update (n, μ, M2 = Σ(f − μ)(f − μ)ᵀ) instead of raw sums Σf and
     Σffᵀ: features far from the origin make Σffᵀ − Nμμᵀ cancel catastrophically even in float64 (§13 #13), while the
     centred form keeps the covariance accurate to rounding and (nearly) independent of batching and sharding.
+
+    Rows are buffered and merged MERGE_ROWS at a time: each merge costs several passes over the d×d scatter
+    (32 MB at d = 2048), which per batch of 32 images cost more than the Inception forwards on a CPU. Merge points
+    depend only on the sequence of rows (the buffer is part of `state_dict`), so results stay reproducible.
     """
+
+    MERGE_ROWS = 1024
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.n = torch.zeros((), dtype=torch.int64, device=device)
+        self.n = torch.zeros((), dtype=torch.int64, device=device)  # merged rows (call flush() before reading)
+        self._buffer: list[torch.Tensor] = []
+        self._buffered = 0
         self._synced = False
 
     def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
@@ -75,31 +86,48 @@ class FeatureStats:
             return
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        self.m2 = self.m2.add_(m2_b).addr_(delta, delta, alpha=n_a * n_b / n)  # in place: no d×d temporaries
         self.n = self.n + n_b
 
     def update(self, feats: torch.Tensor) -> None:
         f = feats.detach().to(self.mean.device, torch.float64)  # (b, d); float64 before any product (§13 #13)
         if f.shape[0] == 0:
             return
+        self._buffer.append(f)
+        self._buffered += f.shape[0]
+        if self._buffered >= self.MERGE_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the buffered rows."""
+        if not self._buffer:
+            return
+        f = torch.cat(self._buffer)
+        self._buffer, self._buffered = [], 0
         mean_b = f.mean(dim=0)
         centred = f - mean_b
         self._merge(f.shape[0], mean_b, centred.T @ centred)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.cpu(), "m2": self.m2.cpu(), "n": int(self.n), "synced": self._synced}
+        dim = self.mean.numel()
+        buffer = torch.cat(self._buffer).cpu() if self._buffer else torch.zeros(0, dim, dtype=torch.float64)
+        return {"mean": self.mean.cpu(), "m2": self.m2.cpu(), "n": int(self.n), "synced": self._synced,
+                "buffer": buffer}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         device = self.mean.device
         self.mean = state["mean"].to(device, torch.float64)
-        self.m2 = state["m2"].to(device, torch.float64)
+        self.m2 = state["m2"].to(device, torch.float64).clone()
         self.n = torch.tensor(int(state["n"]), dtype=torch.int64, device=device)
+        buffer = state["buffer"].to(device, torch.float64)
+        self._buffer, self._buffered = ([buffer], buffer.shape[0]) if buffer.shape[0] else ([], 0)
         self._synced = bool(state["synced"])
 
     def sync(self) -> None:
         """Merge every rank's (n, μ, M2) in rank order (once; a second call would double-count)."""
         if self._synced:
             return
+        self.flush()
         parts = distributed.all_gather_objects((int(self.n), self.mean.cpu(), self.m2.cpu()))
         device = self.mean.device
         self.mean = torch.zeros_like(self.mean)
@@ -111,6 +139,7 @@ class FeatureStats:
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """μ (d,) and unbiased Σ (d, d) as float64 numpy arrays; needs N ≥ 2."""
+        self.flush()
         n = int(self.n)
         if n < 2:
             raise ValueError(f"FID statistics need at least 2 images per side, got {n}")
@@ -139,20 +168,21 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = I
     """(mean, std, per-split scores) of exp(E_x KL(p(y|x) ‖ p(y))) over `splits` row blocks of a seeded permutation.
 
     Blocks are rows [i·N/splits, (i+1)·N/splits) after `np.random.RandomState(seed).permutation(N)`, as torch-fidelity
-    does, so the value is reproducible from the card (§13 #18). std is the population std over splits.
+    does, so the value is reproducible from the card (§13 #18). std is the population std over splits. Each block is
+    converted to float64 on its own, so the working memory is N/splits rows, not N (400 MB at N = 50,000).
     """
     n = logits.shape[0]
     if n < splits:
         raise ValueError(f"IS needs at least {splits} images (one per split), got {n}")
     perm = torch.from_numpy(np.random.RandomState(seed).permutation(n))
-    z = logits.detach().cpu().to(torch.float64)[perm]
-    log_p = torch.log_softmax(z, dim=1)
-    p = log_p.exp()
+    logits = logits.detach().cpu()
     scores = []
     for i in range(splits):
         lo, hi = i * n // splits, (i + 1) * n // splits
-        log_marginal = p[lo:hi].mean(dim=0).log()
-        kl = (p[lo:hi] * (log_p[lo:hi] - log_marginal)).sum(dim=1)
+        log_p = torch.log_softmax(logits[perm[lo:hi]].to(torch.float64), dim=1)
+        p = log_p.exp()
+        log_marginal = p.mean(dim=0).log()
+        kl = (p * (log_p - log_marginal)).sum(dim=1)
         scores.append(math.exp(float(kl.mean())))
     return float(np.mean(scores)), float(np.std(scores)), scores
 
@@ -213,7 +243,7 @@ def reference_key(caller_fields: Mapping[str, Any], extractor_fields: Mapping[st
 def lookup_sha(key: Mapping[str, Any]) -> Optional[str]:
     """SHA-256 of a key without its post-pass fields (the cache file's name); None while another field is pending."""
     rest = {k: v for k, v in key.items() if k not in POST_PASS_FIELDS}
-    if any(v is None for k, v in rest.items() if k in CALLER_KEY_FIELDS):
+    if any(rest.get(k) is None for k in PENDABLE_FIELDS if k not in POST_PASS_FIELDS):
         return None
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
@@ -260,9 +290,10 @@ def load_reference_stats(
 
 
 def key_mismatch(stored: Mapping, expected: Mapping) -> list[str]:
-    """Fields the file records that differ from this evaluation's (pending fields, None, are skipped); data fields
-    first."""
-    bad = [k for k in stored if not (k in expected and expected[k] is None) and stored[k] != expected.get(k)]
+    """Fields the file records that differ from this evaluation's (pending fields, None in PENDABLE_FIELDS, are
+    skipped); data fields first."""
+    bad = [k for k in stored
+           if not (k in PENDABLE_FIELDS and k in expected and expected[k] is None) and stored[k] != expected.get(k)]
     return sorted(bad, key=lambda k: (k not in CALLER_KEY_FIELDS, k))
 
 
@@ -481,9 +512,17 @@ class FIDMetric(Metric):
         self.real.sync()
         self.fake.sync()
         local = torch.cat(self._logits) if self._logits else torch.zeros(0, 1008)
-        ids, rows = distributed.gather_per_image(self._ids, list(local.numpy()))
-        self._ids = list(ids)
-        self._logits = [torch.from_numpy(np.stack(rows))] if rows else []
+        self._logits = []
+        # one array per rank (not one object per image): gathered, then ordered by image id like every metric (§10)
+        parts = distributed.all_gather_objects((self._ids, local.numpy()))
+        ids = [i for part in parts for i in part[0]]
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        dup = next((ids[a] for a, b in zip(order, order[1:]) if ids[a] == ids[b]), None)
+        if dup is not None:
+            raise UserError(f"image id '{dup}' occurs more than once in the evaluation set; image ids must be unique")
+        rows = parts[0][1] if len(parts) == 1 else np.concatenate([part[1] for part in parts])
+        self._ids = [ids[k] for k in order]
+        self._logits = [torch.from_numpy(rows[order])] if ids else []
 
     def _real_stats(self) -> tuple[np.ndarray, np.ndarray]:
         if self._ref is not None:
@@ -501,7 +540,7 @@ class FIDMetric(Metric):
         cache = self._cache_file()
         if cache is None or not distributed.is_main():
             return
-        if self.key is not None and any(self.key.get(f) is None for f in CALLER_KEY_FIELDS):
+        if self.key is not None and any(self.key.get(f) is None for f in PENDABLE_FIELDS):
             return  # the key was never completed (check_reference not called): nothing verifiable to cache
         if self.key is not None and int(self.key.get("n", n)) != n:
             log.warning("not caching FID reference: key says N=%s but %d images were seen", self.key.get("n"), n)
