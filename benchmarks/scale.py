@@ -392,7 +392,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_start = time.perf_counter()
     try:
         folder = args.folder or tmp / "imagenet-like"
-        if not any(folder.glob("*/*.JPEG")):
+        if sections & {"build", "bound", "eval"} and not any(folder.glob("*/*.JPEG")):
             t0 = time.perf_counter()
             extra["folder"] = make_folder(folder, args.n)
             extra["folder"]["write_s"] = time.perf_counter() - t0
@@ -411,10 +411,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from gsqbench.data import build_dataset, resolve_num_workers
 
         resolution = args.resolution or (256 if device.type == "cuda" else 64)
-        ds = build_dataset("image-folder", path=folder, resolution=resolution, n=min(args.n_eval, args.n))
-        workers = resolve_num_workers(args.workers, ds, 32)
-        extra["workers"], extra["resolution"] = workers, resolution
         if sections & {"bound", "eval"}:
+            ds = build_dataset("image-folder", path=folder, resolution=resolution, n=min(args.n_eval, args.n))
+            workers = resolve_num_workers(args.workers, ds, 32)
+            extra["workers"], extra["resolution"] = workers, resolution
             bound_rows, info = bench_bound(ds, workers, args.repeats)
             rows += bound_rows
             extra.update(info)

@@ -271,7 +271,8 @@ def _collate(items: list[tuple[int, Sample]]) -> _Batch:
                   [(s.width, s.height) for _, s in good], [s for _, s in items if s.image is None])
 
 
-def _batches(dataset: Any, settings: EvalSettings, device: torch.device, start_batch: int = 0) -> tuple[Iterator, int]:
+def _batches(dataset: Any, settings: EvalSettings, device: torch.device,
+             start_batch: int = 0) -> tuple[Iterator, int]:
     """Batches of this rank's shard (from batch `start_batch` on: a resumed pass) and the dataset's size N."""
     from gsqbench.data import loader_options, resolve_num_workers
 

@@ -15,7 +15,7 @@ What a manifest knows about each file (`status`):
   during a run; the reason is kept. Datasets skip known-bad files with a counted warning (or refuse them with
   `--strict-data`). A bad file that is replaced or touched gets a new mtime and is listed as unchecked again.
 
-Storage: one `.npz` (no pickles): the paths as one UTF-8 byte array, sizes/mtimes int64, status int8, width and
+Storage: one `.npz` (no pickles): the paths as one NUL-separated UTF-8 byte array, sizes/mtimes int64, status int8, width and
 height int32 (−1 unknown), the bad files' reasons and the folder as JSON. Writes are atomic; concurrent writers
 (ranks) write the same content, and a lost update only means a file is checked again.
 """
@@ -83,9 +83,21 @@ def _is_image_name(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in _EXTENSIONS
 
 
+def _usable_name(rel: str) -> bool:
+    """Image ids travel through CSV, JSON and id hashes: names that are not UTF-8 or hold a line break are left out."""
+    if "\n" in rel or "\r" in rel:
+        return False
+    try:
+        rel.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes (surrogate-escaped by os.scandir)
+        return False
+
+
 def list_images(root: Path) -> Listing:
     """Every image file under `root`, recursively (symlinked folders followed once), sorted by relative path."""
     found: list[tuple[str, int, int]] = []
+    unusable: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
     stack = [(root, "")]
     while stack:
@@ -102,6 +114,9 @@ def list_images(root: Path) -> Listing:
                         if entry.is_dir():
                             stack.append((Path(entry.path), rel + "/"))
                         elif _is_image_name(entry.name) and entry.is_file():
+                            if not _usable_name(rel):
+                                unusable.append(rel)
+                                continue
                             est = entry.stat()
                             found.append((rel, est.st_size, est.st_mtime_ns))
                     except OSError:  # a dangling symlink or an entry removed while listing
@@ -110,6 +125,9 @@ def list_images(root: Path) -> Listing:
             if folder == root:
                 raise UserError(f"data.path: cannot list '{root}' ({exc.strerror or exc})") from None
             log.warning("cannot list %s (%s); its images are left out", folder, exc)
+    if unusable:
+        log.warning("left out %d image file(s) under %s whose names are not UTF-8 or contain a line break "
+                    "(first: %r); rename them to include them", len(unusable), root, unusable[0])
     found.sort(key=lambda t: t[0])
     return Listing([p for p, _, _ in found], np.array([s for _, s, _ in found], dtype=np.int64),
                    np.array([m for _, _, m in found], dtype=np.int64))
@@ -169,7 +187,7 @@ class Manifest:
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         meta = {"version": MANIFEST_VERSION, "root": str(self.root), "reasons": self.reasons, "written": time.time()}
-        np.savez(buf, paths=np.frombuffer("\n".join(self.paths).encode("utf-8"), dtype=np.uint8),
+        np.savez(buf, paths=np.frombuffer("\0".join(self.paths).encode("utf-8"), dtype=np.uint8),
                  sizes=self.sizes, mtimes=self.mtimes, status=self.status, width=self.width, height=self.height,
                  meta=np.array(json.dumps(meta)))
         return buf.getvalue()
@@ -200,7 +218,7 @@ class Manifest:
             return None
         if meta.get("version") != MANIFEST_VERSION or meta.get("root") != str(root):
             return None
-        paths = text.split("\n") if text else []
+        paths = text.split("\0") if text else []
         if len({len(paths), *(len(a) for a in arrays.values())}) != 1:
             return None
         return cls(root, paths, reasons=dict(meta.get("reasons") or {}), origin="cache", **arrays)

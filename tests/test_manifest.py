@@ -160,3 +160,16 @@ def test_auto_workers_follow_cores_and_skip_in_memory_data(monkeypatch):
     assert data.resolve_num_workers(5, synthetic, 4) == 5
     with pytest.raises(UserError, match="num_workers"):
         data.resolve_num_workers(-1, synthetic, 4)
+
+
+def test_names_that_cannot_be_ids_are_left_out_with_a_warning(tmp_path, caplog):
+    root = _folder(tmp_path / "imgs", n=2)
+    good = (root / "c0" / "0.jpg").read_bytes()
+    (root / "c0" / "two\nlines.jpg").write_bytes(good)
+    with open(os.path.join(os.fsencode(root / "c1"), b"latin1-\xe9.jpg"), "wb") as f:  # not UTF-8
+        f.write(good)
+    with caplog.at_level(logging.WARNING, logger="gsqbench.manifest"):
+        ds = data.build_dataset("image-folder", path=root, resolution=32)
+    assert ds.ids == ["c0/0.jpg", "c1/1.jpg"]
+    assert any("left out 2 image file(s)" in r.getMessage() for r in caplog.records)
+    assert data.build_dataset("image-folder", path=root, resolution=32).manifest_origin == "cache"
