@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from gsqbench.errors import UserError
+from gsqbench.io import WriteFailed
+from gsqbench.progress import CliLogging
 
 # (subcommand, module under gsqbench.commands)
 SUBCOMMANDS: tuple[tuple[str, str], ...] = (
@@ -19,10 +20,13 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("eval", "eval"),
     ("report", "report"),
     ("regress", "regress"),
+    ("compare", "compare"),
     ("list", "list_"),
     ("weights", "weights"),
     ("import-official", "import_official"),
     ("import", "import_"),
+    ("encode", "encode"),
+    ("decode", "decode"),
     ("data", "data"),
     ("stats", "stats"),
 )
@@ -53,15 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 success; 2 bad input (one `gsqbench: error:` line); 1 a failure that is not
+    the input's fault (disk full, I/O error, an internal error; one line) or, for `regress`, a regression; 130
+    interrupted. No traceback is printed unless -vv asks for it."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
+    logs = CliLogging(args.verbose).start()
+    try:
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        return _dispatch(args)
+    finally:
+        logs.finish()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.plugins:
             from gsqbench.registry import add_plugin_dirs
@@ -69,11 +80,28 @@ def main(argv: list[str] | None = None) -> int:
             add_plugin_dirs(args.plugins)
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"gsqbench: error: {exc}", file=sys.stderr)
+        print(f"gsqbench: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gsqbench: interrupted", file=sys.stderr)
         return 130
+    except WriteFailed as exc:
+        print(f"gsqbench: error: {_one_line(exc.strerror or exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine's fault, not the input's: disk full, I/O error, permissions
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"gsqbench: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line by default; -vv prints the traceback for a report
+        if args.verbose >= 2:
+            raise
+        print(f"gsqbench: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in gsqbench; rerun with -vv "
+              "for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

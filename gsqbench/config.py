@@ -35,7 +35,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from gsqbench.errors import UserError, did_you_mean
-from gsqbench.io import safe_name
+from gsqbench.io import read_text_utf8, safe_name
 
 
 # ----------------------------------------------------------------------------------------------- spec dataclasses
@@ -142,6 +142,8 @@ class EvalSpec:
     fid_cache_dir: Optional[str] = None  # cache real-side statistics here, keyed by data + extractor
     precision: Optional[Literal["fp32", "bf16"]] = None  # model precision; None = the mode's (fp32 / bf16)
     lpips_nets: tuple[Literal["alex", "vgg"], ...] = ("alex", "vgg")
+    keep_features: bool = False  # keep the float16 feature files KID / precision-recall write under <run>/features
+    save_recon: Optional[Literal["npz", "png"]] = None  # export reconstructions and originals under <run>/export
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,8 @@ def spec_to_dict(obj: Any) -> Any:
 
 #: EvalSpec fields that were once free-form `eval.options`; the hashed view keeps that layout (see fairness_view)
 _EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets")
+#: EvalSpec fields that only decide which files an evaluation leaves behind: never part of the fairness hash
+_EVAL_OUTPUT_FIELDS = ("keep_features", "save_recon")
 
 
 def fairness_view(shared: SharedSpec) -> dict[str, Any]:
@@ -308,12 +312,13 @@ def fairness_view(shared: SharedSpec) -> dict[str, Any]:
 
     The eval section is laid out as before the typed eval spec (its former free-form fields under `options`, only
     when set away from their defaults), so runs made before keep their hash and stay comparable with new ones.
+    Output-only fields (`_EVAL_OUTPUT_FIELDS`: which files are kept or exported) are left out.
     """
     view = spec_to_dict(shared)
     view["data"]["num_workers"] = 0  # a runtime knob: results are identical for any worker count (tested)
     ev, defaults = view["eval"], spec_to_dict(EvalSpec())
     ev["options"] = {k: ev.pop(k) for k in _EVAL_OPTION_FIELDS if ev[k] != defaults[k]}
-    for k in _EVAL_OPTION_FIELDS:
+    for k in (*_EVAL_OPTION_FIELDS, *_EVAL_OUTPUT_FIELDS):
         ev.pop(k, None)
     return view
 
@@ -334,9 +339,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise UserError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({problem})") from None
     # YAML 1.1 reads "1e-4" as a string; numbers in scientific notation are what users type for LRs
     if isinstance(value, str):
         try:
@@ -382,21 +388,105 @@ def _set_path(node: dict, parts: list[str], value: Any, key: str) -> None:
     node[parts[-1]] = value
 
 
+# ----------------------------------------------------------------------------------------------- YAML
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain PyYAML silently keeps the last)."""
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges may be overridden on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key; SafeLoader reports it itself
+            continue
+        if first != key_node.start_mark.line:
+            raise _DuplicateKey(problem=f"duplicate key {key!r} (first given at line {first + 1})",
+                                problem_mark=key_node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text parsed strictly (safe types, no duplicate keys); errors are one line with the source, line, column
+    and the offending line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise UserError(_yaml_error(exc, text, source)) from None
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if mark is None:
+        return f"{source} is not valid YAML: {problem}"
+    lines = text.splitlines()
+    offending = lines[mark.line].strip() if 0 <= mark.line < len(lines) else "(end of file)"
+    if len(offending) > 80:
+        offending = offending[:77] + "..."
+    return f"{source}, line {mark.line + 1}, column {mark.column + 1}: {problem}: {offending!r}"
+
+
+# ----------------------------------------------------------------------------------------------- shipped configs
+def shipped_configs_dir() -> Optional[Path]:
+    """The suites shipped with gsqbench: the copy inside an installed wheel (gsqbench/_configs), else the source
+    checkout's top-level `configs/` (recognised by the pyproject.toml beside it)."""
+    here = Path(__file__).resolve().parent
+    if (here / "_configs").is_dir():
+        return here / "_configs"
+    root = here.parent
+    pyproject = root / "pyproject.toml"
+    if (root / "configs").is_dir() and pyproject.is_file() and 'name = "gsqbench"' in pyproject.read_text("utf-8"):
+        return root / "configs"
+    return None
+
+
+def shipped_config_names() -> list[str]:
+    """Names `run`/`train` accept for the shipped suites from any directory: `demo`, `paper/vae_f8_quantizers`."""
+    folder = shipped_configs_dir()
+    if folder is None:
+        return []
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+
+
+def resolve_suite_path(name: str | Path) -> Path:
+    """A suite argument as a file: an existing path as given, else a shipped config by name (`demo`,
+    `demo.yaml` and `configs/demo.yaml` all name configs/demo.yaml, from any directory)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    names = shipped_config_names()
+    key = str(name).replace("\\", "/").removeprefix("./").removeprefix("configs/").removesuffix(".yaml")
+    if key in names:
+        return shipped_configs_dir() / f"{key}.yaml"  # type: ignore[operator]
+    hint = did_you_mean(key, names) if names else ""
+    raise UserError(f"suite file '{name}' does not exist and is not the name of a shipped config{hint} "
+                    "(`gsqbench list configs` lists them)")
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
-    """Read a suite YAML, apply `--set` overrides, type-check everything; UserError on any problem.
+    """Read a suite YAML (a path, or the name of a shipped config), apply `--set` overrides, type-check everything;
+    UserError on any problem, including a file that is not UTF-8, a duplicate key, or a YAML syntax error (with its
+    line and column).
 
     Parsing only: call gsqbench.validate.validate_suite before running it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"suite file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"suite file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    path = resolve_suite_path(path)
+    raw = parse_yaml(read_text_utf8(path, "suite file"), f"suite file '{path}'")
     if not isinstance(raw, dict):
-        raise UserError(f"suite file {str(path)!r}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
+        raise UserError(f"suite file '{path}': expected a mapping with keys {', '.join(_TOP_KEYS)}, "
+                        f"found {'an empty file' if raw is None else type(raw).__name__}")
     return suite_from_dict(apply_overrides(raw, overrides or []))
 
 

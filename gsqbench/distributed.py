@@ -6,10 +6,11 @@ Backend: NCCL when CUDA is available, gloo otherwise (CPU tests run 2 gloo proce
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -140,3 +141,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def rank0_lock(folder: Any, purpose: str = "") -> Iterator[None]:
+    """Hold `folder`'s writer lock (gsqbench.locks) for the body: taken by rank 0 only, which is the rank that
+    writes results and checkpoints; its outcome is broadcast, so when rank 0 is refused every rank raises the same
+    one-line LockHeld instead of waiting in the next collective."""
+    from gsqbench.locks import LockHeld, hold
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if is_main():
+            try:
+                stack.enter_context(hold(folder, purpose))
+            except LockHeld as exc:
+                error = ("held", str(exc))
+            except OSError as exc:  # e.g. a read-only folder: the other ranks must not wait for rank 0 forever
+                error = ("os", f"could not lock {folder}: {exc.strerror or exc}")
+        error = broadcast_object(error)
+        if error is not None:
+            raise LockHeld(error[1]) if error[0] == "held" else OSError(error[1])
+        yield

@@ -1,6 +1,8 @@
 """One streaming evaluation pass: every metric sees the same (real_u8, fake_u8, ids, qout), converted once.
 
-Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
+The metrics are the registered classes (gsqbench.metrics.catalogue) that `EvalSettings.metrics` selects, each built
+by its own `create(ctx)`; after the pass each value gets its class's measurability verdict and the protocol card is
+assembled by gsqbench.card.build_card. Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
 x = u8/127.5 − 1 → encode (timed) → decode (timed) → clamp → uint8 once (round-half-even; or the official
 truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model) →
 every metric's `update`. Under torch.distributed each rank evaluates its own shard (each image exactly once, no
@@ -9,6 +11,7 @@ padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-p
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -27,58 +30,17 @@ from gsqbench.config import EvalSpec
 from gsqbench.data import Sample, problem_message, to_model_input
 from gsqbench.errors import UserError, did_you_mean
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
+from gsqbench.metrics.catalogue import check_required_weights, metric_catalogue, resolve_metric_names
 from gsqbench.metrics.cost import CostMeter
 
 log = logging.getLogger(__name__)
-
-#: display and row order of the built-in families; plugin families follow, by registration order
-FAMILY_ORDER = ("pixel", "lpips", "fid", "codebook", "cost")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Settings and the metric catalogue (gsqbench.registry.METRICS)
-
-
-def metric_catalogue() -> list[type[Metric]]:
-    """Every registered metric class, in family order (FAMILY_ORDER, then plugin families) then registration order."""
-    from gsqbench.registry import METRICS, discover
-
-    discover()
-    classes = [METRICS.get(name) for name in METRICS.registration_order()]
-    rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
-    order = {cls: i for i, cls in enumerate(classes)}
-    return sorted(classes, key=lambda c: (rank.get(c.family, len(rank)), order[c]))
-
-
-def _class_for_key(key: str, classes: Sequence[type[Metric]]) -> Optional[type[Metric]]:
-    return next((c for c in classes if key in c.outputs), None)
-
-
-def resolve_metric_names(names: Sequence[str], classes: Sequence[type[Metric]], what: str) -> set[type[Metric]]:
-    """Classes selected by family names, registered metric names or metric keys; UserError for an unknown name."""
-    from gsqbench.registry import METRICS
-
-    chosen: set[type[Metric]] = set()
-    for name in names:
-        by_family = {c for c in classes if c.family == name}
-        by_key = _class_for_key(name, classes)
-        if by_family:
-            chosen |= by_family
-        elif name in METRICS:
-            chosen.add(METRICS.get(name))
-        elif by_key is not None:
-            chosen.add(by_key)
-        else:
-            valid = sorted({c.family for c in classes} | {k for c in classes for k in c.outputs})
-            raise UserError(f"{what}: unknown metric '{name}'{did_you_mean(name, valid)}")
-    return chosen
-
 
 @dataclass(frozen=True)
 class EvalSettings(EvalSpec):
     """How to evaluate: the suite's eval spec (gsqbench.config.EvalSpec) plus what each run fixes itself.
 
-    `metrics` selects families, registered metric names or metric keys (empty = all); `require` lists metric keys
+    `metrics` selects families, registered metric names or metric keys (empty = every metric selected by default,
+    i.e. all but the opt-in ones such as `rfd@dinov2`, KID and precision/recall); `require` lists metric keys
     that must not come out unavailable (UserError, exit 2, otherwise).
     """
 
@@ -107,6 +69,7 @@ class EvalSettings(EvalSpec):
                 raise UserError(f"--require: unknown metric '{key}'{did_you_mean(key, keys)}")
         for net in self.lpips_nets:
             _check_choice("lpips_nets", net, ("alex", "vgg"))
+        _check_choice("save_recon", self.save_recon, (None, "npz", "png"))
 
     @classmethod
     def from_spec(cls, spec: EvalSpec, **runtime: Any) -> "EvalSettings":
@@ -119,11 +82,12 @@ class EvalSettings(EvalSpec):
         return self.precision or ("bf16" if self.mode == "gsq-compat" else "fp32")
 
     def metric_classes(self) -> list[type[Metric]]:
-        """The metric classes to run: all when `metrics` is empty, else those named, plus those of required keys."""
+        """The metric classes to run: those selected by default when `metrics` is empty, else those named; plus those
+        of required keys."""
         classes = metric_catalogue()
-        if not self.metrics:
-            return classes
         chosen = resolve_metric_names([*self.metrics, *self.require], classes, "eval.metrics")
+        if not self.metrics:
+            chosen |= {c for c in classes if getattr(c, "selected_by_default", True)}
         return [c for c in classes if c in chosen]
 
 
@@ -187,30 +151,18 @@ def compat_fake_uint8(x_hat: Tensor) -> Tensor:
 
 
 def build_metrics(settings: EvalSettings, device: torch.device, tokenizer: Optional[nn.Module] = None,
-                  fid_reference: Optional[Mapping[str, Any]] = None, meter: Optional[CostMeter] = None) -> list[Metric]:
+                  fid_reference: Optional[Mapping[str, Any]] = None, meter: Optional[CostMeter] = None,
+                  out_dir: Optional[Path] = None) -> list[Metric]:
     """The metric objects for the selected classes, each built by its own `create(ctx)` (None = not applicable).
 
-    `fid_reference` holds the data key fields that reference statistics are verified / cached under. A metric
-    whose weights are missing comes back unavailable (reason + fix command) unless one of its keys is required.
+    `fid_reference` holds the data key fields that reference statistics are verified / cached under; `out_dir` is
+    the run folder metrics that keep files (features) write under. A metric whose weights are missing comes back
+    unavailable (reason + fix command) unless one of its keys is required.
     """
     ctx = MetricContext(device=device, settings=settings, tokenizer=tokenizer, required=frozenset(settings.require),
-                        fid_reference=fid_reference, meter=meter)
+                        fid_reference=fid_reference, meter=meter, out_dir=out_dir)
     built = (cls.create(ctx) for cls in settings.metric_classes())
     return [m for m in built if m is not None]
-
-
-def check_required_weights(require: Sequence[str]) -> None:
-    """Fail before any compute when a required metric's weights are missing (one line, exit 2)."""
-    from gsqbench.weights import WeightsUnavailable, weight_path
-
-    classes = metric_catalogue()
-    for key in require:
-        cls = _class_for_key(key, classes)
-        for name in (cls.weights if cls is not None else ()):
-            try:
-                weight_path(name)
-            except WeightsUnavailable as exc:
-                raise UserError(f"required metric '{key}' is unavailable: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,13 +295,15 @@ class _PassState:
     images_read: int = 0
     resumed_at_image: Optional[int] = None
     num_workers: int = 0
+    exporter: Any = None  # gsqbench.export.ImageExporter: each batch's evaluated uint8 pair + ids (--save-recon)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The saveable part (plain lists, numbers and strings; the exporter is not saved)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "exporter"}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> "_PassState":
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"exporter"}
         return cls(**{k: v for k, v in state.items() if k in names})
 
 
@@ -421,10 +375,11 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
               checkpoint: Any) -> int:
     """Stream this rank's shard (from `state.batches_done` on) through the model and every metric; returns N."""
     batches, n = _batches(dataset, settings, device, state.batches_done)
-    from tqdm import tqdm
+    from gsqbench.progress import Progress
 
-    bar = tqdm(total=len(_shard(n)), initial=state.images_read, unit="img", desc="evaluate",
-               disable=None if settings.progress and ddp.is_main() else True)  # None: off when not a terminal
+    # a bar on a terminal, one line per 10 % in a log
+    bar = Progress(len(_shard(n)), "evaluate", enabled=settings.progress and ddp.is_main(), unit="images",
+                   initial=state.images_read)
     try:
         while True:
             with _timed(state, "data", device):
@@ -461,6 +416,9 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx
             metric.update(real_eval, fake_eval, ids, qout)
     state.ids += ids
     state.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
+    if state.exporter is not None:
+        with _timed(state, "export", device):
+            state.exporter.add(ids, real_eval, fake_eval)
     if out_dir is not None and settings.samples:
         with _timed(state, "samples", device):
             _save_samples(out_dir, gidx, ids, real_eval, fake_eval, settings.samples, state)
@@ -605,6 +563,17 @@ def _data_card(dataset: Any, ids: list[str], originals_hash: str, skipped: Seque
     return data
 
 
+def _exporter(settings: EvalSettings, out: Optional[Path]) -> Any:
+    """The `--save-recon` exporter writing under `<run>/export`, or None."""
+    if settings.save_recon is None:
+        return None
+    if out is None:
+        raise UserError(f"eval.save_recon: '{settings.save_recon}' needs an output directory (gsqbench eval --out DIR)")
+    from gsqbench.export import ImageExporter
+
+    return ImageExporter(out / "export", settings.save_recon)
+
+
 def _card(tokenizer: nn.Module, settings: EvalSettings, metrics: Sequence[Metric], data: Mapping[str, Any],
           rows: Sequence[MetricValue], device: torch.device, model_info: Mapping[str, Any],
           state: _PassState) -> dict:
@@ -671,20 +640,22 @@ def evaluate(
     check_required_weights(settings.require)
     torch.manual_seed(settings.seed)
     meter = CostMeter(device)
+    out = Path(out_dir) if out_dir is not None else None
+    exporter = _exporter(settings, out)
     if metrics is None:
         reference = _reference_fields(dataset, settings) if _needs_reference(settings) else None
-        metrics = build_metrics(settings, device, tokenizer, reference, meter)
+        metrics = build_metrics(settings, device, tokenizer, reference, meter, out)
     metrics = list(metrics)
-    out = Path(out_dir) if out_dir is not None else None
-    checkpoint = EvalCheckpoint(out, settings.checkpoint_every, metrics,
+    # the image export keeps no saveable state: with --save-recon the evaluation runs without checkpoints
+    checkpoint = EvalCheckpoint(out, 0 if exporter is not None else settings.checkpoint_every, metrics,
                                 lambda: _fingerprint_fields(tokenizer, dataset, settings, metrics))
-    state = _PassState()
+    state = _PassState(exporter=exporter)
     try:
         with torch.no_grad(), _eval_state(tokenizer, settings):
             restored = checkpoint.restore(metrics)
             if restored is not None:
                 state = _PassState.from_dict(restored)
-                state.resumed_at_image = state.images_read
+                state.resumed_at_image, state.exporter = state.images_read, exporter
             from gsqbench.data import resolve_num_workers
 
             state.num_workers = resolve_num_workers(settings.num_workers, dataset, settings.batch_size)
@@ -697,12 +668,17 @@ def evaluate(
             for metric in metrics:
                 with _timed(state, f"sync:{type(metric).__name__}", device):
                     metric.sync()
+            if exporter is not None:
+                with _timed(state, "export", device):
+                    exporter.finish()
             counts = _code_counts(metrics)
             rows = []
             for metric in metrics:
                 with _timed(state, f"compute:{type(metric).__name__}", device):
                     rows += metric.compute()
     finally:
+        if exporter is not None:
+            exporter.close()
         for metric in metrics:
             metric.close()
     _check_required(rows, settings.require)

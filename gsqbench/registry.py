@@ -41,8 +41,9 @@ _BUILTIN_PACKAGE = "_gsqbench_tokenizers"  # private name space for tokenizers/*
 _PLUGIN_PACKAGE = "_gsqbench_plugins"  # private name space for --plugins files
 #: modules whose import registers the built-in metrics and discriminators
 BUILTIN_MODULES = (
-    "gsqbench.metrics.pixel", "gsqbench.metrics.lpips", "gsqbench.metrics.fid", "gsqbench.metrics.codebook",
-    "gsqbench.metrics.cost", "gsqbench.models.discriminator",
+    "gsqbench.metrics.pixel", "gsqbench.metrics.lpips", "gsqbench.metrics.fid", "gsqbench.metrics.rfd_dinov2",
+    "gsqbench.metrics.kid", "gsqbench.metrics.prc", "gsqbench.metrics.codebook", "gsqbench.metrics.cost",
+    "gsqbench.models.discriminator",
 )
 
 

@@ -1,12 +1,19 @@
-"""Regression checks: compare results with a committed baseline CSV, metric by metric, direction-aware.
+"""Regression checks: compare results with a committed baseline CSV, metric by metric, direction-aware: a CI gate.
 
 Each (suite, run, metric) row gets one status:
-  ok           within tolerance (or an informational metric such as images/s, which never regresses)
-  regressed    worse than the baseline by more than the tolerance, in the metric's direction
-  improved     better by more than the tolerance
-  new          in the results but not in the baseline
-  missing      in the baseline but not in the results (or now unavailable)
-  incomparable fairness hash, card hash (protocol) or device differ, so the numbers are not comparable
+  ok             within tolerance (or an informational metric such as images/s, which never regresses)
+  regressed      worse than the baseline by more than the tolerance, in the metric's direction; also every baseline
+                 row of a run that diverged (run.json status `diverged`)
+  improved       better by more than the tolerance
+  new            in the results but not in the baseline (informational)
+  missing        in the baseline but not in the results (or now unavailable)
+  incomparable   fairness hash, card hash (protocol) or device differ, so the numbers are not comparable
+  not_comparable the value itself is not comparable (metrics.csv `not_comparable`, e.g. too few tokens for V):
+                 shown with its reason, never gated
+
+The gate (exit_code) fails on regressed, missing and incomparable rows; `allow=("missing", "incomparable")` accepts
+those two. With `noise_aware`, a change counts only when it exceeds both the tolerance and the 95 % band of the two
+rows' standard errors combined (1.96·√(se_b² + se_c²)); rows without a standard error fall back to the tolerance.
 
 Tolerances: built-in defaults < the suite's `regress:` block (stored in run.json's spec; see suite_tolerances) <
 `--tolerance metric=value` on the command line. A plain number is an absolute tolerance, "2%" a relative one.
@@ -26,13 +33,19 @@ from gsqbench.io import atomic_write_text
 from gsqbench.results import (
     METRIC_COLUMNS, fmt_float, normalize_metrics_frame, read_run_info, rows_to_csv,
 )
+from gsqbench.stats import MACHINE_DEPENDENT
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "regressed", "improved", "new", "missing", "incomparable")
+STATUSES = ("ok", "regressed", "improved", "new", "missing", "incomparable", "not_comparable")
+#: statuses that fail the gate, and those of them a user may accept with --allow
+FAILING = ("regressed", "missing", "incomparable")
+ALLOWABLE = ("missing", "incomparable")
+#: z of a two-sided 95 % interval: the noise band of --noise-aware is Z95·√(se_b² + se_c²)
+Z95 = 1.959963984540054
 _ID_COLUMNS = ("suite", "run", "subject", "seed")
 #: row fields whose mismatch makes two rows incomparable, with the words used to say so
 _COMPAT_FIELDS = (("fairness_hash", "fairness hash"), ("card_hash", "card hash (protocol)"), ("device", "device"))
@@ -69,8 +82,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 #: for a metric with a direction but no default: 1 % of the baseline
 FALLBACK_TOLERANCE = _rel(0.01)
 #: timing/cost/shape metrics: reported, never a regression (they depend on the machine or are fixed by the spec)
-INFORMATIONAL = frozenset({
-    "encode_images_per_s", "decode_images_per_s", "train_images_per_s", "train_time_s", "peak_memory_mb",
+INFORMATIONAL = MACHINE_DEPENDENT | frozenset({
     "tokens_counted", "params", "params_quantizer", "bits_per_token", "bits_per_image", "compression_ratio",
 })
 
@@ -179,23 +191,49 @@ def _incompatibility(cur: Mapping[str, Any], base: Mapping[str, Any]) -> str:
     return "; ".join(reasons)
 
 
-def _judge(metric: str, direction: str, base: float, cur: float, tol: Tolerance) -> tuple[str, str]:
+def _stderr(row: Mapping[str, Any], side: str) -> float:
+    """A row's standard error: `stderr`, else half its 95 % interval / 1.96; NaN when it has neither."""
+    se = _num(row.get(f"stderr_{side}"))
+    if math.isfinite(se):
+        return se
+    lo, hi = _num(row.get(f"ci_low_{side}")), _num(row.get(f"ci_high_{side}"))
+    return (hi - lo) / (2 * Z95) if math.isfinite(lo) and math.isfinite(hi) else math.nan
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _judge(metric: str, direction: str, base: float, cur: float, tol: Tolerance,
+           noise: float | None = None) -> tuple[str, str]:
+    """`noise` (noise-aware mode): the 95 % band of the difference; NaN when a row has no interval."""
     if metric in INFORMATIONAL or direction not in ("lower", "higher"):
         return "ok", "informational"
     allowed = tol.allowed(base)
     worse_by = (cur - base) if direction == "lower" else (base - cur)
-    if worse_by > allowed:
-        return "regressed", f"worse by {worse_by:.4g} > {allowed:.4g}"
-    if -worse_by > allowed:
-        return "improved", f"better by {-worse_by:.4g} > {allowed:.4g}"
+    band = "" if noise is None else \
+        f" and > noise {noise:.4g}" if math.isfinite(noise) else " (no interval: tolerance only)"
+    limit = allowed if noise is None or not math.isfinite(noise) else max(allowed, noise)
+    if worse_by > limit:
+        return "regressed", f"worse by {worse_by:.4g} > {allowed:.4g}{band}"
+    if -worse_by > limit:
+        return "improved", f"better by {-worse_by:.4g} > {allowed:.4g}{band}"
+    if noise is not None and math.isfinite(noise) and abs(worse_by) > allowed:
+        return "ok", f"within noise: |change| {abs(worse_by):.4g} <= {noise:.4g}"
     return "ok", ""
 
 
-def _status(row: Mapping[str, Any], tol: Tolerance) -> tuple[str, str]:
+def _status(row: Mapping[str, Any], tol: Tolerance, *, diverged: str = "",
+            noise_aware: bool = False) -> tuple[str, str]:
     metric = row["metric"]
     base_av, cur_av = row.get("unavailable_b", ""), row.get("unavailable_c", "")
     if row["_merge"] == "left_only":
         return "new", ""
+    if diverged:
+        return "regressed", f"run {diverged}"
     if row["_merge"] == "right_only":
         return "missing", "not in the results"
     cur = {c: row.get(f"{c}_c") for c, _ in _COMPAT_FIELDS}
@@ -203,6 +241,10 @@ def _status(row: Mapping[str, Any], tol: Tolerance) -> tuple[str, str]:
     why = _incompatibility(cur, base)
     if why:
         return "incomparable", why
+    not_comparable = row.get("not_comparable_c") or row.get("not_comparable_b")
+    if not_comparable:
+        side = "" if row.get("not_comparable_c") else " (in the baseline)"
+        return "not_comparable", f"{not_comparable}{side}"
     base_val, cur_val = row["value_b"], row["value_c"]
     if cur_av or math.isnan(cur_val):
         return ("ok", "unavailable in both") if (base_av or math.isnan(base_val)) else \
@@ -210,14 +252,17 @@ def _status(row: Mapping[str, Any], tol: Tolerance) -> tuple[str, str]:
     if base_av or math.isnan(base_val):
         return "new", "unavailable in the baseline"
     direction = row["direction_b"] if row["direction_b"] != "none" else row["direction_c"]
-    return _judge(metric, direction, base_val, cur_val, tol)
+    noise = Z95 * math.sqrt(_stderr(row, "b") ** 2 + _stderr(row, "c") ** 2) if noise_aware else None
+    return _judge(metric, direction, base_val, cur_val, tol, noise)
 
 
 def compare(current: "pd.DataFrame", baseline: "pd.DataFrame", *,
             cli_tolerances: Mapping[str, Tolerance] | None = None,
-            suite_tols: Mapping[str, Mapping[str, Tolerance]] | None = None) -> "pd.DataFrame":
+            suite_tols: Mapping[str, Mapping[str, Tolerance]] | None = None,
+            diverged: Mapping[tuple[str, str], str] | None = None, noise_aware: bool = False) -> "pd.DataFrame":
     """One row per key in either frame: suite, run, subject, seed, metric, baseline, current, delta, tolerance,
-    status, reason. `suite_tols` maps suite name → its spec tolerances."""
+    status, reason. `suite_tols` maps suite name → its spec tolerances; `diverged` maps (suite, run id) and
+    (suite, subject/seed) of runs that diverged → "diverged at step N (term)"."""
     import pandas as pd
 
     keys = key_columns(baseline)
@@ -234,8 +279,10 @@ def compare(current: "pd.DataFrame", baseline: "pd.DataFrame", *,
                    else v) for k, v in row.items()}
         suite = row.get("suite") or row.get("suite_c") or row.get("suite_b") or ""
         tol = tolerance_for(row["metric"], cli_tolerances or {}, (suite_tols or {}).get(suite, {}))
-        status, reason = _status(row, tol)
         ident = {c: (row.get(c) if c in keys else (row.get(f"{c}_c") or row.get(f"{c}_b") or "")) for c in _ID_COLUMNS}
+        div = (diverged or {}).get((suite, str(ident["run"]))) if ident["run"] else \
+            (diverged or {}).get((suite, f"{ident['subject']}/{ident['seed']}"))
+        status, reason = _status(row, tol, diverged=div or "", noise_aware=noise_aware)
         base_val, cur_val = row.get("value_b", float("nan")), row.get("value_c", float("nan"))
         out.append({**ident, "metric": row["metric"],
                     "direction": (row.get("direction_c") or row.get("direction_b") or "none"),
@@ -245,15 +292,43 @@ def compare(current: "pd.DataFrame", baseline: "pd.DataFrame", *,
     result = pd.DataFrame(out, columns=[*_ID_COLUMNS, "metric", "direction", "baseline", "current", "delta",
                                         "tolerance", "status", "reason"])
     # problems first, so a long table starts with what needs a look
-    rank = {s: i for i, s in enumerate(("regressed", "incomparable", "missing", "new", "improved", "ok"))}
+    rank = {s: i for i, s in enumerate(("regressed", "incomparable", "missing", "new", "not_comparable", "improved",
+                                        "ok"))}
     result["_rank"] = result["status"].map(rank)
     result = result.sort_values(["_rank", "suite", "run", "subject", "metric"], kind="stable")
     return result.drop(columns="_rank").reset_index(drop=True)
 
 
-def exit_code(comparison: "pd.DataFrame") -> int:
-    """1 when any row regressed, else 0."""
-    return int((comparison["status"] == "regressed").any())
+def failing(allow: Iterable[str] = ()) -> tuple[str, ...]:
+    """The statuses that fail the gate once `allow` (a subset of ALLOWABLE) is accepted."""
+    bad = sorted(set(allow) - set(ALLOWABLE))
+    if bad:
+        raise UserError(f"--allow {bad[0]!r}: valid values are {', '.join(ALLOWABLE)}")
+    return tuple(s for s in FAILING if s not in set(allow))
+
+
+def exit_code(comparison: "pd.DataFrame", allow: Iterable[str] = ()) -> int:
+    """1 when any row is regressed, missing or incomparable (minus the statuses in `allow`), else 0."""
+    return int(comparison["status"].isin(failing(allow)).any())
+
+
+def failure_lines(comparison: "pd.DataFrame", allow: Iterable[str] = (), max_metrics: int = 6) -> list[str]:
+    """One line per failing (status, reason): which rows (suite/run: metrics) and why, with the way out."""
+    bad = comparison[comparison["status"].isin(failing(allow))]
+    hints = {"missing": "rerun them, or pass --allow missing", "incomparable": "pass --allow incomparable, or update "
+             "the baseline (--update) if the change is intended", "regressed": "fix it, or accept with --update"}
+    lines = []
+    for (status, reason), rows in bad.groupby(["status", "reason"], sort=False):
+        per_run: dict[str, list[str]] = {}
+        for r in rows.to_dict("records"):
+            per_run.setdefault(f"{r['suite']}/{r['run'] or r['subject']}", []).append(str(r["metric"]))
+        parts = []
+        for run, metrics in per_run.items():
+            more = f", … ({len(metrics)} metrics)" if len(metrics) > max_metrics else ""
+            shown = ", ".join(metrics[:max_metrics]) + more
+            parts.append(f"{run} [{shown}]")
+        lines.append(f"FAIL {status}: {'; '.join(parts)}: {' '.join(str(reason).split()) or status} ({hints[status]})")
+    return lines
 
 
 def summary(comparison: "pd.DataFrame") -> dict[str, int]:
@@ -315,8 +390,33 @@ def suite_tolerances_from_results(current: "pd.DataFrame") -> dict[str, dict[str
     return out
 
 
+def _divergence_words(d: Mapping[str, Any]) -> str:
+    """run.json's `divergence: {step, term, value}` as "diverged at step N (term = value)"."""
+    term = d.get("term")
+    detail = f" ({term}" + (f" = {d['value']}" if d.get("value") is not None else "") + ")" if term else ""
+    return f"diverged at step {d.get('step', '?')}{detail}"
+
+
+def diverged_runs(current: "pd.DataFrame") -> dict[tuple[str, str], str]:
+    """(suite, run id) and (suite, "subject/seed") → "diverged at step N (term = value)" for every run whose run.json
+    says `status: diverged`."""
+    out: dict[tuple[str, str], str] = {}
+    if "run_dir" not in current.columns:
+        return out
+    for run_dir in current["run_dir"].drop_duplicates():
+        info = read_run_info(run_dir)
+        if info.get("status") != "diverged":
+            continue
+        text = _divergence_words(info.get("divergence") or {})
+        suite = str(info.get("suite", ""))
+        out[(suite, str(info.get("run_id", "")))] = text
+        out[(suite, f"{info.get('subject', '')}/{'' if info.get('seed') is None else info.get('seed')}")] = text
+    return out
+
+
 def regress(results_dirs: Iterable[str | os.PathLike], baseline_path: str | os.PathLike, *,
-            cli_tolerances: Mapping[str, Tolerance] | None = None, update: bool = False) -> "pd.DataFrame":
+            cli_tolerances: Mapping[str, Tolerance] | None = None, update: bool = False,
+            noise_aware: bool = False) -> "pd.DataFrame":
     """Load results, compare with the baseline (an absent baseline is allowed only with `update`), and with
     `update` write the accepted rows back. Returns the comparison table."""
     import pandas as pd
@@ -329,7 +429,8 @@ def regress(results_dirs: Iterable[str | os.PathLike], baseline_path: str | os.P
     else:
         baseline = normalize_metrics_frame(pd.DataFrame(columns=list(METRIC_COLUMNS)))
     comparison = compare(current, baseline, cli_tolerances=cli_tolerances,
-                         suite_tols=suite_tolerances_from_results(current))
+                         suite_tols=suite_tolerances_from_results(current), diverged=diverged_runs(current),
+                         noise_aware=noise_aware)
     if update:
         update_baseline(baseline_path, current, baseline)
         log.info("baseline %s updated with %d rows", baseline_path, len(current))

@@ -13,6 +13,7 @@ with value, stderr, interval, direction and the hashes that say which rows may b
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -30,7 +31,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from gsqbench.errors import UserError
-from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_child
+from gsqbench.io import (
+    atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_dir, safe_child, safe_name,
+)
 
 if TYPE_CHECKING:  # pandas is imported lazily so writers stay cheap inside training processes
     import pandas as pd
@@ -110,6 +113,58 @@ def run_dir_for(results_root: str | os.PathLike, suite: str, run_id: str) -> Pat
     return safe_child(results_root, suite, run_id)
 
 
+#: written by `gsqbench eval` into every folder it creates; an existing folder without it is not eval's to write
+EVAL_MARKER = ".gsqbench-eval.json"
+#: hidden bookkeeping files that do not make a folder "someone else's"
+_BOOKKEEPING = (EVAL_MARKER, ".gsqbench.lock")
+
+
+def default_eval_dir(results_root: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
+    """`<root>/eval/<name>-<8 hex of sha256(absolute path)>`: two checkpoints that share a basename never share a
+    folder, and the same checkpoint always gets the same one (a re-evaluation replaces its own results)."""
+    resolved = Path(checkpoint).absolute().resolve()
+    digest = hashlib.sha256(str(resolved).encode("utf-8")).hexdigest()[:8]
+    return safe_child(results_root, "eval", f"{resolved.name}-{digest}")
+
+
+def eval_dir_state(out_dir: str | os.PathLike, *, force: bool = False) -> str:
+    """'new' (absent or empty), 'eval' (created by gsqbench eval) or 'forced'; refuses a folder eval did not create.
+
+    Reads only: call it on every rank before anything is written. A UserError names what the folder holds.
+    """
+    out = check_output_dir(out_dir, "--out")
+    if not out.exists():
+        return "new"
+    entries = sorted(p.name for p in out.iterdir() if p.name not in _BOOKKEEPING and not p.name.endswith(".tmp"))
+    if (out / EVAL_MARKER).is_file():
+        return "eval"
+    if not entries:
+        return "new"
+    if force:
+        return "forced"
+    raise UserError(f"--out {out}: refusing to write into a folder that `gsqbench eval` did not create (it holds "
+                    f"{_describe_folder(out, entries)}); choose another --out, or pass --force to replace its "
+                    "evaluation files (run.json, metrics.csv, per_image.csv, codes.npz, samples/)")
+
+
+def _describe_folder(out: Path, entries: Sequence[str]) -> str:
+    try:
+        info = read_run_info(out)
+    except UserError:
+        info = {}
+    if info.get("run_id"):
+        return f"results of run '{info.get('run_id')}' of suite '{info.get('suite', '?')}'"
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: {shown}"
+
+
+def mark_eval_dir(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
+    """Record that `gsqbench eval` created `out_dir` (so later evaluations may replace their own results there)."""
+    return atomic_write_json(Path(out_dir) / EVAL_MARKER, {
+        "created_by": "gsqbench eval", "checkpoint": str(Path(checkpoint).absolute()),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
 def _as_dict(metric: Any) -> dict[str, Any]:
     if is_dataclass(metric) and not isinstance(metric, type):
         return asdict(metric)
@@ -168,12 +223,16 @@ def rows_to_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_run(run_dir: str | os.PathLike, run_info: Mapping[str, Any], metrics: Sequence[Any], *,
-              per_image: Mapping[str, Sequence[Any]] | None = None, code_counts: np.ndarray | None = None) -> Path:
+              per_image: Mapping[str, Sequence[Any]] | None = None, code_counts: np.ndarray | None = None,
+              samples: Sequence[str] | None = None) -> Path:
     """The one results writer (`run` and `eval`): per_image.csv, codes.npz, metrics.csv, then run.json, atomically.
 
     `run_info` carries run_id, suite, subject, seed, grid, spec, fairness_hash, card, card_hash, provenance, status
     (default `done`); `provenance` is filled when the caller gave none. run.json is written last, so a reader that
-    sees it sees complete results.
+    sees it sees complete results. Each file replaces its previous version only once complete; if a write fails,
+    the previous files stay as they were. After run.json, what an earlier evaluation left and this one did not
+    write is removed, so results never mix: per_image.csv / codes.npz when not given, and, when `samples` (the
+    image ids whose PNGs this evaluation saved, all ranks) is given, every other PNG under samples/.
     """
     info = dict(run_info)
     for key in ("run_id", "suite", "subject"):
@@ -192,7 +251,25 @@ def write_run(run_dir: str | os.PathLike, run_info: Mapping[str, Any], metrics: 
         write_code_counts(run_dir, code_counts)
     atomic_write_text(run_dir / METRICS_FILE, rows_to_csv(rows, METRIC_COLUMNS))
     atomic_write_json(run_dir / RUN_FILE, info)
+    remove_stale_outputs(run_dir, per_image=bool(per_image), code_counts=code_counts is not None, samples=samples)
     return run_dir
+
+
+def remove_stale_outputs(run_dir: str | os.PathLike, *, per_image: bool, code_counts: bool,
+                         samples: Sequence[str] | None) -> list[Path]:
+    """Delete result files of an earlier evaluation that the latest one did not rewrite; returns what went."""
+    run_dir = Path(run_dir)
+    stale = [run_dir / name for name, kept in ((PER_IMAGE_FILE, per_image), (CODES_FILE, code_counts))
+             if not kept and (run_dir / name).is_file()]
+    if samples is not None:
+        keep = {safe_name(i) for i in samples} | {str(i) for i in samples}
+        for kind in ("real", "recon"):
+            stale += [p for p in sorted((run_dir / "samples" / kind).glob("*.png")) if p.stem not in keep]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("%s: removed %d file(s) left by an earlier evaluation", run_dir, len(stale))
+    return stale
 
 
 def write_per_image(run_dir: str | os.PathLike, per_image: Mapping[str, Sequence[Any]]) -> Path:
@@ -334,17 +411,55 @@ def find_run_dirs(*roots: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+def check_csv_complete(path: Path, required: Sequence[str] = ("metric", "value")) -> str:
+    """The text of a results CSV written by `write_run`, or a UserError saying how it is damaged.
+
+    A file cut short (disk full, a copy interrupted, a killed writer outside gsqbench) would otherwise parse
+    as fewer or half rows: every row must have exactly the header's number of fields and the file must end with
+    a newline, as the writer leaves it.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file")
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise UserError(f"{path}: not a readable CSV ({exc})") from None
+    header = rows[0]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(METRIC_COLUMNS)}")
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise UserError(f"{path}: line {i} has {len(row)} of {len(header)} fields (file truncated or corrupt)")
+    if not text.endswith("\n"):
+        raise UserError(f"{path}: truncated (the last line, line {len(rows)}, has no end of line)")
+    return text
+
+
 def _read_metrics_csv(path: Path) -> "pd.DataFrame":
     import pandas as pd
 
+    text = check_csv_complete(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise UserError(f"{path}: not a readable metrics CSV ({exc})") from None
-    missing = [c for c in ("metric", "value") if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(METRIC_COLUMNS)}")
     return df
+
+
+def read_metrics(run_dir: str | os.PathLike) -> "pd.DataFrame":
+    """One run's metrics.csv, checked complete and normalised (numeric columns parsed); UserError naming the file
+    and the damage otherwise."""
+    path = Path(run_dir) / METRICS_FILE
+    return normalize_metrics_frame(_read_metrics_csv(path), str(path))
 
 
 def _parse_float(value: Any, column: str, source: str) -> float:
@@ -392,7 +507,7 @@ def load_results(*dirs: str | os.PathLike) -> "pd.DataFrame":
         raise UserError(f"no {METRICS_FILE} found under {', '.join(str(d) for d in dirs)}")
     frames = []
     for rd in run_dirs:
-        df = normalize_metrics_frame(_read_metrics_csv(rd / METRICS_FILE), str(rd / METRICS_FILE))
+        df = read_metrics(rd)
         df["run_dir"] = str(rd)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)

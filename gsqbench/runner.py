@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -86,26 +87,38 @@ def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema
 
 
 def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
-            progress: bool, min_size: Optional[int] = None) -> dict[str, float]:
-    """Train (or resume) then evaluate one run and write its results directory; returns metric -> value."""
+            progress: bool, label: str = "", min_size: Optional[int] = None) -> dict[str, float]:
+    """Train (or resume) then evaluate one run and write its results directory; returns metric -> value.
+
+    `label` (e.g. "[2/4] vq-s0") starts the one-line stage messages (gsqbench.progress); `min_size` refuses
+    evaluation images whose shorter side is below it (README "Corrupt and small images")."""
     import torch
 
     from gsqbench import distributed as ddp
     from gsqbench.evaluate import evaluate
+    from gsqbench.progress import fmt_seconds, stage
     from gsqbench.results import provenance, write_run
     from gsqbench.train import train_metrics, train_run
 
+    label = label or run.run_id
     train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
     eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval", min_size=min_size)
     trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
+    if ddp.is_main():
+        resumed = f" (resumed from step {trained.resumed_from})" if trained.resumed_from is not None else ""
+        stage("%s trained %d steps in %s%s", label, trained.steps, fmt_seconds(trained.time_s), resumed)
     dev = next(trained.model.parameters()).device
     settings = eval_settings(run, require, trained.weights, progress, str(run_dir.parent / ".fid-cache"))
+    t0 = time.perf_counter()
     with torch.no_grad():
         ev = evaluate(trained.model, eval_ds, settings, device=dev, out_dir=run_dir,
                       model_info={"fairness_hash": run.fairness_hash, "step": trained.steps,
                                   "weights": trained.weights})
     metrics = [*ev.metrics, *train_metrics(trained)]
+    saved = sorted({i for part in ddp.all_gather_objects(ev.samples) for i in part})
     if ddp.is_main():
+        stage("%s evaluated %d images in %s", label, len(ev.per_image.get("image_id", [])),
+              fmt_seconds(time.perf_counter() - t0))
         info = {
             "run_id": run.run_id, "suite": run.suite, "subject": run.subject, "seed": run.seed,
             "grid": dict(run.grid), "spec": run.spec_json(),
@@ -115,7 +128,7 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
             "provenance": provenance(device=str(dev), precision=run.shared.train.precision,
                                      world_size=ddp.world_size()),
         }
-        write_run(run_dir, info, metrics, per_image=ev.per_image, code_counts=ev.code_counts)
+        write_run(run_dir, info, metrics, per_image=ev.per_image, code_counts=ev.code_counts, samples=saved)
     return {m.name: m.value for m in metrics}
 
 
@@ -135,32 +148,45 @@ def _finished_metrics(run_dir: Path) -> dict[str, float]:
 def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] = None, *, device: str = "cpu",
               report_dir: Optional[str | Path] = None, strict_data: bool = False, require: Sequence[str] = (),
               progress: bool = True, min_size: Optional[int] = None) -> SuiteResult:
-    """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`."""
+    """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`.
+
+    Each run folder is locked while its run is checked, trained, evaluated and written (gsqbench.locks, held by
+    rank 0): a second process on the same folder is refused with one line naming the holder, so two suites with
+    different specs can never mix results in one folder.
+    """
     from gsqbench import distributed as ddp
+    from gsqbench.progress import fmt_seconds, stage
     from gsqbench.results import run_dir_for
     from gsqbench.validate import validate_suite
 
     validate_suite(suite)
     runs = expand_runs(suite, only)
     if require:  # fail before hours of training, not after
-        from gsqbench.evaluate import check_required_weights
+        from gsqbench.metrics.catalogue import check_required_weights
 
         eval_settings(runs[0], require)
         check_required_weights(tuple(require))
+    ddp.init_from_env(device)  # the locks are coordinated across ranks from the first run on
     out = SuiteResult()
     for i, run in enumerate(runs):
         run_dir = run_dir_for(results_root, suite.suite, run.run_id)
         out.run_dirs.append(run_dir)
-        if is_finished(run, run_dir):
-            log.info("[%d/%d] %s: finished earlier, skipped", i + 1, len(runs), run.run_id)
-            out.skipped.append(run.run_id)
-            out.summary[run.run_id] = _finished_metrics(run_dir)
-            continue
-        log.info("[%d/%d] %s: training %d steps", i + 1, len(runs), run.run_id, run.shared.train.steps)
-        out.summary[run.run_id] = run_one(run, run_dir, device=device, strict_data=strict_data, require=require,
-                                          progress=progress, min_size=min_size)
+        label = f"[{i + 1}/{len(runs)}] {run.run_id}"
+        t0 = time.perf_counter()
+        with ddp.rank0_lock(run_dir, f"gsqbench run {suite.suite}/{run.run_id}"):
+            if is_finished(run, run_dir):
+                stage("%s finished earlier, skipped", label)
+                out.skipped.append(run.run_id)
+                out.summary[run.run_id] = _finished_metrics(run_dir)
+                continue
+            out.summary[run.run_id] = run_one(run, run_dir, device=device, strict_data=strict_data,
+                                              require=require, progress=progress, label=label, min_size=min_size)
+        if ddp.is_main():
+            stage("%s done in %s: %s", label, fmt_seconds(time.perf_counter() - t0), run_dir)
     if report_dir is not None and ddp.is_main():
+        t0 = time.perf_counter()
         out.report = render_report(run_dir_for(results_root, suite.suite, "_").parent, Path(report_dir))
+        stage("report written in %s: %s", fmt_seconds(time.perf_counter() - t0), out.report)
     return out
 
 
@@ -229,12 +255,14 @@ def checkpoint_model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec, *, out_dir: str | Path,
                         device: Optional[str] = None, seed: int = 0, num_workers: Optional[int] = None,
-                        progress: bool = True,
-                        weights: Optional[str] = None) -> Any:
+                        progress: bool = True, weights: Optional[str] = None, force: bool = False) -> Any:
     """Load `checkpoint` (gsqbench dir or official release), evaluate it on `data`, write `out_dir` (rank 0).
 
     `weights` (ema | raw) overrides what the checkpoint says it holds. Works under torchrun: every rank evaluates its
-    shard. Returns the gsqbench.evaluate.EvalResult.
+    shard. `out_dir` must be new, empty, or a folder an earlier `gsqbench eval` created; any other folder (a suite's
+    run folder, say) is refused unless `force`, and even then only the evaluation files are replaced: the PNGs and
+    tables an earlier evaluation left are removed once the new results are written, never mixed in. The folder is
+    locked meanwhile (gsqbench.locks). Returns the gsqbench.evaluate.EvalResult.
     """
     import dataclasses
 
@@ -243,34 +271,40 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
     from gsqbench.data import build_dataset
     from gsqbench.evaluate import EvalSettings, evaluate
     from gsqbench.io import safe_name
-    from gsqbench.results import provenance, write_run
+    from gsqbench.results import eval_dir_state, mark_eval_dir, provenance, write_run
 
+    run_dir = Path(out_dir)
+    state = eval_dir_state(run_dir, force=force)  # reads only; every rank decides the same before any write
     settings = EvalSettings.from_spec(spec, seed=seed, num_workers=num_workers, progress=progress,
                                       weights=weights or spec.weights)
     distributed = ddp.init_from_env(device or "auto")
     dev = ddp.resolve_device(device or "auto")
     ckpt = Path(checkpoint)
     try:
-        tok, meta = load_tokenizer(ckpt)
+        tok, meta = load_tokenizer(ckpt)  # bad input fails here, before the folder is created
         if weights is None and meta.get("weights") in ("ema", "raw"):
             settings = dataclasses.replace(settings, weights=meta["weights"])
         dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
                                 crop=data.crop, n=data.n, seed=data.seed, strict=data.strict,
                                 min_size=data.min_size)
-        run_dir = Path(out_dir)
-        result = evaluate(tok.eval().to(dev), dataset, settings, device=dev, out_dir=run_dir,
-                          model_info=checkpoint_model_info(ckpt, meta))
-        if ddp.is_main():
-            info = {
-                "run_id": run_dir.name, "suite": run_dir.parent.name or "eval",
-                "subject": safe_name(str(meta.get("official_name") or meta.get("run_id") or ckpt.name)),
-                "seed": seed, "grid": {}, "spec": {"checkpoint": str(ckpt), "model": meta.get("model_spec"),
-                                                   "quantizer": meta.get("quantizer_spec"), "data": data.label()},
-                "fairness_hash": meta.get("fairness_hash"), "card": result.card, "card_hash": result.card_hash,
-                "provenance": provenance(device=str(dev), precision=result.card["precision"]["model"],
-                                         world_size=ddp.world_size()),
-            }
-            write_run(run_dir, info, result.metrics, per_image=result.per_image, code_counts=result.code_counts)
+        with ddp.rank0_lock(run_dir, f"gsqbench eval {ckpt}"):
+            if state == "new" and ddp.is_main():  # an eval folder keeps its marker; a forced one gets none
+                mark_eval_dir(run_dir, ckpt)
+            result = evaluate(tok.eval().to(dev), dataset, settings, device=dev, out_dir=run_dir,
+                              model_info=checkpoint_model_info(ckpt, meta))
+            saved = sorted({i for part in ddp.all_gather_objects(result.samples) for i in part})
+            if ddp.is_main():
+                info = {
+                    "run_id": run_dir.name, "suite": run_dir.parent.name or "eval",
+                    "subject": safe_name(str(meta.get("official_name") or meta.get("run_id") or ckpt.name)),
+                    "seed": seed, "grid": {}, "spec": {"checkpoint": str(ckpt), "model": meta.get("model_spec"),
+                                                       "quantizer": meta.get("quantizer_spec"), "data": data.label()},
+                    "fairness_hash": meta.get("fairness_hash"), "card": result.card, "card_hash": result.card_hash,
+                    "provenance": provenance(device=str(dev), precision=result.card["precision"]["model"],
+                                             world_size=ddp.world_size()),
+                }
+                write_run(run_dir, info, result.metrics, per_image=result.per_image, code_counts=result.code_counts,
+                          samples=saved)
     finally:
         if distributed:
             ddp.shutdown()

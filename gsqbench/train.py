@@ -452,10 +452,17 @@ def train_run(run: RunSpec, run_dir: str | Path, dataset: Any, *, device: str = 
     """Train one run to `run.shared.train.steps` (resuming if a checkpoint exists) and export the tokenizer.
 
     `stop_after` ends the process early after that many steps in total (tests of kill/resume use it as a
-    barrier-free way to cut a run short; a real interruption is just a killed process).
+    barrier-free way to cut a run short; a real interruption is just a killed process). The run folder is locked
+    for the duration (gsqbench.locks; rank 0 holds it): a second process training the same run is refused.
     """
     run_dir = Path(run_dir)
     ddp.init_from_env(device)
+    with ddp.rank0_lock(run_dir, f"train {run.suite}/{run.run_id}"):
+        return _train_locked(run, run_dir, dataset, device, progress, stop_after)
+
+
+def _train_locked(run: RunSpec, run_dir: Path, dataset: Any, device: str, progress: bool,
+                  stop_after: Optional[int]) -> TrainResult:
     dev = ddp.resolve_device(device)
     tr = build_trainer(run, dataset, dev)
     resumed = tr.step if try_resume(tr, run_dir) else None
@@ -493,11 +500,10 @@ def _record(tr: Trainer, row: dict[str, float], t: TrainSpec, bar: Any) -> None:
 
 
 def _progress_bar(enabled: bool, start: int, total: int, name: str):
-    from tqdm.auto import tqdm
+    from gsqbench.progress import Progress
 
-    # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI), so they are not flooded
-    return tqdm(total=total, initial=start, desc=f"train {name}", disable=None if enabled else True, leave=False,
-                dynamic_ncols=True)
+    # a bar on a terminal, one line per 10 % in a log (gsqbench.progress)
+    return Progress(total, f"{name} train", enabled=enabled, initial=start, unit="steps")
 
 
 def export_tokenizer(run: RunSpec, run_dir: Path, model: nn.Module, step: int, weights: str) -> None:

@@ -58,6 +58,10 @@ def validate_shared(shared: SharedSpec) -> None:
     m = shared.model
     resolve_model_config({"preset": m.preset, "latent_dim": m.latent_dim, **m.options})
     EvalSettings.from_spec(shared.eval)
+    if shared.eval.fid_reference_stats:  # read at evaluation, i.e. after training: check the path before it
+        from gsqbench.io import check_input_file
+
+        check_input_file(shared.eval.fid_reference_stats, "config key 'shared.eval.fid_reference_stats'")
     validate_discriminator(shared)
 
 

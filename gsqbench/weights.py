@@ -59,7 +59,7 @@ KNOWN_WEIGHTS: dict[str, WeightFile] = {
             # Full hash as published by a third-party repository (spec §11, unverified); prefix matches torch.hub.
             sha256="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
             size=96_000_000,
-            used_by="rfid@inception, is@inception (torch-fidelity inception-v3-compat)",
+            used_by="rfid@inception, is@inception, kid@inception (torch-fidelity inception-v3-compat)",
             note="full hash from a third-party listing (unverified)",
         ),
         WeightFile(
@@ -79,7 +79,8 @@ KNOWN_WEIGHTS: dict[str, WeightFile] = {
             sha256="397923af",
             sha256_is_prefix=True,
             size=528 * 2**20,
-            used_by="lpips@vgg, LPIPS training loss (trunk via torchvision)",
+            used_by="lpips@vgg, LPIPS training loss (trunk via torchvision); precision@vgg16, recall@vgg16 "
+            "(torch-fidelity FeatureExtractorVGG16, torchvision IMAGENET1K_V1)",
             note="pin full hash on first provisioning",
         ),
         WeightFile(
@@ -90,6 +91,17 @@ KNOWN_WEIGHTS: dict[str, WeightFile] = {
             size=None,
             used_by="DINO discriminator (GAN training)",
             note="hash unknown: recorded on first import/download",
+        ),
+        WeightFile(
+            name="dinov2-vitl14",
+            filename="dinov2_vitl14_pretrain.pth",
+            # the file torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14') fetches (dinov2/hub/backbones.py),
+            # which dgm-eval (Stein et al. 2023) uses for FD_DINOv2
+            url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+            sha256=None,
+            size=1_217_586_395,  # as listed by a third-party repository (unverified)
+            used_by="rfd@dinov2 (FD on DINOv2 ViT-L/14 class-token features)",
+            note="hash unpublished: pinned on first import/download",
         ),
     )
 }

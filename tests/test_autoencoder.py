@@ -213,6 +213,27 @@ def test_decode_indices_equals_decode_of_z_q(name, latent):
     assert torch.equal(x_hat, b) and torch.equal(out2.indices, out.indices)
 
 
+@pytest.mark.parametrize("lookup", ["bf16", "exact"])
+def test_gsq_decodes_the_same_from_z_q_and_indices_under_bf16_autocast(lookup):
+    # the gsq-compat setting: encode, lookup and decode under bf16 autocast. The official code hands the decoder
+    # the fp32 raw codebook rows (embedding output; ẑ + sg[q − ẑ] promotes to fp32), and so do we.
+    torch.manual_seed(0)
+    tok = build_tokenizer({"preset": "tiny-f4", "latent_dim": 8},
+                          {"name": "gsq", "dim": 8, "codebook_size": 4096, "groups": 4, "lookup_precision": lookup})
+    tok.eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tok.encode(x)
+        raw = tok.quantizer.codebook.weight[out.indices]  # (b, h, w, G, d) fp32 rows
+        assert out.z_q.dtype == torch.float32
+        assert torch.equal(out.z_q, raw.reshape(2, 4, 4, 8).permute(0, 3, 1, 2))
+        a = tok.decode(out.z_q)
+        b = tok.decode_indices(out.indices)
+        c = tok.decode(out.z_q.to(torch.bfloat16))  # what a bf16 z_q (the former behaviour) decodes to
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the decoder's input precision is visible, so the check can fail
+
+
 def test_tokenizer_trains_under_bf16_autocast_on_cpu():
     torch.manual_seed(0)
     tok = build_tokenizer({"preset": "tiny-f4", "latent_dim": 8}, {"name": "gsq", "dim": 8, "codebook_size": 16,

@@ -45,12 +45,29 @@ def test_quantizer_benchmark_demo_section_writes_json(tmp_path: Path) -> None:
     assert quantizers.main(["--only", "demo", "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     impls = {r["impl"]: r for r in data["rows"]}
-    assert set(impls) == {"straightforward full matrix", "gsq module fwd+bwd (ours)",
-                          "nearest_code search only (ours)", "vector-quantize-pytorch cosine"}
+    assert set(impls) == {"straightforward full matrix", quantizers.EXACT_TRAIN, quantizers.EXACT_EVAL,
+                          quantizers.EXPANDED, "search only, exact", "search only, fp32-expanded",
+                          "vector-quantize-pytorch cosine"}
     assert all(r["skipped"] is None and len(r["times_s"]) == 1 and r["median_s"] > 0 for r in impls.values())
     assert impls["straightforward full matrix"]["reference"] and data["matmul_gflops"] > 0
     bound = data["lower_bounds"][0]
     assert bound["dot_gflop"] == pytest.approx(2 * 512 * 2 * 64 * 4 / 1e9)  # 2·N·V·d, N = 512 positions × G = 2
+
+
+def test_lookup_precision_study_quick_run_writes_json(tmp_path: Path) -> None:
+    import lookup_precision
+
+    out = tmp_path / "lp.json"
+    assert lookup_precision.main(["--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    kinds = [r["latents"] for r in data["results"]]
+    assert kinds[0] == "random unit" and kinds[1].startswith("trained d=2")
+    for r in data["results"]:
+        assert r["d"] == 2 and r["V"] == 4096 and r["exact_codes_used"] >= 1 and r["tokens"] >= 256
+        for mode in ("bf16", "fp32-expanded"):
+            assert 0.0 <= r[mode]["agreement"] <= 1.0 and r[mode]["codes_used"] >= 1
+            # the exact lookup picks the nearest code, so no mode's mean angle is smaller (up to float noise)
+            assert r[mode]["mean_angle_deg"] >= r["exact_mean_angle_deg"] * (1 - 1e-6)
 
 
 def test_scale_benchmark_build_section_writes_json(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from gsqbench.validate import validate_suite
 
 #: EvalSpec fields hashed under `eval.options` (the layout before the eval spec was typed), when non-default
 _EVAL_OPTIONS = {"fid_reference_stats": None, "fid_cache_dir": None, "precision": None, "lpips_nets": ["alex", "vgg"]}
+#: EvalSpec fields that only choose which files an evaluation leaves behind: never hashed
+_EVAL_OUTPUTS = ("keep_features", "save_recon")
 
 
 def _hashed_json(shared) -> str:
@@ -23,7 +25,7 @@ def _hashed_json(shared) -> str:
     view["data"]["num_workers"] = 0  # a runtime knob (results identical for any worker count): hashed as 0
     ev = view["eval"]
     ev["options"] = {k: ev[k] for k, default in _EVAL_OPTIONS.items() if ev[k] != default}
-    for k in _EVAL_OPTIONS:
+    for k in (*_EVAL_OPTIONS, *_EVAL_OUTPUTS):
         del ev[k]
     return json.dumps(view, sort_keys=True, separators=(",", ":"))
 
@@ -67,6 +69,9 @@ def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
     nets = load_suite(_write(tmp_path, _raw()), ["eval.lpips_nets=[alex]"])
     assert '"options":{"lpips_nets":["alex"]}' in _hashed_json(nets.shared)
     assert expand_runs(nets)[0].fairness_hash == hashlib.sha256(_hashed_json(nets.shared).encode()).hexdigest()
+    # output-only fields (kept features, exported reconstructions) leave the hash alone
+    kept = load_suite(_write(tmp_path, _raw()), ["eval.keep_features=true", "eval.save_recon=npz"])
+    assert kept.shared.eval.save_recon == "npz" and expand_runs(kept)[0].fairness_hash == runs[0].fairness_hash
     # any shared change moves the hash; a quantizer change does not
     other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
     assert expand_runs(other)[0].fairness_hash != runs[0].fairness_hash

@@ -14,8 +14,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -441,19 +439,6 @@ def magvit2_forward(sd, x):
 # ============================================================== release files
 
 
-def fake_global(monkeypatch, full_name):
-    """A class that pickles under `full_name` (e.g. Lightning's ModelCheckpoint) without that package installed."""
-    module_name, _, cls_name = full_name.rpartition(".")
-    cls = type(cls_name, (), {"__module__": module_name, "__qualname__": cls_name})
-    parts = module_name.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name not in sys.modules:
-            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setattr(sys.modules[module_name], cls_name, cls, raising=False)
-    return cls
-
-
 def loss_state(seed):
     """Stand-ins for the `loss.` modules of VQLPIPSWithDiscriminator (discriminator trainable, LPIPS frozen)."""
     g = torch.Generator().manual_seed(seed)
@@ -517,11 +502,11 @@ def test_llamagen_release_imports_strictly_and_computes_upstream_forward(tmp_pat
     assert torch.equal(direct.quantize.embedding.weight, sd["quantize.embedding.weight"])
 
 
-def test_taming_lightning_release_imports_strictly_and_computes_upstream_forward(tmp_path, capsys, monkeypatch):
+def test_taming_lightning_release_imports_strictly_and_computes_upstream_forward(tmp_path, capsys, monkeypatch, fake_global):
     keys = taming_keys(z=32, embed=16, V=64, **SMALL)
     assert any(".attn." in k for k in keys) and "encoder.down.4.attn.1.q.weight" in keys  # the f16 attention level
     sd = random_state(keys, seed=2)
-    callback = fake_global(monkeypatch, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
+    callback = fake_global("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
     src = tmp_path / "last.ckpt"
     torch.save({"epoch": 3, "global_step": 100, "pytorch-lightning_version": "1.0.8",
                 "state_dict": {**sd, **loss_state(3)},

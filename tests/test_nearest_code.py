@@ -1,4 +1,6 @@
-"""The chunked nearest-code search (`gsqbench.quantizer.nearest_code`) against independent full-matrix lookups.
+"""The blocked expanded-distance search (`nearest_code` with precision `fp32-expanded` / `bf16`, module
+gsqbench/lookup/expanded.py) against independent full-matrix lookups. The `exact` mode has its own float64
+ground-truth tests in tests/test_exact_lookup.py.
 
 Oracles, all written here without our search: float64 exact distances on tie-free rows; the straightforward
 fp32 expanded-distance lookup with `torch.mm` + `torch.argmin` (what the official code runs, spec §2.3), which at
@@ -12,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsqbench.quantizer import _nearest_code_blocks, nearest_code
+from gsqbench.lookup import nearest_code
+from gsqbench.lookup.expanded import search_accelerator
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _straightforward(x: torch.Tensor, c: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+def _straightforward(x: torch.Tensor, c: torch.Tensor, precision: str = "fp32-expanded") -> torch.Tensor:
     """The full N×V expanded-distance lookup as the official compute_dist writes it."""
     if precision == "bf16":
         dot = (x.bfloat16() @ c.bfloat16().T).float()
@@ -34,7 +37,7 @@ def _unit(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 8])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32-expanded", "bf16"])
 def test_same_indices_as_straightforward_lookup_where_rounding_decides(d: int, precision: str) -> None:
     # unit vectors and a dense codebook: neighbouring codes are closer than fp32 resolution, as at F16
     x, c = _unit(100, d, d), _unit(10_000, d, d + 100)
@@ -48,8 +51,8 @@ def test_same_indices_as_straightforward_lookup_where_rounding_decides(d: int, p
 
 def test_accelerator_path_matches_straightforward_lookup() -> None:
     x, c = _unit(150, 2, 1), _unit(9_000, 2, 2)
-    for precision in ("fp32", "bf16"):
-        got = _nearest_code_blocks(x, c, precision, 1000 * 40, 1000)  # type: ignore[arg-type]
+    for precision in ("fp32-expanded", "bf16"):
+        got = search_accelerator(x, c, precision, 1000 * 40, 1000).index  # type: ignore[arg-type]
         assert torch.equal(got, _straightforward(x, c, precision))
 
 
@@ -57,7 +60,7 @@ def test_accelerator_path_matches_straightforward_lookup() -> None:
 def test_tie_free_rows_match_exact_argmin_with_uneven_blocks(d: int) -> None:
     x = torch.randn(333, d, generator=_gen(3)) * 2.0
     c = torch.randn(4_097, d, generator=_gen(4))
-    got = nearest_code(x, c, max_codes_per_block=1000, block_elems=1000 * 47)  # last row and code blocks partial
+    got = nearest_code(x, c, precision="fp32-expanded", max_codes_per_block=1000, block_elems=1000 * 47)  # partial blocks
     dist = torch.cdist(x.double(), c.double()) ** 2
     two = dist.topk(2, dim=1, largest=False).values
     clear = (two[:, 1] - two[:, 0]) > 1e-4 * (1 + two[:, 0])
@@ -72,14 +75,16 @@ def test_first_index_on_exact_ties_inside_and_across_blocks(d: int) -> None:
     base = torch.randint(-2, 3, (90, d), generator=_gen(5)).float()
     c = torch.cat([base, base.flip(0), base])  # 270 codes, blocks of 64
     x = torch.randint(-2, 3, (301, d), generator=_gen(6)).float()
-    got = nearest_code(x, c, max_codes_per_block=64, block_elems=64 * 20)
     dist = ((x.double()[:, None, :] - c.double()[None]) ** 2).sum(-1)
     first = (dist == dist.min(dim=1, keepdim=True).values).double().argmax(dim=1)  # first True
-    assert torch.equal(got, first)
-    assert torch.equal(_nearest_code_blocks(x, c, "fp32", 64 * 20, 64), first)
+    for precision in ("fp32-expanded", "exact"):
+        assert torch.equal(nearest_code(x, c, precision=precision, max_codes_per_block=64, block_elems=64 * 20), first)
+    assert torch.equal(search_accelerator(x, c, "fp32-expanded", 64 * 20, 64).index, first)
 
 
 def test_nan_code_is_returned_like_torch_argmin() -> None:
     x, c = _unit(10, 2, 7), _unit(300, 2, 8)
     c[200] = float("nan")  # in a later block
-    assert torch.equal(nearest_code(x, c, max_codes_per_block=64, block_elems=64 * 4), torch.full((10,), 200))
+    for precision in ("fp32-expanded", "exact"):
+        got = nearest_code(x, c, precision=precision, max_codes_per_block=64, block_elems=64 * 4)
+        assert torch.equal(got, torch.full((10,), 200))

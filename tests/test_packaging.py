@@ -22,7 +22,7 @@ def test_wheel_installs_without_the_repo_and_lists_the_builtin_quantizers(tmp_pa
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for folder in ("gsqbench", "tokenizers"):
+    for folder in ("gsqbench", "tokenizers", "configs"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
@@ -47,10 +47,20 @@ def test_wheel_installs_without_the_repo_and_lists_the_builtin_quantizers(tmp_pa
     assert listed.returncode == 0, listed.stderr
     names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
     assert names == ["fsq", "gsq", "lfq", "vq"], listed.stdout
+    # the shipped suites travel too, and the names `list configs` prints are what `run`/`train` accept
+    configs = _run([sys.executable, "-m", "gsqbench", "list", "configs"], cwd=tmp_path, env=env)
+    shipped = sorted(p.relative_to(REPO / "configs").with_suffix("").as_posix()
+                     for p in (REPO / "configs").rglob("*.yaml"))
+    assert [line.split()[0] for line in configs.stdout.splitlines()] == shipped, configs.stdout + configs.stderr
+    loaded = _run([sys.executable, "-c", "from gsqbench.config import load_suite, resolve_suite_path; "
+                   "print(resolve_suite_path('demo')); print(load_suite('paper/vae_f8_quantizers').suite)"],
+                  cwd=tmp_path, env=env)
+    assert loaded.returncode == 0 and loaded.stdout.splitlines()[0] == str(target / "gsqbench" / "_configs" /
+                                                                          "demo.yaml"), loaded.stdout + loaded.stderr
 
 
 def test_pyproject_lists_every_package_of_the_source_tree() -> None:
     """The wheel's explicit package list must not fall behind the source tree (a new subpackage would be lost)."""
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "gsqbench").rglob("__init__.py")}
-    assert on_disk | {"gsqbench._builtin_tokenizers"} == listed
+    assert on_disk | {"gsqbench._builtin_tokenizers", "gsqbench._configs"} == listed

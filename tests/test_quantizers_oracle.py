@@ -4,7 +4,8 @@
 - FSQ, LFQ: vector-quantize-pytorch's `FSQ` / `LFQ` on the same inputs, and the spec formulas (§8.3–8.4).
 - VQ-EMA: one update step computed by hand.
 - Chunked search (`nearest_code`): float64 full-matrix argmin; exact ties on integer data.
-- Lookup precision: fp32 default unchanged by bf16 autocast; `bf16` equals a hand-written bf16 matmul lookup.
+- Lookup precision: the `exact` default unchanged by bf16 autocast; `bf16` equals a hand-written bf16 matmul
+  lookup (the float64 ground-truth tests of `exact` are in tests/test_exact_lookup.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsqbench.quantizer import nearest_code
+from gsqbench.lookup import nearest_code
 from gsqbench.registry import QUANTIZERS, build_quantizer, discover_quantizers
 
 discover_quantizers()
@@ -122,7 +123,7 @@ def test_gsq_entropy_quirk_matches_full_softmax_of_distance() -> None:
 # -------------------------------------------------------------------------------------- lookup precision
 
 
-def test_fp32_lookup_ignores_bf16_autocast_and_bf16_option_matches_hand_lookup() -> None:
+def test_default_lookup_ignores_bf16_autocast_and_bf16_option_matches_hand_lookup() -> None:
     torch.manual_seed(0)
     q32 = build_quantizer({"name": "gsq", "dim": 4, "codebook_size": 4096, "groups": 2}).eval()
     q16 = build_quantizer({"name": "gsq", "dim": 4, "codebook_size": 4096, "groups": 2, "lookup_precision": "bf16"}).eval()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
 
 import pytest
 import torch
@@ -21,19 +20,6 @@ from gsqbench.errors import UserError
 from gsqbench.importers.lightning import STAND_INS, InertStandIn, read_checkpoint
 
 CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
-
-
-def fake_global(monkeypatch, full_name):
-    """A class that pickles under `full_name` although that package is not installed (nor imported at load)."""
-    module_name, _, cls_name = full_name.rpartition(".")
-    cls = type(cls_name, (), {"__module__": module_name, "__qualname__": cls_name})
-    parts = module_name.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name not in sys.modules:
-            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setattr(sys.modules[module_name], cls_name, cls, raising=False)
-    return cls
 
 
 class MarkerPayload:
@@ -76,9 +62,9 @@ def lightning_ckpt(path, **extra):
     return path
 
 
-def test_allow_listed_callback_and_namespace_load_as_inert_stand_ins(tmp_path, monkeypatch, weights_only_calls):
-    callback = fake_global(monkeypatch, CALLBACK)
-    early = fake_global(monkeypatch, "pytorch_lightning.callbacks.early_stopping.EarlyStopping")
+def test_allow_listed_callback_and_namespace_load_as_inert_stand_ins(tmp_path, monkeypatch, weights_only_calls, fake_global):
+    callback = fake_global(CALLBACK)
+    early = fake_global("pytorch_lightning.callbacks.early_stopping.EarlyStopping")
     path = lightning_ckpt(tmp_path / "last.ckpt",
                           callbacks={callback: {"best_model_score": torch.tensor(0.25)}, early: {"wait_count": 3}},
                           hyper_parameters=argparse.Namespace(lr=1e-4, name="vq"))
@@ -108,11 +94,11 @@ def test_stand_in_list_is_exactly_callbacks_and_namespace():
 @pytest.mark.parametrize("where", ["top", "inside_namespace", "beside_callback"])
 def test_other_pickled_globals_are_refused_with_one_line_and_never_run(tmp_path, monkeypatch, capsys,
                                                                         weights_only_calls, payload, global_name,
-                                                                        where):
+                                                                        where, fake_global):
     marker = tmp_path / "payload_ran"
     extra = {"evil": payload(marker)} if where == "top" else \
         {"hyper_parameters": argparse.Namespace(x=payload(marker))} if where == "inside_namespace" else \
-        {"callbacks": {fake_global(monkeypatch, CALLBACK): {"cb": payload(marker)}}}
+        {"callbacks": {fake_global(CALLBACK): {"cb": payload(marker)}}}
     path = lightning_ckpt(tmp_path / "last.ckpt", **extra)
     assert not marker.exists()
     with pytest.raises(UserError) as err:
@@ -130,8 +116,8 @@ def test_other_pickled_globals_are_refused_with_one_line_and_never_run(tmp_path,
     assert weights_only_calls == []  # refused from the static scan: nothing was unpickled at all
 
 
-def test_a_callback_name_from_another_package_is_not_allow_listed(tmp_path, monkeypatch):
-    impostor = fake_global(monkeypatch, "mypkg.callbacks.model_checkpoint.ModelCheckpoint")
+def test_a_callback_name_from_another_package_is_not_allow_listed(tmp_path, monkeypatch, fake_global):
+    impostor = fake_global("mypkg.callbacks.model_checkpoint.ModelCheckpoint")
     path = lightning_ckpt(tmp_path / "x.ckpt", callbacks={impostor: {}})
     with pytest.raises(UserError, match=r"\(mypkg\.callbacks\.model_checkpoint\.ModelCheckpoint\)"):
         read_checkpoint(path)

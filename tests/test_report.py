@@ -8,11 +8,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "results"))
@@ -234,3 +237,97 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "file")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+sys.path.insert(0, str(Path(__file__).parent))
+from constructed_results import write_run  # noqa: E402
+
+
+def _cells(page: Path) -> tuple[list[str], dict[str, list[dict]]]:
+    """Summary header and rows keyed by subject (the first word of the row label: a divergence note follows it)."""
+    (table,) = summary_tables(page)
+    header, rows = _rows_by_subject(table)
+    return header, {label.split()[0]: cells for label, cells in rows.items()}
+
+
+def _mark(cell: dict) -> str:
+    return "★" if "★" in cell["text"] else "☆" if "☆" in cell["text"] else ""
+
+
+def test_marks_stars_only_significant_winners_and_ties_leaders_within_noise(tmp_path):
+    """Constructed: 60 images shared by every subject. PSNR: `close` is 0.02 dB below `lead`, each with its own
+    per-image noise sd 1 (paired |z| < 2: within noise), `far` 3 dB lower. LPIPS: `lead` lower by 0.03 with noise sd 0.002. The z values
+    of those constructions are checked here with numpy before the page is read."""
+    rng = np.random.default_rng(11)
+    difficulty = rng.normal(25.0, 3.0, 60)
+    psnr = {"lead": difficulty + rng.normal(0, 1, 60), "close": difficulty - 0.02 + rng.normal(0, 1, 60),
+            "far": difficulty - 3 + rng.normal(0, 1, 60)}
+    base_lp = rng.uniform(0.1, 0.2, 60)
+    lpips = {"lead": base_lp - 0.03 + rng.normal(0, 0.002, 60), "close": base_lp + rng.normal(0, 0.002, 60),
+             "far": base_lp + 0.02 + rng.normal(0, 0.002, 60)}
+    z = {k: (psnr["lead"] - psnr[k]).mean() / ((psnr["lead"] - psnr[k]).std(ddof=1) / np.sqrt(60)) for k in ("close", "far")}
+    assert abs(z["close"]) < 2 and z["far"] > 10
+    speed = {"lead": 900.0, "close": 400.0, "far": 100.0}
+    for g, subject in enumerate(("lead", "close", "far")):
+        write_run(tmp_path / "res", subject, 0, grid={"quantizer.groups": 2 ** g},
+                  per_image={"psnr": psnr[subject], "lpips@alex": lpips[subject]},
+                  set_level={"usage_pooled": 0.5 + 0.1 * g, "encode_images_per_s": speed[subject], "tokens_counted": 320.0})
+    write_run(tmp_path / "res", "boom", 0, grid={"quantizer.groups": 8},
+              divergence={"step": 120, "term": "loss_rec", "value": "inf"})
+    render_report([tmp_path / "res"], tmp_path / "out", with_plots=False)
+    page = tmp_path / "out" / "suite-demo.html"
+    header, rows = _cells(page)
+    assert header[:3] == ["subject", "groups", "seeds"] and "tokens counted" in header
+    assert [c["text"].strip() for c in rows["lead"][1:3]] == ["1", "1"]
+    psnr_col, lpips_col = header.index("PSNR (dB)"), header.index("LPIPS (alex)")
+    assert {s: _mark(r[psnr_col]) for s, r in rows.items() if s != "boom"} == {"lead": "☆", "close": "☆", "far": ""}
+    assert {s: _mark(r[lpips_col]) for s, r in rows.items() if s != "boom"} == {"lead": "★", "close": "", "far": ""}
+    speed_col, usage_col = header.index("images/s (encode)"), header.index("usage")
+    assert not any(_mark(r[speed_col]) or _mark(r[usage_col]) for r in rows.values())  # cost; set-level 1 seed
+    assert "± 0." in rows["lead"][psnr_col]["text"] and "±" not in rows["lead"][usage_col]["text"]
+    boom = rows["boom"]
+    assert "diverged at step 120 (loss_rec)" in boom[0]["text"] and not any(_mark(c) for c in boom)
+    html = page.read_text()
+    assert '<tr class="diverged">' in html
+    legend = " ".join(unescape(re.sub(r"<[^>]+>", "", html)).split())  # the words a reader sees
+    assert "± is one standard error of that mean, not a confidence interval" in legend
+    assert "★ marks a value significantly better than every other row of its column" in legend
+    assert "☆ marks the tied leaders" in legend and "Holm-corrected" in legend and "95 % interval" in legend
+    assert "usage: not ranked: no interval (a set-level metric needs ≥ 2 seeds per subject)" in legend
+
+
+def test_seeds_aggregate_into_one_row_with_per_seed_rows_one_click_away(tmp_path):
+    """3 seeds each. usage: `lead` ≈ 0.9 (sd 0.01) clearly above `other` ≈ 0.5; `capped` is higher still but not
+    comparable (too few tokens for its V): never marked, footnoted. `flaky` has the best PSNR but one diverged seed."""
+    rng = np.random.default_rng(5)
+    difficulty = rng.normal(25.0, 3.0, 20)
+    capped = "≤ 7.8 %: 320 tokens for V = 4,096"
+    for seed in range(3):
+        for subject, usage, dpsnr in (("lead", 0.9, 0.0), ("other", 0.5, -1.0), ("capped", 0.99, -1.0),
+                                      ("flaky", 0.5, 5.0)):
+            kwargs = {"divergence": {"step": 40, "term": "loss_commit"}} if (subject, seed) == ("flaky", 2) else {}
+            write_run(tmp_path / "res", subject, seed, per_image={"psnr": difficulty + dpsnr + rng.normal(0, 0.2, 20)},
+                      set_level={"usage_pooled": usage + rng.normal(0, 0.01)},
+                      not_comparable={"usage_pooled": capped} if subject == "capped" else None, **kwargs)
+    render_report([tmp_path / "res"], tmp_path / "out", with_plots=True)
+    page = tmp_path / "out" / "suite-demo.html"
+    header, rows = _cells(page)
+    assert sorted(rows) == ["capped", "flaky", "lead", "other"]  # one row per subject, not per seed
+    seeds, usage_col, psnr_col = header.index("seeds"), header.index("usage"), header.index("PSNR (dB)")
+    assert rows["lead"][seeds]["text"].strip() == "3" and rows["flaky"][seeds]["text"].strip() == "2 (+1 diverged)"
+    assert _mark(rows["lead"][usage_col]) == "★" and _mark(rows["capped"][usage_col]) == ""
+    assert "not comparable: " + capped in rows["capped"][usage_col]["title"]
+    assert "sd " in rows["lead"][usage_col]["text"]  # the spread across seeds is shown
+    assert _mark(rows["flaky"][psnr_col]) == "" and "1 of 3 seeds diverged" in rows["flaky"][0]["text"]
+    html = page.read_text()
+    assert f"not comparable: {capped}" in html  # the footnote
+    assert "diverged runs are not plotted: flaky" in html
+    per_seed = next(t for t in parse(page).tables if "per-seed" in t["cls"])
+    assert len(per_seed["rows"]) == 1 + 12
+    assert any("diverged at step 40 (loss_commit)" in c["text"] for r in per_seed["rows"] for c in r)
+    with (tmp_path / "out" / "suite-demo-summary.csv").open(newline="") as f:
+        agg = {(r["subject"], r["metric"]): r for r in csv.DictReader(f)}
+    lead = agg[("lead", "usage_pooled")]
+    assert (lead["n_seeds"], lead["mark"]) == ("3", "best") and float(lead["seed_std"]) > 0
+    assert agg[("capped", "usage_pooled")]["not_comparable"] == capped

@@ -7,7 +7,8 @@ model); nearest code between normalised latent groups and normalised codebook ro
 RAW codebook rows; aux loss MSE(q, sg[ẑ]) + β·MSE(sg[q], ẑ); straight-through on ẑ.
 Options from the official code: `init` (spherical / uniform), `norm` (l2 / l1 / none / clip =
 force_1d_clip), `tie_break` (the `gsq` class's argmin / random / softmax; training only),
-`lookup_precision` (fp32, or bf16 to reproduce the official bf16-autocast lookup), and the `vq` class's
+`lookup_precision` (`exact`: the true nearest code, default; `fp32-expanded`: the official formula in fp32;
+`bf16`: the official bf16-autocast lookup, see gsqbench/lookup), and the `vq` class's
 `lambda_entropy_loss` quirk as `entropy_weight` (§2.5).
 """
 from __future__ import annotations
@@ -20,8 +21,10 @@ from torch import Tensor, nn
 
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
+    DEFAULT_LOOKUP,
     QuantizerBase,
     QuantizerOutput,
+    check_lookup_precision,
     check_channels,
     check_grouping,
     check_indices,
@@ -110,7 +113,7 @@ class GroupedSphericalQuantizer(QuantizerBase):
         l2_norm: bool | None = None,
         tie_break: Literal["first", "random", "softmax"] = "first",
         softmax_tau: float = 1.0,
-        lookup_precision: Literal["fp32", "bf16"] = "fp32",
+        lookup_precision: str = DEFAULT_LOOKUP,  # a LookupPrecision, checked in the body (message for "fp32")
     ) -> None:
         super().__init__()
         check_grouping(dim, codebook_size, groups)
@@ -128,7 +131,7 @@ class GroupedSphericalQuantizer(QuantizerBase):
         self.entropy_weight = float(entropy_weight)
         self.entropy_temperature = float(entropy_temperature)
         self.init, self.tie_break, self.softmax_tau = init, tie_break, float(softmax_tau)
-        self.lookup_precision = lookup_precision
+        self.lookup_precision = check_lookup_precision(lookup_precision)
         self.codebook = nn.Embedding(codebook_size, d)  # key `codebook.weight`, as in the official model
         init_codebook(self.codebook.weight, init)
 

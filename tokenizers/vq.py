@@ -2,8 +2,9 @@
 EMA codebook and dead-code restarts (standard VQ-VAE practice: van den Oord et al. 2017, appendix; Razavi
 et al. 2019; as in vector-quantize-pytorch).
 
-Default = the paper's baseline: uniform init U(−1/V, 1/V), no normalisation, nearest code by the expanded
-squared distance (first index on ties), loss MSE(q, sg[z]) + β·MSE(sg[q], z), straight-through.
+Default = the paper's baseline: uniform init U(−1/V, 1/V), no normalisation, nearest code by squared distance
+(first index on ties; `lookup_precision` exact by default, or the official expanded form `fp32-expanded` /
+`bf16`, see gsqbench/lookup), loss MSE(q, sg[z]) + β·MSE(sg[q], z), straight-through.
 `norm: l2` gives cosine VQ. `ema: true` trains the codebook by exponential moving averages of cluster
 sizes and member sums (decay 0.99, Laplace smoothing ε = 1e-5), all-reduced across DDP ranks; the codebook
 loss term is then dropped and only the commitment term remains.
@@ -21,8 +22,10 @@ from torch import Tensor, nn
 from gsqbench import distributed as ddp
 from gsqbench.errors import UserError
 from gsqbench.quantizer import (
+    DEFAULT_LOOKUP,
     QuantizerBase,
     QuantizerOutput,
+    check_lookup_precision,
     check_channels,
     check_grouping,
     check_indices,
@@ -55,7 +58,7 @@ class VectorQuantizer(QuantizerBase):
         ema_eps: float = 1e-5,
         restart_dead_codes: bool = False,
         dead_code_threshold: float = 1.0,
-        lookup_precision: Literal["fp32", "bf16"] = "fp32",
+        lookup_precision: str = DEFAULT_LOOKUP,  # a LookupPrecision, checked in the body (message for "fp32")
     ) -> None:
         super().__init__()
         check_grouping(dim, codebook_size, groups)
@@ -71,7 +74,7 @@ class VectorQuantizer(QuantizerBase):
         self.commitment_weight = float(commitment_weight)
         self.ema, self.ema_decay, self.ema_eps = ema, float(ema_decay), float(ema_eps)
         self.restart_dead_codes, self.dead_code_threshold = restart_dead_codes, float(dead_code_threshold)
-        self.lookup_precision = lookup_precision
+        self.lookup_precision = check_lookup_precision(lookup_precision)
         self.codebook = nn.Embedding(codebook_size, self.code_dim)
         init_codebook(self.codebook.weight, init)
         if ema:
@@ -89,7 +92,8 @@ class VectorQuantizer(QuantizerBase):
         return {"dim": 8, "codebook_size": 32}
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, codebook_size={self.codebook_size}, groups={self.groups}, norm={self.norm}, ema={self.ema}"
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, groups={self.groups}, norm={self.norm}, "
+                f"ema={self.ema}, lookup_precision={self.lookup_precision}")
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (b, D, h, w) → z_q in z's dtype, indices (b, h, w, G) int64."""

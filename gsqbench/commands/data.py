@@ -23,8 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gsqbench.errors import UserError
+    from gsqbench.io import check_input_dir
     from gsqbench.manifest import check_folder, manifest_path, summarize_sizes
 
+    check_input_dir(args.folder, "FOLDER")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected a positive integer")
     report = check_folder(args.folder, workers=args.workers, recheck=args.recheck, progress=not args.no_progress)

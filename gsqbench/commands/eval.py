@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mode", default="gsqbench", help="gsqbench (pinned protocol) | gsq-compat (official quirks)")
     parser.add_argument("--metrics", action="append", default=[], metavar="NAME",
-                        help="metric family (pixel, lpips, fid, codebook, cost) or key; repeatable (default all)")
+                        help="metric family (pixel, lpips, fid, codebook, cost; opt-in: rfd, kid, prc) or key; "
+                        "repeatable (default: all but the opt-in ones)")
     parser.add_argument("--require", action="append", default=[], metavar="METRIC",
                         help="fail (exit 2) if this metric is unavailable, e.g. rfid@inception; repeatable")
     parser.add_argument("--fid-reference-stats", default=None, metavar="FILE",
@@ -32,9 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fid-cache-dir", default=None, metavar="DIR",
                         help="cache real-side FID statistics here, keyed by data, crop, N and extractor")
     parser.add_argument("--samples", type=int, default=8, help="image pairs saved as PNG (default 8)")
+    parser.add_argument("--save-recon", default=None, metavar="FORMAT",
+                        help="export every reconstruction and original under <out>/export: npz (ADM layout, "
+                        "arr_0 uint8 NxHxWx3 in image-id order + ids.json) or png (<id>.png per side)")
+    parser.add_argument("--keep-features", action="store_true",
+                        help="keep the float16 feature files of KID / precision-recall under <out>/features")
     parser.add_argument("--weights", default=None, help="ema | raw: which weights the checkpoint holds "
                         "(default: from the checkpoint, else ema)")
-    parser.add_argument("--out", default=None, metavar="DIR", help="results dir (default results/eval/<checkpoint>)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="results dir (default results/eval/<checkpoint name>-<hash of its path>); must be new, "
+                             "empty or made by an earlier eval")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing folder eval did not create (e.g. a run folder), replacing its "
+                             "evaluation files")
     parser.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=None,
@@ -72,10 +83,34 @@ def _print_summary(result: Any, run_dir: Path) -> None:
     print(f"results: {run_dir}")
 
 
+def check_paths(args: argparse.Namespace) -> Path:
+    """Every path argument checked before torch is imported; returns the results folder to write."""
+    from gsqbench.errors import UserError
+    from gsqbench.io import check_input_dir, check_input_file, check_output_dir
+    from gsqbench.locks import check_free
+    from gsqbench.results import default_eval_dir, eval_dir_state
+
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"checkpoint '{args.checkpoint}' does not exist; expected a gsqbench checkpoint folder, an "
+                        "official GSQ release folder or a release file")
+    kind, path = _parse_data(args.data)
+    if kind == "image-folder" and path:
+        check_input_dir(path, "--data image-folder")
+    if args.fid_reference_stats:
+        check_input_file(args.fid_reference_stats, "--fid-reference-stats")
+    if args.fid_cache_dir:
+        check_output_dir(args.fid_cache_dir, "--fid-cache-dir")
+    run_dir = Path(args.out) if args.out else default_eval_dir("results", args.checkpoint)
+    eval_dir_state(run_dir, force=args.force)
+    check_free(run_dir)
+    return run_dir
+
+
 def run(args: argparse.Namespace) -> int:
+    run_dir = check_paths(args)
+
     from gsqbench import distributed as ddp
     from gsqbench.config import EvalSpec
-    from gsqbench.io import safe_child
     from gsqbench.runner import DataChoice, evaluate_checkpoint
 
     kind, path = _parse_data(args.data)
@@ -83,11 +118,10 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, strict=args.strict_data, min_size=args.min_size)
     spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
                     require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,
-                    fid_cache_dir=args.fid_cache_dir)
-    ckpt = Path(args.checkpoint)
-    run_dir = Path(args.out) if args.out else safe_child("results", "eval", ckpt.resolve().name)
-    result = evaluate_checkpoint(ckpt, data, spec, out_dir=run_dir, device=args.device, seed=args.seed,
-                                 num_workers=args.num_workers, progress=not args.no_progress, weights=args.weights)
+                    fid_cache_dir=args.fid_cache_dir, save_recon=args.save_recon, keep_features=args.keep_features)
+    result = evaluate_checkpoint(Path(args.checkpoint), data, spec, out_dir=run_dir, device=args.device,
+                                 seed=args.seed, num_workers=args.num_workers, progress=not args.no_progress,
+                                 weights=args.weights, force=args.force)
     if ddp.is_main():
         _print_summary(result, run_dir)
     return 0

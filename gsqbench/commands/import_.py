@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsqbench.io import check_input_file, check_output_dir
+
+    check_input_file(args.path, "release file")  # before torch is imported
+    check_output_dir(args.out, "--out")
+
     from gsqbench.importers.releases import import_release
 
     out, meta = import_release(args.path, args.out, kind=args.kind, weights=args.weights, overwrite=args.force)

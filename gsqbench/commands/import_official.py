@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsqbench.io import check_output_dir
+
+    check_output_dir(args.out, "--out")  # before torch is imported
+
     from gsqbench.importers.gsq_official import import_official
 
     flags = {"norm": args.norm, "init": args.init, "commitment_weight": args.commitment_weight,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 HELP = "list registered quantizers, metrics, discriminators, model presets, known weight files or shipped configs"
 KINDS = ("quantizers", "metrics", "discriminators", "presets", "weights", "configs")
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +47,8 @@ def list_metrics() -> list[str]:
     for name in reg.names():
         cls = reg.get(name)
         keys = ", ".join(f"{k} ({d})" for k, d in cls.outputs.items())
-        rows.append((name, f"[{cls.family}] {keys}: {describe(cls)}"))
+        family = cls.family if getattr(cls, "selected_by_default", True) else f"{cls.family}, opt-in"
+        rows.append((name, f"[{family}] {keys}: {describe(cls)}"))
     return _rows(rows)
 
 
@@ -79,10 +79,26 @@ def list_weights() -> list[str]:
 
 
 def list_configs() -> list[str]:
-    if not CONFIGS_DIR.is_dir():
-        return ["configs: not available (no configs/ folder beside the package)"]
-    files = sorted(p.relative_to(CONFIGS_DIR.parent).as_posix() for p in CONFIGS_DIR.rglob("*.yaml"))
-    return files or ["configs: none found"]
+    """Shipped suites by the name `gsqbench run NAME` accepts from any directory, with their first comment line."""
+    from gsqbench.config import shipped_config_names, shipped_configs_dir
+
+    folder = shipped_configs_dir()
+    if folder is None:
+        return ["configs: not available (no shipped configs found beside the package)"]
+    rows = [(name, _first_comment(folder / f"{name}.yaml")) for name in shipped_config_names()]
+    return _rows(rows) or ["configs: none found"]
+
+
+def _first_comment(path: Path) -> str:
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                return line.lstrip("# ").strip()
+            if line.strip():
+                break
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:

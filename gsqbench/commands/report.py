@@ -16,8 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsqbench.io import check_output_dir
     from gsqbench.report import render_report
 
+    check_output_dir(args.output, "report folder -o")
     index = render_report(args.results, args.output, title=args.title, k_samples=args.samples, worst_k=args.worst,
                           with_plots=not args.no_plots)
     print(f"report: {index}")

@@ -9,7 +9,8 @@ HELP = "train + evaluate every run of a suite (subjects x seeds x grid), write r
 
 def add_suite_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `run` and `train`."""
-    p.add_argument("suite", help="suite YAML file (e.g. configs/demo.yaml)")
+    p.add_argument("suite", help="suite YAML file, or the name of a shipped suite from any directory "
+                                 "(e.g. demo; `gsqbench list configs`)")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this subject (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (value parsed as YAML; repeatable)")
@@ -40,6 +41,20 @@ def apply_threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
+def check_suite_paths(args: argparse.Namespace, runs: list) -> None:
+    """--results (and --report) must be folders we can create or write into, and no run folder may be in use by
+    another process; checked before any work (and before torch is imported)."""
+    from gsqbench.io import check_output_dir
+    from gsqbench.locks import check_free
+    from gsqbench.results import run_dir_for
+
+    check_output_dir(args.results, "--results")
+    if getattr(args, "report", None):
+        check_output_dir(args.report, "--report")
+    for run in runs:
+        check_free(run_dir_for(args.results, run.suite, run.run_id))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_suite_arguments(p)
     add_min_size_argument(p)
@@ -49,11 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gsqbench.config import load_suite
+    from gsqbench.config import expand_runs, load_suite
+
+    suite = load_suite(args.suite, args.overrides)  # bad input fails here, before torch is imported
+    check_suite_paths(args, expand_runs(suite, args.only or None))
+    apply_threads(args)
+
     from gsqbench.runner import format_summary, run_suite
 
-    apply_threads(args)
-    suite = load_suite(args.suite, args.overrides)
     res = run_suite(suite, args.results, args.only or None, device=args.device, report_dir=args.report,
                     strict_data=args.strict_data, require=args.require, progress=not args.no_progress,
                     min_size=args.min_size)

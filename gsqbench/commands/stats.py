@@ -30,8 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from gsqbench import distributed as ddp
+    from gsqbench.errors import UserError
+    from gsqbench.io import check_input_dir, check_output_dir
     from gsqbench.runner import DataChoice, reference_stats
+
+    check_input_dir(args.folder, "FOLDER")  # before torch is imported
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a directory; expected a .npz file path")
+    check_output_dir(out.parent if str(out.parent) else Path("."), "--out folder")
 
     data = DataChoice(kind="image-folder", path=args.folder, split=args.split, resolution=args.resolution,
                       crop=args.crop, n=args.n, strict=args.strict_data, min_size=args.min_size)

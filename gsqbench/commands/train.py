@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from gsqbench.commands.run import add_suite_arguments, apply_threads
+from gsqbench.commands.run import add_suite_arguments, apply_threads, check_suite_paths
 
 HELP = "train runs of a suite (resumes from the last checkpoint); no evaluation"
 
@@ -22,20 +22,23 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.config import expand_runs, load_suite
     from gsqbench.errors import UserError, did_you_mean
     from gsqbench.results import run_dir_for
-    from gsqbench.runner import open_dataset
-    from gsqbench.train import train_run
-    from gsqbench.validate import validate_suite
 
-    apply_threads(args)
-    suite = validate_suite(load_suite(args.suite, args.overrides))
+    suite = load_suite(args.suite, args.overrides)  # bad input fails here, before torch is imported
     runs = expand_runs(suite, args.only or None)
     ids = [r.run_id for r in runs]
     for rid in args.run_ids:
         if rid not in ids:
             raise UserError(f"--run {rid!r}: no such run in suite {suite.suite!r}{did_you_mean(rid, ids)}")
+    runs = [r for r in runs if not args.run_ids or r.run_id in args.run_ids]
+    check_suite_paths(args, runs)
+
+    from gsqbench.runner import open_dataset
+    from gsqbench.train import train_run
+    from gsqbench.validate import validate_suite
+
+    apply_threads(args)
+    suite = validate_suite(suite)
     for run in runs:
-        if args.run_ids and run.run_id not in args.run_ids:
-            continue
         dataset = open_dataset(run.shared.data.train, strict=args.strict_data, role="train")
         res = train_run(run, run_dir_for(args.results, suite.suite, run.run_id), dataset, device=args.device,
                         progress=not args.no_progress)

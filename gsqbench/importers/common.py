@@ -78,6 +78,31 @@ def width_multipliers(widths: list[int], base: int, where: str) -> tuple[int, ..
     return tuple(w // base for w in widths)
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderLayout:
+    """The taming-style encoder shape read from a state dict (`encoder.conv_in`, `encoder.down.<i>.block.<j>`)."""
+
+    in_channels: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    z_channels: int
+    levels: list[int]
+
+
+def encoder_layout(state: Mapping[str, Tensor], where: str, kind: str) -> EncoderLayout:
+    """Base width, per-level multipliers, blocks per level and latent channels of a taming-style encoder (taming
+    VQGAN and the MaskGIT VQGAN port share this module tree)."""
+    conv_in = get(state, "encoder.conv_in.weight", where, kind)
+    ch = int(conv_in.shape[0])
+    levels = level_indices(state, r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
+    mult = width_multipliers([int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels], ch, where)
+    return EncoderLayout(
+        in_channels=int(conv_in.shape[1]), ch=ch, ch_mult=mult,
+        num_res_blocks=len(level_indices(state, r"encoder\.down\.0\.block\.(\d+)\.conv1\.weight")),
+        z_channels=int(get(state, "encoder.conv_out.weight", where, kind).shape[0]), levels=levels)
+
+
 def check_fits(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str) -> None:
     """Strict key/shape check of `given` against a model's state dict; one-line UserError listing offenders."""
     problem = state_dict_mismatch(expected, given)

@@ -13,13 +13,10 @@ unpickled. There is no fallback to `weights_only=False`.
 from __future__ import annotations
 
 import logging
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from gsqbench.checkpoints import pickle_refusal, torch_load_tensors, unsafe_pickle_globals
 from gsqbench.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,46 +50,8 @@ STAND_INS: dict[str, type] = {
 STAND_INS["argparse.Namespace"] = _stand_in("argparse.Namespace")
 
 
-def refusal(path: Path, names: list[str]) -> UserError:
-    return UserError(f"refusing to load {path}: it contains executable pickle content ({', '.join(names[:5])}"
-                     f"{', ...' if len(names) > 5 else ''}); only tensor checkpoints are accepted")
-
-
-def _scan(path: Path) -> list[str] | None:
-    """Pickle globals outside torch's weights-only allow-list (static disassembly; nothing is executed).
-
-    None when the file cannot be scanned (the legacy non-zip torch format, or not a torch file at all): it is
-    then loaded weights-only WITHOUT any stand-in, so the unpickler's own allow-list still refuses every global.
-    """
-    try:
-        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
-    except Exception:
-        return None
-
-
-def _reason(exc: BaseException) -> str:
-    """A short cause from a torch.load error, without torch's advice to retry with weights_only=False."""
-    text = str(exc)
-    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-    if detail:
-        text = detail.group(1)
-    elif "weights_only" in text:
-        text = "the weights-only unpickler rejected its content"
-    return " ".join(f"{type(exc).__name__}: {text}".split())[:200]
-
-
 def _load_weights_only(path: Path, stand_ins: list[str]) -> Any:
-    allowed = [(STAND_INS[name], name) for name in stand_ins]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:  # a global the static scan could not see (legacy format, pushed dynamically): refused the same
-            raise refusal(path, [found.group(1)]) from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_reason(exc)})") from None
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_reason(exc)})") from None
+    return torch_load_tensors(path, {name: STAND_INS[name] for name in stand_ins})
 
 
 def read_checkpoint(path: str | Path) -> tuple[Any, list[str]]:
@@ -112,12 +71,12 @@ def read_checkpoint(path: str | Path) -> tuple[Any, list[str]]:
             return load_file(p, device="cpu"), []
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{p}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
-    unsafe = _scan(p)
+    unsafe = unsafe_pickle_globals(p)
     if unsafe is None:
         return _load_weights_only(p, []), []
     refused = [name for name in unsafe if name not in STAND_INS]
     if refused:
-        raise refusal(p, refused)
+        raise pickle_refusal(p, refused)
     if unsafe:
         log.info("%s: reading %s as inert stand-ins", p, ", ".join(unsafe))
     return _load_weights_only(p, unsafe), unsafe

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gsqbench.errors import UserError
-from gsqbench.importers.common import Release, get, level_indices, tensor_dict, width_multipliers
+from gsqbench.importers.common import Release, encoder_layout, get, tensor_dict
 from gsqbench.models import maskgit
 
 KIND = "maskgit"
@@ -34,15 +34,9 @@ def read(obj: Any, path: Path, weights: str | None = None) -> Release:
                         "use --weights raw")
     state = tensor_dict(obj, str(path), "a plain state dict (MaskGIT VQGAN PyTorch port)")
     where = str(path)
-    conv_in = get(state, "encoder.conv_in.weight", where, "MaskGIT VQGAN")
-    ch = int(conv_in.shape[0])
-    levels = level_indices(state, r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
-    mult = width_multipliers([int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels], ch, where)
-    cfg = maskgit.MaskGITConfig(
-        num_channels=int(conv_in.shape[1]), hidden_channels=ch, channel_mult=mult,
-        num_res_blocks=len(level_indices(state, r"encoder\.down\.0\.block\.(\d+)\.conv1\.weight")),
-        z_channels=int(get(state, "encoder.conv_out.weight", where, "MaskGIT VQGAN").shape[0]),
-    )
+    enc = encoder_layout(state, where, "MaskGIT VQGAN")
+    cfg = maskgit.MaskGITConfig(num_channels=enc.in_channels, hidden_channels=enc.ch, channel_mult=enc.ch_mult,
+                                num_res_blocks=enc.num_res_blocks, z_channels=enc.z_channels)
     codebook = get(state, "quantize.embedding.weight", where, "MaskGIT VQGAN")
     qspec = maskgit.quantizer_spec(int(codebook.shape[0]), int(codebook.shape[1]))
     variant = "imagenet-f16-256" if cfg == maskgit.MaskGITConfig() and qspec["codebook_size"] == 1024 else None

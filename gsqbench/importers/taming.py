@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gsqbench.errors import UserError
-from gsqbench.importers.common import Release, drop, get, level_indices, tensor_dict, width_multipliers
+from gsqbench.importers.common import Release, drop, encoder_layout, get, tensor_dict
 from gsqbench.models import taming
 
 KIND = "taming"
@@ -42,16 +42,13 @@ def read(obj: Any, path: Path, weights: str | None = None) -> Release:
     dropped = [d for d in [drop(state, "loss.", "training loss modules (LPIPS and PatchGAN discriminator of "
                                 "VQLPIPSWithDiscriminator)")] if d]
     where = str(path)
-    conv_in = get(state, "encoder.conv_in.weight", where, "taming VQGAN")
-    ch = int(conv_in.shape[0])
-    levels = level_indices(state, r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
-    mult = width_multipliers([int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels], ch, where)
+    enc = encoder_layout(state, where, "taming VQGAN")
     cfg = taming.TamingConfig(
-        in_channels=int(conv_in.shape[1]), ch=ch, ch_mult=mult,
+        in_channels=enc.in_channels, ch=enc.ch, ch_mult=enc.ch_mult,
         out_ch=int(get(state, "decoder.conv_out.weight", where, "taming VQGAN").shape[0]),
-        num_res_blocks=len(level_indices(state, r"encoder\.down\.0\.block\.(\d+)\.conv1\.weight")),
-        attn_levels=tuple(i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state),
-        z_channels=int(get(state, "encoder.conv_out.weight", where, "taming VQGAN").shape[0]),
+        num_res_blocks=enc.num_res_blocks,
+        attn_levels=tuple(i for i in enc.levels if f"encoder.down.{i}.attn.0.q.weight" in state),
+        z_channels=enc.z_channels,
     )
     codebook = get(state, "quantize.embedding.weight", where, "taming VQGAN")
     qspec = taming.quantizer_spec(int(codebook.shape[0]), int(codebook.shape[1]))

@@ -7,6 +7,7 @@ declares, as class attributes, what the rest of gsqbench needs to know without r
 - `weights`: the weight-manager files it cannot do without (checked up front when one of its keys is required);
 - `card_group`: the protocol-card group its `card()` fields describe;
 - `reference_stats`: whether it keeps real-side statistics that `fid_reference_stats` / `fid_cache_dir` may supply;
+- `selected_by_default`: whether an evaluation with no `eval.metrics` selection runs it (False: opt-in);
 - `comparable(key, facts)`: when a value is comparable at all (e.g. enough tokens for usage, enough images for
   FID); `None` means comparable, a string says why not.
 `create(ctx)` builds the instance for one evaluation (or returns None when it does not apply, e.g. codebook metrics
@@ -69,6 +70,8 @@ class MetricContext:
     required: frozenset = frozenset()  # metric keys the user required (missing weights => UserError)
     fid_reference: Optional[Mapping[str, Any]] = None  # data key fields for reference-statistics files/caches
     meter: Any = None  # gsqbench.metrics.cost.CostMeter timing encode/decode in the pass
+    out_dir: Any = None  # the run's results folder (pathlib.Path) or None; metrics keeping files write under it
+    shared: dict = field(default_factory=dict)  # objects metrics of one evaluation share (e.g. one Inception net)
 
     @property
     def quantizer(self) -> Any:
@@ -98,6 +101,9 @@ class Metric:
     card_group: ClassVar[str] = ""
     reference_stats: ClassVar[bool] = False  # keeps real-side reference statistics (a file or cache may key them)
     deterministic: ClassVar[bool] = True  # values are a function of the images (False: timings, e.g. images/s)
+    # runs when `eval.metrics` is empty; False: only when its family, name or a key is named (or required), for
+    # costly extras (a ViT-L/14 pass, features kept on disk) that would otherwise change every default card
+    selected_by_default: ClassVar[bool] = True
 
     @property
     def keys(self) -> tuple[str, ...]:

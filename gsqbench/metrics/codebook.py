@@ -87,8 +87,10 @@ def _digits(indices: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
 
 @register_metric("codebook")
 class CodebookMetric(Metric):
-    """Usage / perplexity / entropy / dead codes of the eval set's indices (§8). Directions: usage, ppl and entropy
-    higher; dead_codes lower; tokens_counted none. `code_counts()` is the (G, V) array stored as `codes.npz`."""
+    """Codebook usage, perplexity, entropy and dead codes of the eval set's indices (metrics-protocol.md §8).
+
+    Directions: usage, ppl and entropy higher; dead_codes lower; tokens_counted none. `code_counts()` is the (G, V)
+    array stored as `codes.npz`."""
 
     family, card_group = "codebook", "codebook"
     outputs = DIRECTIONS
@@ -252,8 +254,9 @@ class CodebookMetric(Metric):
 
 @register_metric("code_agreement")
 class CodeAgreementMetric(Metric):
-    """`code_agreement`: fraction of tokens whose code is unchanged when the quantizer's nearest-code lookup is redone
-    at the other precision (fp32 vs the official bf16), metrics-protocol.md §9; only for quantizers with a lookup.
+    """Fraction of tokens whose code is unchanged when the nearest-code lookup is redone at the other precision.
+
+    fp32 vs the official bf16 lookup (metrics-protocol.md §9); only for quantizers with a codebook search.
 
     The latent the quantizer sees is captured with a forward pre-hook; the comparison lookup runs on it per batch.
     """

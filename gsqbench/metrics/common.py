@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
 
@@ -67,6 +68,40 @@ def resolve_weights(name: str, explicit: Optional[str | Path], required: bool) -
             raise UserError(f"required metric needs weights '{name}': {exc}") from None
         log.warning("metric unavailable: %s", exc)
         return None, str(exc)
+
+
+def shared_object(shared: Optional[dict], key: Hashable, build: Callable[[], Any]) -> Any:
+    """`shared[key]`, built on first use: one network per evaluation for every metric that needs it (the dict is
+    MetricContext.shared); without a dict, a private instance."""
+    if shared is None:
+        return build()
+    if key not in shared:
+        shared[key] = build()
+    return shared[key]
+
+
+class SharedExtractor:
+    """A feature network several metrics of one pass call on the same batches; each batch is run through it once.
+
+    Every metric receives the very same (real, fake) tensors per batch (evaluate.py converts once), so the output
+    for the last few input tensors is kept and handed to the next metric asking for it. The memo is keyed by the
+    tensor object, held weakly (a freed batch can never match a new tensor at the same address), and its in-place
+    version counter (a modified tensor is recomputed). The caller's `exact_fp32()` context applies as usual.
+    """
+
+    def __init__(self, model: Any, device: torch.device | str, slots: int = 2) -> None:
+        self.model, self.device, self.slots = model, torch.device(device), slots
+        self._memo: list[tuple[weakref.ref, int, Any]] = []
+        self.calls = 0  # forwards actually run (tests check the sharing)
+
+    def __call__(self, images: torch.Tensor) -> Any:
+        for ref, version, out in self._memo:
+            if ref() is images and version == images._version:
+                return out
+        out = self.model(images.to(self.device))
+        self.calls += 1
+        self._memo = [*self._memo, (weakref.ref(images), images._version, out)][-self.slots:]
+        return out
 
 
 class PerImageMetric(Metric):

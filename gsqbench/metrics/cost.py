@@ -135,8 +135,9 @@ def rate_values(quantizer: Optional[nn.Module], image_hw: Optional[tuple[int, in
 
 @register_metric("cost")
 class CostMetric(Metric):
-    """Parameters, encode/decode images/s, peak memory and the rate of the token stream (bits per token/image,
-    compression ratio). Timings come from the evaluator's CostMeter, which wraps encode and decode."""
+    """Parameters, encode/decode images/s, peak memory, and bits per token/image with the compression ratio.
+
+    Timings come from the evaluator's CostMeter, which wraps encode and decode."""
 
     family, card_group = "cost", ""
     outputs = DIRECTIONS

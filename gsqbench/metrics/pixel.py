@@ -55,7 +55,9 @@ def psnr_per_image(real_u8: torch.Tensor, fake_u8: torch.Tensor, cap_db: float =
 
 @register_metric("psnr")
 class PSNRMetric(PerImageMetric):
-    """`psnr` (mean of per-image PSNR ± CI, higher is better) and `psnr_pooled` (the official GSQ definition
+    """PSNR on uint8 RGB: the mean of per-image values with an interval, and the official pooled PSNR.
+
+    `psnr` (mean of per-image PSNR ± CI, higher is better) and `psnr_pooled` (the official GSQ definition
     10·log10(255²/(ΣSE/Σn)), higher is better), metrics-protocol.md §3. By Jensen psnr ≥ psnr_pooled."""
 
     family, card_group = "pixel", "psnr"
@@ -188,8 +190,9 @@ def ssim_per_image(
 
 @register_metric("ssim")
 class SSIMMetric(PerImageMetric):
-    """`ssim`: mean over images of per-image SSIM (Wang et al. 2004, pinned in metrics-protocol.md §4) ± CI;
-    higher is better; values in [−1, 1] (never ×100)."""
+    """SSIM (Wang et al. 2004; Gaussian 11/1.5, valid interior, uint8 range): mean of per-image values ± CI.
+
+    Pinned in metrics-protocol.md §4; higher is better; values in [−1, 1] (never ×100)."""
 
     family, card_group = "pixel", "ssim"
     outputs = {"ssim": "higher"}

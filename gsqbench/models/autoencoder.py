@@ -241,6 +241,8 @@ class AdaptiveGroupNorm(nn.Module):
 
     y = Linear_γ(sqrt(var_hw(q) + eps)) · GN(x) + Linear_β(mean_hw(q)). The variance is torch's default
     *unbiased* estimate, as in the official code (its comment says otherwise), so h·w must be at least 2.
+    The statistics are taken in fp32 (at least): under bf16 autocast the official decoder conditions on the
+    fp32 codebook rows, so its var/mean run in fp32; only the two Linear layers run in bf16 there.
     """
 
     def __init__(self, channels: int, cond_channels: int, eps: float = ADAGN_EPS) -> None:
@@ -252,6 +254,7 @@ class AdaptiveGroupNorm(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         flat = cond.flatten(2)  # (b, D, h·w)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
         scale = self.gamma((flat.var(dim=-1) + self.eps).sqrt())[:, :, None, None]
         shift = self.beta(flat.mean(dim=-1))[:, :, None, None]
         return scale * self.gn(x) + shift

@@ -64,7 +64,8 @@ class Tokenizer(nn.Module):
         return self.decoder(z_q)
 
     def decode_indices(self, indices: Tensor) -> Tensor:
-        """(b, h, w, g) int64 codes → image; equals decode(encode(x).z_q) in eval mode."""
+        """(b, h, w, g) int64 codes → image; equals decode(encode(x).z_q) in eval mode, under bf16 autocast too
+        (codebook quantizers return their fp32 rows as z_q, so both paths decode the same tensor)."""
         return self.decode(self.quantizers.indices_to_codes(indices))
 
     def forward(self, x: Tensor) -> tuple[Tensor, QuantizerOutput]:

@@ -136,3 +136,113 @@ def grid_axes(run: Run) -> dict[str, float]:
         if name and finite(raw):
             axes[name] = float(raw)
     return axes
+
+
+# ----------------------------------------------------------------------------------------------- every run folder
+#: files that make a folder a run folder (results of `run`/`eval`, or the traces `train` leaves)
+_RUN_MARKERS = ("metrics.csv", "run.json", "train_log.csv", "checkpoint/model.json", "checkpoint/train_state.pt")
+
+
+@dataclass
+class Unlisted:
+    """A run folder the comparison tables cannot show, and why: `state` is 'not evaluated' (trained or training,
+    no results yet) or 'unreadable' (a results file is damaged; `detail` names it)."""
+
+    run_dir: Path
+    suite: str
+    run_id: str
+    state: str
+    detail: str
+
+
+def run_folders(*roots: str | Path) -> list[Path]:
+    """Every folder under `roots` (or a root itself) holding a results or training file, sorted, de-duplicated."""
+    from gsqbench.errors import UserError
+
+    found: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise UserError(f"results path '{root}' does not exist")
+        if root.is_file():
+            if root.name != "metrics.csv":
+                raise UserError(f"results path '{root}' is a file; give a results directory or a metrics.csv")
+            found.add(root.parent.resolve())
+            continue
+        for marker in _RUN_MARKERS:
+            pattern = marker.split("/")
+            for p in root.rglob(pattern[-1]):
+                folder = p.parent if len(pattern) == 1 else p.parent.parent
+                if len(pattern) == 1 or p.parent.name == pattern[0]:
+                    found.add(folder.resolve())
+    return sorted(found)
+
+
+def _train_progress(run_dir: Path) -> str:
+    """'trained 20 steps' from the training log / exported checkpoint, for a run without results."""
+    from gsqbench.results import TRAIN_LOG_FILE, read_csv_rows
+
+    steps = None
+    try:
+        rows = read_csv_rows(run_dir / TRAIN_LOG_FILE)
+        steps = max((int(float(r["step"])) for r in rows if r.get("step")), default=None)
+    except Exception:  # a damaged log only makes this description vaguer
+        steps = None
+    model = run_dir / "checkpoint" / "model.json"
+    exported = model.is_file()
+    if exported:
+        try:
+            steps = int(json.loads(model.read_text(encoding="utf-8")).get("meta", {}).get("step", steps))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    at = f" {steps} steps" if steps is not None else ""
+    if exported:
+        return f"trained{at}, checkpoint exported; no metrics.csv (evaluate it with gsqbench run or eval)"
+    return f"training stopped or still running{f' (logged up to step {steps})' if steps is not None else ''}; " \
+           "no metrics.csv"
+
+
+def _names(run_dir: Path, info: Mapping[str, Any]) -> tuple[str, str]:
+    return str(info.get("suite") or run_dir.parent.name), str(info.get("run_id") or run_dir.name)
+
+
+def collect_runs(*roots: str | Path) -> tuple[list[Run], list[Unlisted]]:
+    """Readable evaluated runs, plus every other run folder (not evaluated, or with a damaged file) as Unlisted,
+    so that nothing under the given folders is left out of a report silently."""
+    import pandas as pd
+
+    from gsqbench.errors import UserError
+    from gsqbench.results import METRICS_FILE, RUN_FILE, read_metrics
+
+    runs: list[Run] = []
+    unlisted: list[Unlisted] = []
+    for run_dir in run_folders(*roots):
+        try:
+            info = read_run_info(run_dir)
+        except UserError as exc:
+            unlisted.append(Unlisted(run_dir, run_dir.parent.name, run_dir.name, "unreadable",
+                                     f"{run_dir / RUN_FILE}: {_short(exc)}"))
+            continue
+        suite, run_id = _names(run_dir, info)
+        if not (run_dir / METRICS_FILE).is_file():
+            unlisted.append(Unlisted(run_dir, suite, run_id, "not evaluated", _train_progress(run_dir)))
+            continue
+        try:
+            df = read_metrics(run_dir)
+        except UserError as exc:
+            unlisted.append(Unlisted(run_dir, suite, run_id, "unreadable", _short(exc)))
+            continue
+        if df.empty:
+            unlisted.append(Unlisted(run_dir, suite, run_id, "unreadable",
+                                     f"{run_dir / METRICS_FILE}: no metric rows"))
+            continue
+        df["run_dir"] = str(run_dir)
+        runs += runs_from_frame(pd.DataFrame(df))
+    if not runs and not unlisted:
+        raise UserError(f"no results (metrics.csv) or run folders found under {', '.join(str(r) for r in roots)}")
+    return runs, unlisted
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"

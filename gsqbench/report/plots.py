@@ -2,7 +2,8 @@
 
 Plots mirror the paper's figures (gsq-reference.md §7.9): training curves, rate–distortion (bits/token vs quality),
 per-group code usage with rank–frequency (Zipf) curves, and scaling grids (latent dim × vocabulary; compression ×
-groups). Nothing here imports torch.
+groups). Rate–distortion and scaling points are a subject's mean over seeds with error bars to its 95 % interval
+(gsqbench.stats), never one line zig-zagging through every seed. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -73,13 +74,19 @@ def training_curves(logs: Mapping[str, "pd.DataFrame"], path: Path) -> Path | No
     return save_figure(fig, path)
 
 
+def _yerr(err: Any) -> Any:
+    """matplotlib's asymmetric yerr for one point from (minus, plus), or None (no interval: no bar)."""
+    return None if err is None else [[max(0.0, float(err[0]))], [max(0.0, float(err[1]))]]
+
+
 def rate_distortion(points: Sequence[Mapping[str, Any]], metrics: Sequence[tuple[str, str]],
                     path: Path) -> tuple[Path | None, list[str]]:
-    """bits/token (x) vs each quality metric (y), one marker per run. Metrics with no available value are
-    skipped and named in the returned notes."""
+    """bits/token (x) vs each quality metric (y), one marker per point (a subject's mean over seeds), with an error
+    bar when the point carries `<key>:err` = (minus, plus). Metrics with no available value are skipped and named in
+    the returned notes."""
     notes, drawable = [], []
     for key, title in metrics:
-        pts = [(p["bits"], p[key], p["label"]) for p in points
+        pts = [(p["bits"], p[key], p["label"], p.get(f"{key}:err")) for p in points
                if _finite(p.get("bits")) and _finite(p.get(key))]
         (drawable.append((key, title, pts)) if pts else notes.append(f"{title}: unavailable for every run, not plotted"))
     if not drawable:
@@ -87,8 +94,8 @@ def rate_distortion(points: Sequence[Mapping[str, Any]], metrics: Sequence[tuple
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(drawable), figsize=(3.6 * len(drawable), 2.9), squeeze=False)
     for ax, (key, title, pts) in zip(axes.flat, drawable):
-        for bits, val, label in pts:
-            ax.scatter([bits], [val], s=28, label=_text(label))
+        for bits, val, label, err in pts:
+            ax.errorbar([bits], [val], yerr=_yerr(err), fmt="o", markersize=5, capsize=3, label=_text(label))
         ax.set_xlabel("bits / token", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -142,16 +149,20 @@ def code_usage(counts_by_run: Mapping[str, np.ndarray], path: Path) -> Path:
 
 def scaling(points: Sequence[Mapping[str, Any]], x_key: str, series_key: str | None, metric_title: str,
             path: Path, *, log_x: bool = False) -> Path:
-    """Metric (y) against one grid axis (x), one line per value of the other axis, like the paper's grids."""
+    """Metric (y) against one grid axis (x), one line per value of the other axis, like the paper's grids. Each point
+    is one grid point (the mean over its seeds); `err` = (minus, plus) draws its error bar, None draws none."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 3.0))
-    series: dict[Any, list[tuple[float, float]]] = {}
+    series: dict[Any, list[tuple[float, float, Any]]] = {}
     for p in points:
-        series.setdefault(p.get(series_key) if series_key else None, []).append((p[x_key], p["y"]))
+        series.setdefault(p.get(series_key) if series_key else None, []).append((p[x_key], p["y"], p.get("err")))
     for name, pts in sorted(series.items(), key=lambda kv: str(kv[0])):
-        pts.sort()
-        ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", linewidth=1.2,
-                label=f"{series_key}={_num(name)}" if series_key else None)
+        pts.sort(key=lambda t: t[0])
+        minus = [0.0 if e is None else max(0.0, float(e[0])) for _, _, e in pts]
+        plus = [0.0 if e is None else max(0.0, float(e[1])) for _, _, e in pts]
+        has_err = any(e is not None for _, _, e in pts)
+        ax.errorbar([a for a, _, _ in pts], [b for _, b, _ in pts], yerr=[minus, plus] if has_err else None,
+                    marker="o", linewidth=1.2, capsize=3, label=f"{series_key}={_num(name)}" if series_key else None)
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(x_key, fontsize=8)

@@ -3,7 +3,11 @@
 `render_report(results_dirs, out_dir)` writes a self-contained folder: index.html, one page per suite, style.css and
 assets/ (plots and image panels), all linked relatively so it opens from disk without a server, CDN or JS.
 Rows are compared only within one (suite, fairness hash, protocol card hash) group; a suite mixing hashes gets one
-table per group and says why. User-given names are escaped by jinja2 (autoescape on) and sanitised in file names.
+table per group and says why. Each table row is a subject (× grid point) aggregated over its seeds, with intervals
+and ★/☆ marks from gsqbench.stats (metrics-protocol.md §15); per-seed rows stay one click away, and each suite's
+aggregated table is also written as CSV. `render_regress` and `render_compare` write the pages of `gsqbench regress
+-o` and `gsqbench compare -o`, which the index links. User-given names are escaped by jinja2 (autoescape on) and
+sanitised in file names.
 """
 from __future__ import annotations
 
@@ -21,12 +25,17 @@ from gsqbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gsqbench.report import paper_reference as paper
 from gsqbench.report import plots
 from gsqbench.report.data import (
-    Group, Run, finite, flatten, grid_axes, group_runs, metric_value, runs_from_frame, separation_reason,
+    Group, Run, Unlisted, collect_runs, finite, flatten, grid_axes, group_runs, separation_reason,
 )
-from gsqbench.results import load_results, read_code_counts, read_per_image, read_train_log, sample_ids
+from gsqbench.results import read_code_counts, read_per_image, read_train_log, rows_to_csv, sample_ids
+from gsqbench.stats import (
+    SUMMARY_FIELDS, Cell, GroupStats, Unit, divergence_text, is_diverged, rows_for_csv, summary_rows,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from gsqbench.compare import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +43,11 @@ log = logging.getLogger(__name__)
 SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("bits_per_token", "bits/token", "g4"), ("rfid@inception", "rFID", "f3"), ("is@inception", "IS", "f1"),
     ("psnr", "PSNR (dB)", "f2"), ("ssim", "SSIM", "f4"), ("lpips@alex", "LPIPS (alex)", "f4"),
-    ("usage_pooled", "usage", "pct"), ("ppl_pooled", "perplexity", "int"), ("params", "params", "params"),
-    ("encode_images_per_s", "images/s (encode)", "f1"),
+    ("usage_pooled", "usage", "pct"), ("ppl_pooled", "perplexity", "int"), ("tokens_counted", "tokens counted", "int"),
+    ("params", "params", "params"), ("encode_images_per_s", "images/s (encode)", "f1"),
 )
+MARK_SYMBOL = {"best": "★", "tied": "☆"}
+MARK_WORDS = {"best": "significantly best (Holm-corrected, 95 %)", "tied": "tied for best (no significant difference)"}
 RD_METRICS = (("psnr", "PSNR (dB)"), ("lpips@alex", "LPIPS (alex)"), ("rfid@inception", "rFID"))
 SCALING_METRICS = (("rfid@inception", "rFID"), ("lpips@alex", "LPIPS (alex)"), ("psnr", "PSNR (dB)"))
 
@@ -89,60 +100,154 @@ def _slug(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- tables
-def summary_table(runs: Sequence[Run]) -> tuple[dict[str, Any], list[tuple[int, str]]]:
-    """Rows = runs, columns = SUMMARY_COLUMNS; best per column (by direction, available rows only) marked;
-    unavailable cells carry a footnote number whose text is the reason with the fix command."""
+def _grid_columns(units: Sequence[Unit]) -> list[tuple[str, str]]:
+    """(grid key, column title) for every grid axis of these units, in first-seen order; titles are the last
+    dotted component (`quantizer.groups` → `groups`) unless two axes share it."""
+    keys = list(dict.fromkeys(k for u in units for k in u.grid))
+    leaves = [k.split(".")[-1] for k in keys]
+    return [(k, leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)]
+
+
+def _grid_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def summary_table(stats: GroupStats) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    """One row per unit (subject × grid point) over its seeds, columns = grid axes, seeds and SUMMARY_COLUMNS.
+    Cells show the mean over seeds ± its standard error and the sd across seeds; ★/☆ come from GroupStats.marks
+    (significance, Holm-corrected). Unavailable and not-comparable values carry a footnote with the reason; rows of
+    diverged runs are greyed and never marked."""
     footnotes: dict[str, int] = {}
-    rows = [{"label": r.subject, "run": r.run_id, "seed": r.seed, "cells": []} for r in runs]
+    units = stats.units
     # a column no run measured at all (not even as n/a) is noise; unavailable metrics keep their column
-    columns = [c for c in SUMMARY_COLUMNS if any(c[0] in r.metrics for r in runs)]
-    for key, _title, kind in columns:
-        best = _best_value([r.metrics.get(key) for r in runs])
-        for run, row in zip(runs, rows):
-            m = run.metrics.get(key)
-            row["cells"].append(_cell(m, kind, best, footnotes))
-    table = {"columns": [t for _, t, _ in columns], "keys": [k for k, _, _ in columns], "rows": rows}
+    columns = [c for c in SUMMARY_COLUMNS if any(c[0] in r.metrics for u in units for r in u.runs)]
+    grid_cols = _grid_columns(units)
+    rows = []
+    for u in units:
+        row = {"label": u.label, "grid": [_grid_text(u.grid[k]) if k in u.grid else "–" for k, _ in grid_cols],
+               "seeds": _seeds_text(u), "seeds_title": _seeds_title(u), "diverged": u.divergence_note,
+               "greyed": u.all_diverged, "cells": []}
+        for key, _title, kind in columns:
+            if u.all_diverged:
+                row["cells"].append({"text": "–", "na": True, "title": u.divergence_note})
+                continue
+            marks, _ = stats.marks(key)
+            row["cells"].append(_cell(stats.cell(u, key), kind, marks.get(u.key), footnotes))
+        rows.append(row)
+    notes = {}
+    for key, title, _ in columns:
+        _, note = stats.marks(key)
+        if note:
+            notes[title] = note
+    table = {"columns": [t for _, t, _ in columns], "keys": [k for k, _, _ in columns],
+             "grid_columns": [t for _, t in grid_cols], "rows": rows,
+             "column_notes": [notes.get(t, "") for _, t, _ in columns]}
     return table, sorted(((n, reason) for reason, n in footnotes.items()))
 
 
-def _best_value(rows: Sequence[Mapping[str, Any] | None]) -> float | None:
-    avail = [r for r in rows if r is not None and not r.get("unavailable") and finite(r.get("value"))]
-    if len(avail) < 2 or avail[0].get("direction") not in ("lower", "higher"):
-        return None
-    values = [float(r["value"]) for r in avail]
-    return min(values) if avail[0]["direction"] == "lower" else max(values)
+def _seeds_text(u: Unit) -> str:
+    return str(len(u.runs)) + (f" (+{len(u.diverged)} diverged)" if u.diverged and u.runs else "")
 
 
-def _cell(m: Mapping[str, Any] | None, kind: str, best: float | None, footnotes: dict[str, int]) -> dict[str, Any]:
-    if m is None:
+def _seeds_title(u: Unit) -> str:
+    done = ", ".join(r.seed for r in sorted(u.runs, key=lambda r: r.seed)) or "none"
+    return f"seeds evaluated: {done}" + (f"; {u.divergence_note}" if u.diverged else "")
+
+
+def _cell(c: Cell | None, kind: str, mark: str | None, footnotes: dict[str, int]) -> dict[str, Any]:
+    if c is None:
         return {"text": "–", "na": True, "title": "not measured in this run"}
-    if m.get("unavailable") or not finite(m.get("value")):
-        reason = str(m.get("unavailable") or "value is NaN")
-        n = footnotes.setdefault(reason, len(footnotes) + 1)
+    if c.estimate is None:
+        reason = c.unavailable or "value is NaN"
+        n = footnotes.setdefault(f"n/a: {reason}", len(footnotes) + 1)
         return {"text": "n/a", "na": True, "title": reason, "fn": n}
-    value = float(m["value"])
-    is_best = best is not None and math.isclose(value, best, rel_tol=1e-12, abs_tol=1e-15)
-    return {"text": fmt_value(value, kind), "pm": fmt_interval(m, kind), "title": _cell_title(m), "best": is_best}
+    e = c.estimate
+    ranked = c.direction in ("lower", "higher")  # counts and sizes (tokens, params, bits) carry no ± or sd
+    out = {"text": fmt_value(e.mean, kind), "pm": fmt_interval({"stderr": e.stderr}, kind) if ranked else "",
+           "sd": _fmt_sd(e.seed_std, kind) if e.n_seeds > 1 and ranked else "",
+           "title": _estimate_title(e) if ranked else "", "mark": mark, "best": mark == "best", "tied": mark == "tied"}
+    if c.not_comparable:
+        out["fn"] = footnotes.setdefault(f"not comparable: {c.not_comparable}", len(footnotes) + 1)
+        out["title"] = f"not comparable: {c.not_comparable}; " + out["title"]
+        out["mark"] = out["best"] = out["tied"] = None
+    return out
 
 
-def all_metrics_table(runs: Sequence[Run]) -> dict[str, Any]:
-    """Every metric (rows) × run (columns), for the collapsible full listing."""
-    names = sorted({k for r in runs for k in r.metrics})
+def _fmt_sd(sd: float, kind: str) -> str:
+    if not finite(sd):
+        return ""
+    scale = 100.0 if kind == "pct" else 1.0
+    return f"sd {sd * scale:.2f}" if kind in ("pct",) or kind.startswith("f") else f"sd {sd * scale:.2g}"
+
+
+def _estimate_title(e: Any) -> str:
+    bits = []
+    if finite(e.ci_low) and finite(e.ci_high):
+        bits.append(f"95% interval [{e.ci_low:.6g}, {e.ci_high:.6g}]")
+    bits.append(e.method)
+    if finite(e.stderr):
+        bits.append(f"standard error {e.stderr:.3g}")
+    if e.n_seeds > 1:
+        bits.append(f"sd across seeds {e.seed_std:.3g} (n = {e.n_seeds} seeds)")
+    if e.n_images:
+        bits.append(f"{e.n_images} images")
+    return "; ".join(bits)
+
+
+def per_seed_table(stats: GroupStats, keys: Sequence[str]) -> dict[str, Any]:
+    """Every run (seed) of the group on its own row with its within-run values (no marks): the detail behind the
+    aggregated rows. Diverged runs are greyed and say where they diverged."""
+    columns = [c for c in SUMMARY_COLUMNS if c[0] in keys]
+    grid_cols = _grid_columns(stats.units)
     rows = []
-    for name in names:
+    for u in stats.units:
+        for r in u.all_runs:
+            row = {"label": u.label, "run": r.run_id, "seed": r.seed,
+                   "grid": [_grid_text(u.grid[k]) if k in u.grid else "–" for k, _ in grid_cols], "cells": [],
+                   "diverged": divergence_text(r) if is_diverged(r) else ""}
+            for key, _title, kind in columns:
+                m = r.metrics.get(key)
+                if row["diverged"] or m is None:
+                    row["cells"].append({"text": "–", "na": True})
+                elif m.get("unavailable") or not finite(m.get("value")):
+                    row["cells"].append({"text": "n/a", "na": True, "title": str(m.get("unavailable") or "NaN")})
+                else:
+                    row["cells"].append({"text": fmt_value(m["value"], kind), "pm": fmt_interval(m, kind),
+                                         "title": _cell_title(m)})
+            rows.append(row)
+    return {"columns": [t for _, t, _ in columns], "grid_columns": [t for _, t in grid_cols], "rows": rows}
+
+
+def all_metrics_table(stats: GroupStats) -> dict[str, Any]:
+    """Every metric (rows) × unit (columns), aggregated over seeds like the summary, for the collapsible listing."""
+    units = [u for u in stats.units if u.runs]
+    rows = []
+    for name in stats.metrics():
         cells = []
-        for r in runs:
-            m = r.metrics.get(name)
-            if m is None:
+        for u in units:
+            c = stats.cell(u, name)
+            if c is None:
                 cells.append({"text": "–", "na": True})
-            elif m.get("unavailable") or not finite(m.get("value")):
-                cells.append({"text": "n/a", "na": True, "title": str(m.get("unavailable") or "NaN")})
+            elif c.estimate is None:
+                cells.append({"text": "n/a", "na": True, "title": c.unavailable})
             else:
-                cells.append({"text": fmt_value(m["value"], "g4"), "pm": fmt_interval(m, "g"),
-                              "title": _cell_title(m)})
-        direction = next((r.metrics[name].get("direction") for r in runs if name in r.metrics), "none")
-        rows.append({"metric": name, "direction": direction, "cells": cells})
-    return {"runs": [r.label for r in runs], "rows": rows}
+                e = c.estimate
+                cells.append({"text": fmt_value(e.mean, "g4"), "pm": fmt_interval({"stderr": e.stderr}, "g"),
+                              "sd": _fmt_sd(e.seed_std, "g") if e.n_seeds > 1 else "",
+                              "title": ((f"not comparable: {c.not_comparable}; " if c.not_comparable else "")
+                                        + _estimate_title(e))})
+        rows.append({"metric": name, "direction": stats.direction(name), "cells": cells})
+    labels = [u.label + (f" · {u.grid_label}" if u.grid else "") for u in units]
+    return {"runs": labels, "rows": rows}
+
+
+def export_summary_csv(out: Path, suite: str, groups: Sequence[Group], group_stats: Sequence[GroupStats]) -> Path:
+    """<suite page>.csv: the aggregated long table (stats.SUMMARY_FIELDS) of every group of one suite."""
+    rows = []
+    for g, st in zip(groups, group_stats):
+        rows += summary_rows(suite, g.fairness_hash, g.card_hash, st)
+    return atomic_write_text(safe_child(out, suite_page_name(suite).removesuffix(".html") + "-summary.csv"),
+                             rows_to_csv(rows_for_csv(rows), SUMMARY_FIELDS))
 
 
 def spec_tables(runs: Sequence[Run]) -> dict[str, Any]:
@@ -199,41 +304,74 @@ class Assets:
         return path.relative_to(self.out_dir.resolve()).as_posix()
 
 
-def group_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], list[str]]:
+def _plotted_units(stats: GroupStats) -> tuple[list[Unit], list[str]]:
+    """Units drawn in comparison plots (no diverged seed), and a note naming the ones left out."""
+    keep = [u for u in stats.units if u.runs and not u.diverged]
+    left = [u.label for u in stats.units if u.diverged]
+    return keep, ([f"diverged runs are not plotted: {', '.join(left)}"] if left else [])
+
+
+def _point(stats: GroupStats, unit: Unit, key: str) -> tuple[float | None, tuple[float, float] | None]:
+    """(mean, (minus, plus) error bar to the 95 % interval) for a plot; None for values that are unavailable or not
+    comparable (never drawn as a comparison)."""
+    c = stats.cell(unit, key)
+    if c is None or c.estimate is None or c.not_comparable:
+        return None, None
+    e = c.estimate
+    err = (e.mean - e.ci_low, e.ci_high - e.mean) if finite(e.ci_low) and finite(e.ci_high) else None
+    return e.mean, err
+
+
+def group_plots(group: Group, assets: Assets, stats: GroupStats) -> tuple[list[dict[str, str]], list[str]]:
     figures, notes = [], []
-    logs = {r.label: df for r in group.runs if (df := read_train_log(r.run_dir)) is not None and len(df)}
+    units, skipped = _plotted_units(stats)
+    notes += skipped
+    runs = [r for u in units for r in u.runs]
+    logs = {r.label: df for r in runs if (df := read_train_log(r.run_dir)) is not None and len(df)}
     if logs and (p := plots.training_curves(logs, assets.path("train_curves.png"))):
-        figures.append({"src": assets.rel(p), "caption": "Training curves (train_log.csv)"})
+        figures.append({"src": assets.rel(p), "caption": "Training curves (train_log.csv), one line per run"})
     elif not logs:
         notes.append("no train_log.csv in these runs: training curves not drawn")
-    points = [{"label": r.label, "bits": metric_value(r, "bits_per_token"), **{k: metric_value(r, k) for k, _ in RD_METRICS}}
-              for r in group.runs]
+    points = []
+    for u in units:
+        point = {"label": u.label + (f" · {u.grid_label}" if u.grid else ""),
+                 "bits": _point(stats, u, "bits_per_token")[0]}
+        for k, _ in RD_METRICS:
+            point[k], point[f"{k}:err"] = _point(stats, u, k)
+        points.append(point)
     p, rd_notes = plots.rate_distortion(points, RD_METRICS, assets.path("rate_distortion.png"))
     notes += rd_notes
     if p:
-        figures.append({"src": assets.rel(p), "caption": "Rate–distortion: bits/token vs quality"})
-    counts = {r.label: c for r in group.runs if (c := read_code_counts(r.run_dir)) is not None}
+        figures.append({"src": assets.rel(p), "caption": "Rate–distortion: bits/token vs quality; mean over seeds, "
+                        "error bars to the 95 % interval of the mean (none where there is no interval)"})
+    counts = {r.label: c for r in runs if (c := read_code_counts(r.run_dir)) is not None}
     if counts:
         p = plots.code_usage(counts, assets.path("code_usage.png"))
-        figures.append({"src": assets.rel(p), "caption": "Code usage per group and rank–frequency (codes.npz)"})
-    missing = [r.label for r in group.runs if r.label not in counts]
+        figures.append({"src": assets.rel(p),
+                        "caption": "Code usage per group and rank–frequency (codes.npz), per run"})
+    missing = [r.label for r in runs if r.label not in counts]
     if missing:
         notes.append(f"no codes.npz (V too large to store, or not evaluated) for: {', '.join(missing)}")
     return figures, notes
 
 
-def scaling_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], list[str]]:
-    """Paper-style scaling plots when the runs' grid varies along (dim × vocabulary) or (compression × groups)."""
-    axes = [grid_axes(r) for r in group.runs]
-    metric = next(((k, t) for k, t in SCALING_METRICS if all(metric_value(r, k) is not None for r in group.runs)), None)
+def scaling_plots(group: Group, assets: Assets, stats: GroupStats) -> tuple[list[dict[str, str]], list[str]]:
+    """Paper-style scaling plots when the units' grid varies along (dim × vocabulary) or (compression × groups):
+    one point per grid point at the mean over seeds, with error bars to the 95 % interval of that mean."""
+    units, _ = _plotted_units(stats)
+    axes = [grid_axes(u.runs[0]) for u in units]
     varies = {a for a in ("dim", "codebook_size", "groups", "compression")
               if len({ax.get(a) for ax in axes if a in ax}) > 1 and all(a in ax for ax in axes)}
     if not varies:
         return [], []
+    metric = next(((k, t) for k, t in SCALING_METRICS if all(_point(stats, u, k)[0] is not None for u in units)), None)
     if metric is None:
-        return [], ["scaling plots skipped: no quality metric is available for every run"]
+        return [], ["scaling plots skipped: no quality metric is available (and comparable) for every grid point"]
     key, title = metric
-    points = [{**ax, "y": metric_value(r, key)} for r, ax in zip(group.runs, axes)]
+    points = []
+    for u, ax in zip(units, axes):
+        y, err = _point(stats, u, key)
+        points.append({**ax, "y": y, "err": err})
     figures = []
     # (x axis, series axis, file, paper figure): x falls back to the series axis when only that one varies
     for x_key, s_key, filename, paper in (
@@ -246,7 +384,7 @@ def scaling_plots(group: Group, assets: Assets) -> tuple[list[dict[str, str]], l
         s = s if s in varies else None
         p = plots.scaling(points, x, s, title, assets.path(filename), log_x=True)
         figures.append({"src": assets.rel(p), "caption": f"{title} vs {x}" + (f", one line per {s}" if s else "")
-                        + f" (paper §7.9: {paper})"})
+                        + f": mean over seeds, error bars to the 95 % interval of the mean (paper §7.9: {paper})"})
     return figures, []
 
 
@@ -326,22 +464,35 @@ def _env():
     return env
 
 
-def _group_context(group: Group, index: int, out_dir: Path, suite_slug: str, k: int, worst_k: int,
-                   with_plots: bool) -> dict:
+def _group_context(group: Group, stats: GroupStats, index: int, out_dir: Path, suite_slug: str, k: int,
+                   worst_k: int, with_plots: bool) -> dict:
     assets = Assets(out_dir, suite_slug, index)
-    summary, footnotes = summary_table(group.runs)
+    summary, footnotes = summary_table(stats)
     figures, notes, scaling_figs, scaling_notes = [], ["plots skipped (--no-plots)"], [], []
     if with_plots:
-        figures, notes = group_plots(group, assets)
-        scaling_figs, scaling_notes = scaling_plots(group, assets)
+        figures, notes = group_plots(group, assets, stats)
+        scaling_figs, scaling_notes = scaling_plots(group, assets, stats)
+    id_note = stats.image_id_note()
+    shown = _first_seeds(group, stats)
+    recon = recon_grid(shown, assets, k)
+    if len(shown.runs) < len([r for r in group.runs if not is_diverged(r)]):
+        recon["note"] = "; ".join(filter(None, [recon.get("note"), "one run per subject shown (its first seed); the "
+                                                "other seeds' samples are in their run folders"]))
     return {
         "index": index, "fairness_hash": group.fairness_hash, "card_hash": group.card_hash,
         "n_runs": len(group.runs), "summary": summary, "footnotes": footnotes,
-        "all_metrics": all_metrics_table(group.runs), "card": card_table(group.runs),
+        "per_seed": per_seed_table(stats, summary["keys"]), "n_units": len(stats.units),
+        "stats_notes": [id_note] if id_note else [],
+        "all_metrics": all_metrics_table(stats), "card": card_table(group.runs),
         "spec": spec_tables(group.runs), "figures": figures, "notes": notes + scaling_notes,
-        "scaling": scaling_figs, "recon": recon_grid(group, assets, k), "worst": worst_images(group, assets, worst_k),
+        "scaling": scaling_figs, "recon": recon, "worst": worst_images(shown, assets, worst_k),
         "provenance": [(r.label, _provenance_line(r.info.get("provenance") or {})) for r in group.runs],
     }
+
+
+def _first_seeds(group: Group, stats: GroupStats) -> Group:
+    """The group with one finished run per row (its first seed): image panels per seed would repeat each subject."""
+    return Group(group.suite, group.fairness_hash, group.card_hash, [u.runs[0] for u in stats.units if u.runs])
 
 
 def _provenance_line(prov: Mapping[str, Any]) -> str:
@@ -370,15 +521,20 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
         raise UserError(f"report output '{out}' exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    runs = runs_from_frame(load_results(*results_dirs))
+    runs, unlisted = collect_runs(*results_dirs)
     suites = group_runs(runs)
     env = _env()
     paper_ctx = paper_tables()
     index_entries = []
     for suite, groups in suites.items():
         page = suite_page_name(suite)
+        group_stats = [GroupStats(g.runs) for g in groups]
+        csv_path = export_summary_csv(out, suite, groups, group_stats)
         ctx = {"title": title, "suite": suite, "reason": separation_reason(groups), "paper": paper_ctx,
-               "groups": [_group_context(g, i, out, _slug(suite), k_samples, worst_k, with_plots) for i, g in enumerate(groups)]}
+               "unlisted": unlisted_rows(unlisted, out, suite),
+               "summary_csv": csv_path.name,
+               "groups": [_group_context(g, st, i, out, _slug(suite), k_samples, worst_k, with_plots)
+                          for i, (g, st) in enumerate(zip(groups, group_stats))]}
         atomic_write_text(safe_child(out, page), env.get_template("suite.html.j2").render(**ctx))
         index_entries.append({"suite": suite, "page": page, "n_runs": sum(len(g.runs) for g in groups),
                               "subjects": sorted({r.subject for g in groups for r in g.runs}),
@@ -386,11 +542,21 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
     _write_static(out)
     regress_summary = _read_regress_summary(out)
     index = env.get_template("index.html.j2").render(
-        title=title, suites=index_entries, regress=regress_summary,
-        sources=[str(Path(d)) for d in results_dirs])
+        title=title, suites=index_entries, regress=regress_summary, compare=_read_compare_summary(out),
+        sources=[str(Path(d)) for d in results_dirs], unlisted=unlisted_rows(unlisted, out))
     path = atomic_write_text(safe_child(out, "index.html"), index)
     log.info("report written to %s (%d suites, %d runs)", path, len(suites), len(runs))
+    for u in unlisted:
+        if u.state == "unreadable":
+            log.warning("report: run %s/%s is shown as unreadable: %s", u.suite, u.run_id, u.detail)
     return path
+
+
+def unlisted_rows(unlisted: Sequence[Unlisted], out: Path, suite: str | None = None) -> list[dict[str, str]]:
+    """Rows of the "not in the comparison tables" block (templates/unlisted.html.j2): every run folder that was
+    found but is not evaluated or cannot be read, so that none is left out silently."""
+    return [{"suite": u.suite, "run": u.run_id, "state": u.state, "detail": u.detail, "folder": str(u.run_dir)}
+            for u in unlisted if suite is None or u.suite == suite]
 
 
 def _write_static(out: Path) -> None:
@@ -434,3 +600,42 @@ def render_regress(comparison: "pd.DataFrame", out_dir: str | os.PathLike, *, ba
     html = _env().get_template("regress.html.j2").render(title=title, baseline=baseline, counts=counts, rows=rows)
     _write_static(out)
     return atomic_write_text(safe_child(out, "regress.html"), html)
+
+
+def _read_compare_summary(out: Path) -> dict[str, Any] | None:
+    """The compare.json that `gsqbench compare -o` left in this folder, if any: verdict counts for the index."""
+    path = out / "compare.json"
+    if not (out / "compare.html").is_file() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    counts: dict[str, int] = {}
+    for r in data.get("rows") or []:
+        v = str(r.get("verdict", ""))
+        counts[v] = counts.get(v, 0) + 1
+    return {"page": "compare.html", "reference": str(data.get("reference", "")), "suite": str(data.get("suite", "")),
+            "counts": counts}
+
+
+def render_compare(comparison: "Comparison", out_dir: str | os.PathLike, *, title: str = "gsqbench report") -> Path:
+    """compare.html in `out_dir` (beside compare.csv/.json written by gsqbench.compare.write_outputs): every subject
+    × metric against the reference, with the 95 % interval and verdict; the report index links it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    rows = []
+    for r in comparison.rows:
+        rows.append({"subject": r.subject, "grid": r.grid, "metric": r.metric, "direction": r.direction,
+                     "reference": fmt_value(r.reference_mean, "g6"), "value": fmt_value(r.mean, "g6"),
+                     "seeds": f"{r.seeds} vs {r.reference_seeds}",
+                     "difference": f"{r.difference:+.4g}" if finite(r.difference) else "",
+                     "interval": (f"[{r.ci_low:.4g}, {r.ci_high:.4g}]" if finite(r.ci_low) and finite(r.ci_high)
+                                  else "—"),
+                     "verdict": r.verdict, "css": r.verdict.split()[0] if r.verdict else "", "method": r.method,
+                     "note": r.note})
+    html = _env().get_template("compare.html.j2").render(
+        title=title, c=comparison, rows=rows, has_grid=any(r["grid"] for r in rows))
+    _write_static(out)
+    return atomic_write_text(safe_child(out, "compare.html"), html)

@@ -1,0 +1,61 @@
+"""Random-init weight files for tests, kept small: every tensor of >= 2 dims is an overlapping strided view of a
+small random buffer (He scale), BatchNorm at identity, biases small. `torch.save` keeps views with their storage, so
+a 138 M-parameter VGG16 file stays under a megabyte while every loader sees an ordinary state dict of the official
+shapes. Results made with these files are non-conformant by design (they are installed through the manifest
+override)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+
+def compact_random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in module.state_dict().items():
+        shape = tuple(t.shape)
+        if name.endswith("num_batches_tracked"):
+            out[name] = torch.zeros((), dtype=torch.long)
+        elif name.endswith("running_var") or (t.ndim == 1 and name.endswith("weight")):
+            out[name] = torch.ones(shape)
+        elif name.endswith("running_mean") or t.ndim == 1:
+            out[name] = torch.randn(shape, generator=g) * 0.01 if name.endswith("bias") and "bn" not in name \
+                else torch.zeros(shape)
+        else:
+            inner = math.prod(shape[1:])
+            buf = torch.randn(inner + 13 * shape[0], generator=g) * math.sqrt(2.0 / inner)
+            out[name] = buf.as_strided(shape, (13, *torch.empty(shape[1:]).stride()))
+    return out
+
+
+def inception_file(path: Path, seed: int = 1) -> Path:
+    """torch-fidelity's InceptionV3 ('inception-v3-compat') layout, random, under the given (official) name."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = path.with_suffix(".empty")
+    torch.save({}, empty)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"), torch.device("meta"):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    torch.save(compact_random_state(net, seed), path)
+    return path
+
+
+def vgg16_file(path: Path, seed: int = 2) -> Path:
+    """torchvision VGG16 layout (the file torch-fidelity's prc and LPIPS-VGG use), random."""
+    import torchvision
+
+    with torch.device("meta"):
+        net = torchvision.models.vgg16()
+    torch.save(compact_random_state(net, seed), path)
+    return path
+
+
+def manifest(files: dict[str, Path]) -> str:
+    """GSQBENCH_WEIGHTS_MANIFEST value registering `files` (weight name -> file) with their sha256."""
+    return json.dumps({name: {"filename": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                       for name, p in files.items()})
