@@ -72,7 +72,7 @@ class DataSpec:
 
     train: DataSource = field(default_factory=DataSource)
     eval: DataSource = field(default_factory=lambda: DataSource(crop="gsq"))
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # decoding worker processes per rank; None = chosen from the cores
 
 
 @dataclass(frozen=True)

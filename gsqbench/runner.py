@@ -56,13 +56,14 @@ _DATA_KEYS = {"n": "limit", "resolution": "size"}
 
 
 # ----------------------------------------------------------------------------------------------- data
-def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train") -> Any:
+def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train",
+                 min_size: Optional[int] = None) -> Any:
     """Build a dataset through gsqbench.data; errors name the config key (`shared.data.<role>.*`)."""
     from gsqbench import data
 
     try:
         ds = data.build_dataset(source.kind, path=source.path, split=role, resolution=source.size, crop=source.crop,
-                                n=source.limit, seed=source.seed, strict=strict or source.strict,
+                                n=source.limit, seed=source.seed, strict=strict or source.strict, min_size=min_size,
                                 crops_per_image=source.crops_per_image)
     except UserError as exc:  # data.py names its fields 'data.<field>'; point at the suite's key instead
         raise UserError(_suite_data_message(str(exc), role)) from None
@@ -183,10 +184,11 @@ def write_diverged(run: RunSpec, run_dir: Path, exc: Any, device: str) -> None:
 
 
 def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
-            progress: bool, label: str = "") -> Outcome:
+            progress: bool, label: str = "", min_size: Optional[int] = None) -> Outcome:
     """Train (or resume) then evaluate one run and write its results directory (or record its divergence).
 
-    `label` (e.g. "[2/4] vq-s0") starts the one-line stage messages (gsqbench.progress)."""
+    `label` (e.g. "[2/4] vq-s0") starts the one-line stage messages (gsqbench.progress); `min_size` refuses
+    evaluation images whose shorter side is below it (README "Corrupt and small images")."""
     import torch
 
     from gsqbench import distributed as ddp
@@ -197,7 +199,7 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
 
     label = label or run.run_id
     train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
-    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval")
+    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval", min_size=min_size)
     try:
         trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
     except Diverged as exc:
@@ -257,7 +259,8 @@ def _finished_metrics(run_dir: Path) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- suite
 def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] = None, *, device: str = "cpu",
               report_dir: Optional[str | Path] = None, strict_data: bool = False, require: Sequence[str] = (),
-              progress: bool = True, jobs: int = 1, threads: Optional[int] = None) -> SuiteResult:
+              progress: bool = True, jobs: int = 1, threads: Optional[int] = None,
+              min_size: Optional[int] = None) -> SuiteResult:
     """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`.
 
     Each run folder is locked while its run is checked, trained, evaluated and written (gsqbench.locks, held by
@@ -298,13 +301,13 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
         t0 = time.perf_counter()
         with ddp.rank0_lock(run_dir, f"gsqbench run {suite.suite}/{run.run_id}"):
             outcome = check_and_run(run, run_dir, label, device=device, strict_data=strict_data, require=require,
-                                    progress=progress)
+                                    progress=progress, min_size=min_size)
         _collect(out, run.run_id, outcome)
         if ddp.is_main() and outcome.status == "done":
             stage("%s done in %s: %s", label, fmt_seconds(time.perf_counter() - t0), run_dir)
     if todo:
         outcomes = _run_parallel(suite.suite, todo, jobs, device, threads,
-                                 dict(strict_data=strict_data, require=tuple(require)))
+                                 dict(strict_data=strict_data, require=tuple(require), min_size=min_size))
         for run_id, outcome in outcomes.items():
             _collect(out, run_id, outcome)
     if report_dir is not None and ddp.is_main():
@@ -449,6 +452,8 @@ class DataChoice:
     n: Optional[int] = None
     seed: int = 0
     crops_per_image: int = 1
+    strict: bool = False  # an unreadable image stops the evaluation instead of being skipped with a count
+    min_size: Optional[int] = None  # refuse images whose shorter side is below this (pixels)
 
     def label(self) -> str:
         return f"{self.kind}:{self.path}" if self.path else self.kind
@@ -477,8 +482,8 @@ def checkpoint_model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec, *, out_dir: str | Path,
-                        device: Optional[str] = None, seed: int = 0, num_workers: int = 0, progress: bool = True,
-                        weights: Optional[str] = None, force: bool = False) -> Any:
+                        device: Optional[str] = None, seed: int = 0, num_workers: Optional[int] = None,
+                        progress: bool = True, weights: Optional[str] = None, force: bool = False) -> Any:
     """Load `checkpoint` (gsqbench dir or official release), evaluate it on `data`, write `out_dir` (rank 0).
 
     `weights` (ema | raw) overrides what the checkpoint says it holds. Works under torchrun: every rank evaluates its
@@ -508,7 +513,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
         if weights is None and meta.get("weights") in ("ema", "raw"):
             settings = dataclasses.replace(settings, weights=meta["weights"])
         dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
-                                crop=data.crop, n=data.n, seed=data.seed, crops_per_image=data.crops_per_image)
+                                crop=data.crop, n=data.n, seed=data.seed, crops_per_image=data.crops_per_image,
+                                strict=data.strict, min_size=data.min_size)
         with ddp.rank0_lock(run_dir, f"gsqbench eval {ckpt}"):
             if state == "new" and ddp.is_main():  # an eval folder keeps its marker; a forced one gets none
                 mark_eval_dir(run_dir, ckpt)
@@ -531,3 +537,32 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
         if distributed:
             ddp.shutdown()
     return result
+
+
+# ----------------------------------------------------------------------------------------------- reference statistics
+def reference_stats(data: DataChoice, out: str | Path, *, mode: str = "gsqbench", batch_size: int = 32,
+                    device: Optional[str] = None, num_workers: Optional[int] = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Real-side FID statistics of `data` written to `out` with their complete key (what `gsqbench stats` calls).
+
+    Works under torchrun (each rank reads its shard). Returns the key fields, N and the number of skipped images.
+    """
+    from gsqbench import distributed as ddp
+    from gsqbench.data import build_dataset
+    from gsqbench.evaluate import EvalSettings, reference_statistics
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a directory; expected a .npz file path")
+    settings = EvalSettings(mode=mode, batch_size=batch_size, metrics=("fid",), num_workers=num_workers,
+                            progress=progress, samples=0)
+    distributed = ddp.init_from_env(device or "auto")
+    try:
+        dev = ddp.resolve_device(device or "auto")
+        dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
+                                crop=data.crop, n=data.n, seed=data.seed, strict=data.strict, min_size=data.min_size)
+        info = reference_statistics(dataset, settings, out, device=dev)
+    finally:
+        if distributed:
+            ddp.shutdown()
+    return info

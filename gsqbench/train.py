@@ -69,14 +69,21 @@ class BatchStream:
     resume needs, and rank r of W takes the r-th block of every global batch (same images as one process).
     """
 
-    def __init__(self, dataset: Any, global_batch: int, seed: int, num_workers: int = 0):
+    def __init__(self, dataset: Any, global_batch: int, seed: int, num_workers: Optional[int] = 0):
         from gsqbench.data import train_loader
 
         world = ddp.world_size()
         if global_batch % world:
             raise UserError(f"config key 'shared.train.batch_size': {global_batch} is not divisible by the "
                             f"world size {world}")
-        self.loader = train_loader(dataset, global_batch // world, seed, ddp.rank(), world, num_workers=num_workers)
+        from gsqbench.data import resolve_num_workers
+
+        batch = global_batch // world
+        # decoding runs in worker processes (chosen from the cores when num_workers is None) and, on CUDA, lands
+        # in pinned memory so the copy to the GPU overlaps the step
+        self.loader = train_loader(dataset, batch, seed, ddp.rank(), world,
+                                   num_workers=resolve_num_workers(num_workers, dataset, batch),
+                                   pin_memory=torch.cuda.is_available())
         self._it: Optional[Any] = None
 
     @property

@@ -75,3 +75,16 @@ def test_lookup_precision_study_quick_run_writes_json(tmp_path: Path) -> None:
             assert 0.0 <= r[mode]["agreement"] <= 1.0 and r[mode]["codes_used"] >= 1
             # the exact lookup picks the nearest code, so no mode's mean angle is smaller (up to float noise)
             assert r[mode]["mean_angle_deg"] >= r["exact_mean_angle_deg"] * (1 - 1e-6)
+
+
+def test_scale_benchmark_build_section_writes_json(tmp_path: Path) -> None:
+    """benchmarks/scale.py on a small folder: the build rows, the warm manifest reused, the goal line printed."""
+    import scale
+
+    out = tmp_path / "s.json"
+    assert scale.main(["--n", "300", "--only", "build", "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    impls = [r["impl"] for r in data["rows"]]
+    assert impls[0].startswith("before") and "cold" in impls[1] and "warm" in impls[2]
+    assert data["rows"][0]["reference"] and all(r["median_s"] > 0 for r in data["rows"])
+    assert data["build_n"] == 300 and data["folder"]["n"] == 300

@@ -87,6 +87,8 @@ def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
     # any shared change moves the hash; a quantizer change does not
     other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
     assert expand_runs(other)[0].fairness_hash != runs[0].fairness_hash
+    workers = load_suite(_write(tmp_path, _raw()), ["data.num_workers=3"])
+    assert expand_runs(workers)[0].fairness_hash == runs[0].fairness_hash
     q = load_suite(_write(tmp_path, _raw()), ["subjects.gsq.quantizer.codebook_size=128"])
     assert expand_runs(q)[0].fairness_hash == runs[0].fairness_hash
     assert expand_runs(q)[0].quantizer["codebook_size"] == 128

@@ -54,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "evaluation files")
     parser.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="decoding worker processes (default: chosen from the cores)")
+    parser.add_argument("--strict-data", action="store_true",
+                        help="an unreadable image is an error instead of skipped with a count")
+    parser.add_argument("--min-size", type=int, default=None, metavar="PX",
+                        help="refuse images whose shorter side is below PX pixels (else counted in the card)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -115,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.runner import DataChoice, evaluate_checkpoint
 
     kind, path = _parse_data(args.data)
-    data = DataChoice(kind=kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n, crops_per_image=args.crops_per_image,
-                      seed=args.seed)
+    data = DataChoice(kind=kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n,
+                      crops_per_image=args.crops_per_image, seed=args.seed, strict=args.strict_data,
+                      min_size=args.min_size)
     spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
                     require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,
                     fid_cache_dir=args.fid_cache_dir, save_recon=args.save_recon, keep_features=args.keep_features,

@@ -22,6 +22,12 @@ def add_suite_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice); 1 is fastest for tiny models on a busy machine")
 
 
+def add_min_size_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-size", type=int, default=None, metavar="PX",
+                   help="refuse evaluation images whose shorter side is below PX pixels (smaller ones are upscaled "
+                        "by the crop protocol and counted in the card otherwise)")
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's intra-op thread count (a runtime knob, not part of the fairness hash)."""
     if args.threads is None:
@@ -55,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run N independent runs side by side, each in its own process with --threads threads "
                         "(default: CPU count / N); on several GPUs job k uses cuda:(k mod count). Results are "
                         "bit-identical to --jobs 1 at the same thread count")
+    add_min_size_argument(p)
     p.add_argument("--report", default=None, metavar="DIR", help="render the HTML report into DIR at the end")
     p.add_argument("--require", action="append", default=[], metavar="METRIC",
                    help="fail (exit 2) instead of reporting METRIC as unavailable (repeatable)")
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     res = run_suite(suite, args.results, args.only or None, device=args.device, report_dir=args.report,
                     strict_data=args.strict_data, require=args.require, progress=not args.no_progress,
-                    jobs=args.jobs, threads=args.threads)
+                    jobs=args.jobs, threads=args.threads, min_size=args.min_size)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
         return 1 if res.diverged else 0
     print(format_summary(res))

@@ -238,6 +238,26 @@ class CodebookMetric(Metric):
         self.n_images = distributed.all_reduce_sum(self.n_images)
         self._synced = True
 
+    def state_dict(self) -> dict:
+        """Counts so far (int64 tensors), images, tokens per image and the group count."""
+        return {"counts": None if self.counts is None else self.counts.cpu(),
+                "dim_counts": None if self.dim_counts is None else [c.cpu() for c in self.dim_counts],
+                "n_images": int(self.n_images), "tokens_per_image": self.tokens_per_image, "G": self.G,
+                "allocated": self._allocated, "synced": self._synced}
+
+    def load_state_dict(self, state) -> None:
+        if state["G"] is not None and self.G is not None and int(state["G"]) != self.G:
+            raise ValueError(f"codebook state has G={state['G']}, this metric G={self.G}")
+        self.G = state["G"]
+        if state["allocated"]:
+            self._allocate(self.device or torch.device("cpu"))
+            if state["counts"] is not None:
+                self.counts = state["counts"].to(self.device, torch.int64)
+            if state["dim_counts"] is not None:
+                self.dim_counts = [c.to(self.device, torch.int64) for c in state["dim_counts"]]
+        self.n_images = torch.tensor(int(state["n_images"]), dtype=torch.int64, device=self.n_images.device)
+        self.tokens_per_image, self._synced = state["tokens_per_image"], bool(state["synced"])
+
     def code_counts(self) -> Optional[np.ndarray]:
         """(G, V) int64 counts for `codes.npz`, or None when V > 2^24 (no dense histogram kept)."""
         return self.counts.cpu().numpy() if self.counts is not None else None
@@ -314,6 +334,12 @@ class CodeAgreementMetric(Metric):
             self.quantizer.lookup_precision = current
         self.counts += torch.tensor([int((other == qout.indices).sum()), int(qout.indices.numel())])
         self.z = None
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.clone()}
+
+    def load_state_dict(self, state) -> None:
+        self.counts = state["counts"].to(torch.int64).clone()
 
     def sync(self) -> None:
         self.close()
