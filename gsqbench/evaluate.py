@@ -4,8 +4,9 @@ The metrics are the registered classes (gsqbench.metrics.catalogue) that `EvalSe
 by its own `create(ctx)`; after the pass each value gets its class's measurability verdict and the protocol card is
 assembled by gsqbench.card.build_card. Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
 x = u8/127.5 − 1 → encode (timed) → decode (timed) → clamp → uint8 once (round-half-even; or the official
-truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model) →
-every metric's `update`. Under torch.distributed each rank evaluates its own shard (each image exactly once, no
+truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model; or a
+published tokenizer's compatibility mode, gsqbench.modes + gsqbench.compat) → every metric's `update` with the pair
+its `input` names (`uint8`, or the never-rounded `float01` pair in a mode whose Inception reads floats). Under torch.distributed each rank evaluates its own shard (each image exactly once, no
 padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-process run.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gsqbench import compat
 from gsqbench import distributed as ddp
 from gsqbench.card import build_card, conversion_group, dataset_fields, id_list_hash
 from gsqbench.config import EvalSpec
@@ -32,6 +34,7 @@ from gsqbench.errors import UserError, did_you_mean
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.catalogue import check_required_weights, metric_catalogue, resolve_metric_names
 from gsqbench.metrics.cost import CostMeter
+from gsqbench.modes import check_mode, get_mode
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class EvalSettings(EvalSpec):
     checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, ("gsqbench", "gsq-compat"))
+        check_mode(self.mode, "eval.mode")
         _check_choice("precision", self.precision, (None, "fp32", "bf16"))
         _check_choice("weights", self.weights, ("ema", "raw"))
         for name, low in (("batch_size", 1), ("samples", 0), ("num_workers", 0), ("checkpoint_every", 0)):
@@ -83,7 +86,7 @@ class EvalSettings(EvalSpec):
 
     @property
     def model_precision(self) -> str:
-        return self.precision or ("bf16" if self.mode == "gsq-compat" else "fp32")
+        return self.precision_mode
 
     def metric_classes(self) -> list[type[Metric]]:
         """The metric classes to run: those selected by default when `metrics` is empty, else those named; plus those
@@ -255,8 +258,9 @@ def _refuses(dataset: Any, sample: Sample) -> bool:
 
 
 @contextlib.contextmanager
-def pinned_model(tokenizer: nn.Module, lookup: str) -> Iterator[None]:
-    """Asserts eval mode; pins the nearest-code lookup and TF32 off for the block; restores everything afterwards.
+def pinned_model(tokenizer: nn.Module, lookup: str, allow_tf32: bool = False) -> Iterator[None]:
+    """Asserts eval mode; pins the nearest-code lookup and TF32 (off unless a compatibility mode reproduces an
+    upstream that enabled it) for the block; restores everything afterwards.
 
     What every pass over a model that produces results uses (the evaluation, `gsqbench encode`)."""
     training = [name for name, m in tokenizer.named_modules() if m.training]
@@ -265,7 +269,7 @@ def pinned_model(tokenizer: nn.Module, lookup: str) -> Iterator[None]:
     quantizer = getattr(tokenizer, "quantizer", None)
     old_lookup = quantizer.lookup_precision if quantizer is not None else None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
     if old_lookup is not None:
         quantizer.lookup_precision = lookup
     try:
@@ -321,14 +325,37 @@ def _timed(state: _PassState, key: str, device: torch.device) -> Iterator[None]:
 
 
 def _real_side(real_u8: Tensor, mode: str) -> Tensor:
-    """The real images every metric sees: as read, or the official Normalize round trip in gsq-compat."""
-    return compat_real_uint8(compat_model_input(real_u8)) if mode == "gsq-compat" else real_u8
-
-
-def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """The real images every metric sees: as read, or the official Normalize round trip in gsq-compat, or the
+    compatibility mode's own rule (gsqbench.compat)."""
     if mode == "gsq-compat":
-        return compat_real_uint8(x_in), compat_fake_uint8(x_hat)
-    return real_u8, to_uint8(x_hat)
+        return compat_real_uint8(compat_model_input(real_u8))
+    return compat.real_uint8(mode, real_u8) if mode != "gsqbench" else real_u8
+
+
+def _model_input(real_u8: Tensor, mode: str) -> Tensor:
+    if mode == "gsq-compat":
+        return compat_model_input(real_u8)
+    return compat.model_input(mode, real_u8) if mode != "gsqbench" else to_model_input(real_u8)
+
+
+def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each metric input kind the mode produces → its (real, fake) pair, every side converted once (§1): `uint8`
+    always; `float01` in a mode whose Inception reads never-rounded floats (gsqbench.compat)."""
+    if mode == "gsq-compat":
+        return {"uint8": (compat_real_uint8(x_in), compat_fake_uint8(x_hat))}
+    if mode == "gsqbench":
+        return {"uint8": (real_u8, to_uint8(x_hat))}
+    return compat.convert(mode, real_u8, x_hat, x_in)
+
+
+def _check_inputs(metrics: Sequence[Metric], mode: str) -> None:
+    """Every metric reads a pair this mode produces."""
+    kinds = {"uint8", "float01"} if get_mode(mode).fid_input == "float01" else {"uint8"}
+    for metric in metrics:
+        wanted = getattr(metric, "input", "uint8")
+        if wanted not in kinds:
+            raise UserError(f"metric {type(metric).__name__}: input '{wanted}' is not produced in mode '{mode}' "
+                            f"(it produces {', '.join(sorted(kinds))})")
 
 
 def _model_step(tokenizer: nn.Module, x: Tensor, settings: EvalSettings, meter: CostMeter, device: torch.device):
@@ -407,14 +434,15 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
 
 def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx, ids, real_u8) -> None:
     with _timed(state, "convert", device):
-        x = compat_model_input(real_u8) if settings.mode == "gsq-compat" else to_model_input(real_u8)
+        x = _model_input(real_u8, settings.mode)
     with _timed(state, "model", device):
         qout, x_hat = _model_step(tokenizer, x, settings, meter, device)
     with _timed(state, "convert", device):
-        real_eval, fake_eval = _convert(real_u8, x_hat, x, settings.mode)
+        pairs = _convert(real_u8, x_hat, x, settings.mode)
+    real_eval, fake_eval = pairs["uint8"]  # what samples and exports keep
     for metric in metrics:
         with _timed(state, f"metric:{type(metric).__name__}", device):
-            metric.update(real_eval, fake_eval, ids, qout)
+            metric.update(*pairs[getattr(metric, "input", "uint8")], ids, qout)
     state.ids += ids
     state.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
     if state.exporter is not None:
@@ -588,7 +616,7 @@ def _card(tokenizer: nn.Module, settings: EvalSettings, metrics: Sequence[Metric
              "lookup_precision": settings.lookup_mode if has_lookup else None, **dict(model_info)}
     precision = {"model": settings.model_precision,
                  "autocast": "bf16" if settings.model_precision == "bf16" else None,
-                 "tf32": False, "device": str(device),
+                 "tf32": get_mode(settings.mode).tf32, "device": str(device),
                  "driver": torch.version.cuda if device.type == "cuda" else None}
     runtime = {"versions": _versions(), "world_size": ddp.world_size(), "batch_size": settings.batch_size,
                "seed": settings.seed, "num_workers": state.num_workers, "resumed_at_image": state.resumed_at_image}
@@ -650,12 +678,13 @@ def evaluate(
         reference = _reference_fields(dataset, settings) if _needs_reference(settings) else None
         metrics = build_metrics(settings, device, tokenizer, reference, meter, out)
     metrics = list(metrics)
+    _check_inputs(metrics, settings.mode)
     # the image export keeps no saveable state: with --save-recon the evaluation runs without checkpoints
     checkpoint = EvalCheckpoint(out, 0 if exporter is not None else settings.checkpoint_every, metrics,
                                 lambda: _fingerprint_fields(tokenizer, dataset, settings, metrics))
     state = _PassState(exporter=exporter)
     try:
-        with torch.no_grad(), pinned_model(tokenizer, settings.lookup_mode):
+        with torch.no_grad(), pinned_model(tokenizer, settings.lookup_mode, get_mode(settings.mode).tf32):
             restored = checkpoint.restore(metrics)
             if restored is not None:
                 state = _PassState.from_dict(restored)
