@@ -596,7 +596,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
                                 crop=data.crop, n=data.n, seed=data.seed, crops_per_image=data.crops_per_image,
                                 strict=data.strict, min_size=data.min_size)
         fairness, loaded = meta.get("fairness_hash"), None
-        if fairness is None:  # not trained by gsqbench: the hash records that it was loaded, and from which file
+        if meta.get("source", "gsqbench") != "gsqbench":  # a release: its hash records that it was loaded, and the file
             from gsqbench.config import loaded_fairness_hash
             from gsqbench.effective import release_sha256
 
