@@ -161,8 +161,9 @@ def check_mode(name: object, where: str) -> EvalMode:
     if isinstance(name, str) and name in MODES:
         return MODES[name]
     hint = did_you_mean(str(name), MODES)
-    valid = "" if hint.startswith("; valid:") else f" (valid: {', '.join(MODES)})"
-    raise UserError(f"{where}: {name!r} is not a valid mode{hint}{valid}")
+    valid = ", ".join(MODES)
+    hint = f"; valid: {valid}" if hint.startswith("; valid:") else f"{hint} (valid: {valid})"
+    raise UserError(f"{where}: {name!r} is not a valid mode{hint}")
 
 
 def get_mode(name: str) -> EvalMode:

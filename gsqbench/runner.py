@@ -354,7 +354,7 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
     from gsqbench.results import run_dir_for
     from gsqbench.validate import validate_suite
 
-    validate_suite(suite)
+    validate_suite(suite, only)
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: expected a positive integer")
     if jobs > 1 and ddp.world_size() > 1:

@@ -97,8 +97,9 @@ def validate_runs(runs: list[RunSpec]) -> None:
         validate_shared(shared)
 
 
-def validate_suite(suite: Suite) -> Suite:
-    """All cross-stage checks of `suite` (see the module docstring); returns it unchanged."""
+def validate_suite(suite: Suite, only: list[str] | None = None) -> Suite:
+    """All cross-stage checks of `suite` (see the module docstring), of the runs of the `only` subjects when given
+    (a loaded subject left out need not exist); returns it unchanged."""
     validate_tolerances(suite.regress)
-    validate_runs(expand_runs(suite))
+    validate_runs(expand_runs(suite, only))
     return suite
