@@ -148,6 +148,8 @@ MODES: dict[str, EvalMode] = {m.name: m for m in (
             "the published MaskGIT-VQGAN rFID (2.28) comes from the original Jax MaskGIT pipeline, whose protocol is "
             "not in public code; this mode reproduces 1d-tokenizer's evaluation of the PyTorch port instead",
             "IS: 1d-tokenizer sums probabilities over the whole set (no splits); gsqbench's IS uses 10 splits",
+            "input: the wrapper feeds the upstream (x+1)/2 of x = u8/127.5 - 1, which equals ToTensor's u8/255 to "
+            "within one float32 ulp, not bit for bit",
         )),
 )}
 

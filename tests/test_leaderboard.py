@@ -383,3 +383,15 @@ def test_leaderboard_report_escapes_subject_names(tmp_path):
                            "tables": [{"subject": "<script>", "kinds": "k", "rows": [], "notes": ["<img>"]}]}}
     html = _env().get_template("leaderboard.html.j2").render(**ctx)
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html and "<script>" not in html and "<img>" not in html
+
+
+def test_each_tokenizer_page_lists_its_modes_differences_verbatim():
+    from gsqbench.modes import MODES
+
+    pages = {"llamagen-compat": "llamagen.md", "magvit2-compat": "open-magvit2.md", "taming-compat": "taming.md",
+             "maskgit-compat": "maskgit.md"}
+    assert set(pages) == {m.name for m in MODES.values() if m.tokenizer}
+    for mode, page in pages.items():
+        text = (ROOT / "docs" / "tokenizers" / page).read_text(encoding="utf-8")
+        for line in (*MODES[mode].differences, *MODES[mode].not_reproduced):
+            assert f"- {line}\n" in text, (page, line)
