@@ -134,6 +134,7 @@ MODES: dict[str, EvalMode] = {m.name: m for m in (
         reproduces="bytedance/1d-tokenizer (its MaskGIT-VQGAN port): data/webdataset_reader.py, utils/train_utils.py,"
                    " evaluator/evaluator.py",
         real_uint8="trunc-u8-over-255", fake_uint8="round-then-trunc", crop="torchvision-bicubic",
+        lookup="fp32-expanded",
         card_uint8_rule="real: (255*(u8/255)) truncated; fake: (255*(round(255*y)/255)) truncated, y = clamp((x+1)/2)",
         card_model_input="u8/127.5-1 fp32 (the wrapper feeds the upstream (x+1)/2 in [0, 1])",
         differences=(
@@ -143,6 +144,8 @@ MODES: dict[str, EvalMode] = {m.name: m for m in (
             "one level)",
             "reconstruction: y = clamp((x+1)/2, 0, 1), round(255*y)/255, then (255*.) cast to uint8 "
             "(train_utils + evaluator) instead of round-half-even",
+            "nearest-code lookup: the port's expanded fp32 distance (addmm; fp32-expanded) instead of the exact "
+            "nearest code",
         ),
         not_reproduced=(
             "the published MaskGIT-VQGAN rFID (2.28) comes from the original Jax MaskGIT pipeline, whose protocol is "
