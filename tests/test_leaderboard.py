@@ -151,6 +151,9 @@ def test_leaderboard_suite_runs_end_to_end_on_cpu(releases, tmp_path, capsys):
     pinned = {info["card_hash"] for rid, info in runs.items() if info["card"]["mode"] == "gsqbench"}
     assert len(pinned) == 1  # every subject under one pinned card: one ranked table
     capsys.readouterr()
+    assert main(args) == 0  # finished loaded runs are skipped on a rerun, like trained ones
+    skipped = re.search(r"skipped \(finished earlier\): (.*)", capsys.readouterr().out).group(1).split(", ")
+    assert sorted(skipped) == sorted(runs)
     assert main(["report", str(tmp_path / "results"), "-o", str(tmp_path / "report"), "--no-plots"]) == 0
     page = (tmp_path / "report" / "suite-leaderboard-imagenet256.html").read_text()
     board = page[page.index('id="leaderboard"'):page.index('id="group-0"')]
