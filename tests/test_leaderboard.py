@@ -313,12 +313,14 @@ def test_new_crop_protocols_match_torchvision_and_a_bilinear_restatement():
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1 and (got == want).mean() > 0.99
 
 
-def test_float_image_rfid_uses_the_fid_inception_trunk_on_pytorch_fid_inputs(tmp_path):
+def test_float_image_rfid_uses_the_fid_inception_trunk_on_pytorch_fid_inputs(releases, tmp_path, monkeypatch, capsys):
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+    from gsqbench import weights as manager
     from gsqbench.metrics.fid import FIDMetric, PytorchFidFrontEnd, build_inception, inception_trunk
 
-    weights = _helpers("random_weights").inception_file(tmp_path / "weights-inception-2015-12-05-6726825d.pth")
+    rw = _helpers("random_weights")
+    weights = rw.inception_file(tmp_path / "weights-inception-2015-12-05-6726825d.pth")
     net = build_inception(weights)
     u8 = torch.randint(0, 256, (1, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -336,6 +338,20 @@ def test_float_image_rfid_uses_the_fid_inception_trunk_on_pytorch_fid_inputs(tmp
     assert metric.card()["fid_resize"] == PytorchFidFrontEnd.RESIZE
     with pytest.raises(UserError, match="float images"):
         FIDMetric("cpu", weights_path=weights, float_input=True, cache_dir=str(tmp_path))
+    # through the evaluator: magvit2-compat hands rFID the float pair (random Inception weights, installed)
+    monkeypatch.setenv("GSQBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GSQBENCH_WEIGHTS_MANIFEST", rw.manifest({"inception-fid": weights}))
+    manager.import_file(weights, "inception-fid")
+    out = tmp_path / "eval"
+    assert main(["eval", str(releases["open-magvit2"]), "--mode", "magvit2-compat", "--data", "sample-photos",
+                 "--resolution", "32", "--n", "2", "--metrics", "fid", "--samples", "0", "--out", str(out),
+                 "--device", "cpu", "--no-progress", "--num-workers", "0"]) == 0, capsys.readouterr().err
+    info = json.loads((out / "run.json").read_text())
+    fid = info["card"]["fid"]
+    assert fid["fid_input"].startswith("float") and fid["fid_resize"] == PytorchFidFrontEnd.RESIZE
+    assert fid["fid_reference_source"] == "computed" and fid["fid_n_real"] == 2
+    rows = {r["metric"]: r for r in __import__("csv").DictReader((out / "metrics.csv").open())}
+    assert np.isfinite(float(rows["rfid@inception"]["value"])) and rows["rfid@inception"]["not_comparable"]
 
 
 # ============================================================== modes, published data
