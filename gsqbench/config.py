@@ -146,6 +146,9 @@ class EvalSpec:
     save_recon: Optional[Literal["npz", "png"]] = None  # export reconstructions and originals under <run>/export
     # nearest-code lookup the evaluation pins for quantizers that have one; None = the mode's (exact / official bf16)
     lookup: Optional[Literal["exact", "fp32-expanded", "bf16"]] = None
+    # SSIM averaging: the valid interior (skimage; torchmetrics <= 1.4.1) or the full reflect-padded map
+    # (torchmetrics >= 1.4.2); None = valid in both modes (metrics-protocol.md §4, §14)
+    ssim_border: Optional[Literal["valid", "reflect-full"]] = None
 
     @property
     def lookup_mode(self) -> str:
@@ -154,6 +157,12 @@ class EvalSpec:
         if self.lookup is not None:
             return self.lookup
         return "bf16" if self.mode == "gsq-compat" else "exact"
+
+    @property
+    def ssim_border_mode(self) -> str:
+        """The SSIM averaging the evaluation uses: `ssim_border` when given, else the valid interior (the pinned
+        protocol; in gsq-compat the torchmetrics <= 1.4.1 behaviour the official environment most likely had)."""
+        return self.ssim_border or "valid"
 
 
 @dataclass(frozen=True)
@@ -312,7 +321,7 @@ def spec_to_dict(obj: Any) -> Any:
 
 
 #: EvalSpec fields that were once free-form `eval.options`; the hashed view keeps that layout (see fairness_view)
-_EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets", "lookup")
+_EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets", "lookup", "ssim_border")
 #: EvalSpec fields that only decide which files an evaluation leaves behind: never part of the fairness hash
 _EVAL_OUTPUT_FIELDS = ("keep_features", "save_recon")
 

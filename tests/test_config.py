@@ -15,7 +15,7 @@ from gsqbench.validate import validate_suite
 
 #: EvalSpec fields hashed under `eval.options` (the layout before the eval spec was typed), when non-default
 _EVAL_OPTIONS = {"fid_reference_stats": None, "fid_cache_dir": None, "precision": None, "lpips_nets": ["alex", "vgg"],
-                 "lookup": None}
+                 "lookup": None, "ssim_border": None}
 #: EvalSpec fields that only choose which files an evaluation leaves behind: never hashed
 _EVAL_OUTPUTS = ("keep_features", "save_recon")
 
