@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=256, help="eval image size S (default 256)")
     parser.add_argument("--crop", default=None, help="crop protocol gsq | adm | train (default gsq)")
     parser.add_argument("--n", type=int, default=None, help="number of images (default all)")
+    parser.add_argument("--crops-per-image", type=int, default=1, metavar="C",
+                        help="evaluate C crops of each image: the crop protocol's plus C-1 seeded random crops "
+                             "(more tokens for codebook usage; default 1)")
     parser.add_argument("--split", default="eval", help="dataset split (default eval)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mode", default="gsqbench", help="gsqbench (pinned protocol) | gsq-compat (official quirks)")
@@ -27,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nearest-code lookup for GSQ/VQ: exact | fp32-expanded | bf16 (default: exact; bf16 in "
                              "gsq-compat). A different mode gets its own card hash and a code_agreement with exact")
     parser.add_argument("--ssim-border", default=None, metavar="BORDER",
-                        help="SSIM averaging: valid (interior, skimage; torchmetrics <= 1.4.1; default) | "
-                             "reflect-full (whole reflect-padded map; torchmetrics >= 1.4.2). Hashed in the card")
+                        help="gsq-compat SSIM averaging, the official torchmetrics version being unknown: valid "
+                             "(interior, torchmetrics <= 1.4.1; default) | reflect-full (whole reflect-padded map; "
+                             ">= 1.4.2). Recorded in the card (ssim_border); gsqbench mode pins valid")
     parser.add_argument("--metrics", action="append", default=[], metavar="NAME",
                         help="metric family (pixel, lpips, fid, codebook, cost; opt-in: rfd, kid, prc) or key; "
                         "repeatable (default: all but the opt-in ones)")
@@ -54,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "evaluation files")
     parser.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="decoding worker processes (default: chosen from the cores)")
+    parser.add_argument("--strict-data", action="store_true",
+                        help="an unreadable image is an error instead of skipped with a count")
+    parser.add_argument("--min-size", type=int, default=None, metavar="PX",
+                        help="refuse images whose shorter side is below PX pixels (else counted in the card)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -116,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
     kind, path = _parse_data(args.data)
     data = DataChoice(kind=kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n,
-                      seed=args.seed)
+                      crops_per_image=args.crops_per_image, seed=args.seed, strict=args.strict_data,
+                      min_size=args.min_size)
     spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
                     require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,
                     fid_cache_dir=args.fid_cache_dir, save_recon=args.save_recon, keep_features=args.keep_features,
