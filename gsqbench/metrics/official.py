@@ -22,16 +22,20 @@ where that gives:
   depthwise conv2d runs in fp32 (autocast casts its bf16 inputs up); the moments are fp32; the contrast terms
   2σxy + C2 and σx² + σy² + C2 are rounded to bf16 (`.to(dtype)` with the input dtype); the ratio and the
   per-image mean are fp32. Per-image values are averaged over the set.
-- SSIM border: torchmetrics ≤ 1.4.1 averages the map over the valid interior (the 5-px frame the reflect padding
-  reaches is cropped: `valid`, = skimage); ≥ 1.4.2 averages the whole reflect-padded map (`reflect-full`,
-  torchmetrics PR #2721). The official code pins no torchmetrics version; `ssim_border` records the choice.
+- SSIM border: torchmetrics 1.4.0–1.4.1 average the map over the valid interior (the 5-px frame the reflect
+  padding reaches is cropped: `valid`, = skimage); ≥ 1.4.2 average the whole reflect-padded map (`reflect-full`,
+  torchmetrics PR #2721; 1.4.1 → 1.4.2 changed nothing else in this path, and nothing up to 1.9.0 did). Both
+  clamp the variances at 0 (added in 1.4.0; older versions did not, which this module does not reproduce). The
+  official code pins no torchmetrics version (its environment script pins torch 2.4.0 and installs torchmetrics
+  unpinned), so which border the paper's tables used cannot be told; `ssim_border` records the choice.
 
 This module always restates the CUDA arithmetic, on whichever device it runs. The same official code run on a CPU
 computes something else: `torch.autocast("cpu", dtype=float32)` is disabled with a warning (SSIM entirely in bf16),
 and CPU kernels round a Python scalar to bf16 before a bf16 op (C2 in the contrast terms) where CUDA keeps it fp32.
-What the restatement cannot fix is the order of the fp32 window sums: cuDNN's differs from any CPU kernel, which
-moves SSIM by about 1e-5 relative (and a TF32 cuDNN conv, allowed by PyTorch's default `cudnn.allow_tf32`, would
-round the window taps and move it by about 2e-3; the official environment's choice is unknown).
+What the restatement does not reproduce bit for bit is the order of the fp32 sums: the 11-tap normalisation and
+the depthwise filter (on CUDA an fp32 contiguous depthwise conv runs PyTorch's own kernel, not cuDNN, so TF32 never
+applies; it accumulates the 121 taps one by one with FMA). Summing the filter in float64 instead moves this SSIM by
+about 1e-5 relative on the sample photos: the size of difference to expect from a CUDA run.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ OfficialBorder = Literal["valid", "reflect-full"]
 #: what PSNR / SSIM / LPIPS receive in gsq-compat (recorded in the protocol card)
 OFFICIAL_INPUTS = "float [0,1], not quantised: real fp32, fake bf16 (flex_gen Metrics)"
 #: the torchmetrics behaviour each SSIM border reproduces
-BORDER_REFERENCE = {"valid": "torchmetrics <= 1.4.1 (valid interior, = skimage)",
+BORDER_REFERENCE = {"valid": "torchmetrics 1.4.0-1.4.1 (valid interior, = skimage)",
                     "reflect-full": "torchmetrics >= 1.4.2 (full reflect-padded map, PR #2721)"}
 SSIM_ARITHMETIC = ("official, torchmetrics under CUDA fp32 autocast: both images bf16 (target cast to the "
                    "prediction's dtype), products bf16, window from bf16 i/sigma with fp32 exp, fp32 conv2d (no "
