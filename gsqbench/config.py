@@ -167,7 +167,7 @@ class EvalSpec:
     @property
     def ssim_border_mode(self) -> str:
         """The SSIM averaging the evaluation uses: `ssim_border` when given, else the valid interior (the pinned
-        protocol; in gsq-compat the torchmetrics <= 1.4.1 behaviour, one of the two the official code may have had)."""
+        protocol; in gsq-compat torchmetrics <= 1.4.1, one of the two behaviours the official code may have had)."""
         return self.ssim_border or "valid"
 
 

@@ -5,9 +5,9 @@ by its own `create(ctx)`; after the pass each value gets its class's measurabili
 assembled by gsqbench.card.build_card. Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
 x = u8/127.5 − 1 → encode (timed) → decode (timed) → clamp → uint8 once (round-half-even; or the official
 truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model) →
-every metric's `update` with the pair its `input` names (`gsq-compat` also hands PSNR/SSIM/LPIPS the official float
-pair the truncated uint8 is cut from). Under torch.distributed each rank evaluates its own shard (each image exactly once, no
-padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-process run.
+every metric's `update` with the pair its `input` names (`gsq-compat` also hands PSNR/SSIM/LPIPS the official
+float pair the truncated uint8 is cut from). Under torch.distributed each rank evaluates its own shard (each image
+exactly once, no padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-process run.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ declares, as class attributes, what the rest of gsqbench needs to know without r
 `create(ctx)` builds the instance for one evaluation (or returns None when it does not apply, e.g. codebook metrics
 without a quantizer). An instance's `input` says which pair its `update(real, fake, ...)` receives (`METRIC_INPUTS`):
 the uint8 pair every metric gets by default, or, in `gsq-compat` only, the official float pair (metrics-protocol.md
-§1, §14; gsqbench.metrics.official) that the truncated uint8 of that mode is itself cut from. Per batch `update`, across DDP ranks `sync` (no-op on one process), then `compute()` returns
-MetricValue rows. Per-image metrics report the mean over images with a standard error and a bootstrap 95 %
+§1, §14; gsqbench.metrics.official) that the truncated uint8 of that mode is itself cut from. Per batch `update`,
+across DDP ranks `sync` (no-op on one process), then `compute()` returns MetricValue rows. Per-image metrics report the mean over images with a standard error and a bootstrap 95 %
 interval (metrics-protocol.md §3–§5, §10).
 
 Resumable evaluation: `state_dict()` returns the streaming state after some batches (tensors, numbers, strings,
