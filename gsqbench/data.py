@@ -62,6 +62,7 @@ from torch import Tensor
 
 from gsqbench.errors import UserError, did_you_mean
 from gsqbench.manifest import IMAGE_EXTENSIONS
+from gsqbench.results import CROP_ID_MARK, original_image_id
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ class MultiCrop(ImageDataset):
         super().__init__(split=base.split, resolution=base.resolution, crop=base.crop)
         self.base, self.crops, self.seed, self.kind = base, crops, seed, base.kind
         base_ids = base.ids  # once: an image folder builds its id list on each access
-        self.ids = [i if j == 0 else f"{i}#crop{j}" for j in range(crops) for i in base_ids]
+        self.ids = [i if j == 0 else f"{i}{CROP_ID_MARK}{j}" for j in range(crops) for i in base_ids]
 
     # the corrupt/small-image policy is the base's (README "Corrupt and small images")
     strict = property(lambda self: self.base.strict)
@@ -308,7 +309,7 @@ class MultiCrop(ImageDataset):
     def record_read_results(self, results: Sequence[tuple[str, Optional[str]]]) -> None:
         record = getattr(self.base, "record_read_results", None)
         if record is not None:  # every crop of a bad file is bad: the manifest holds the file once
-            record(sorted({(i.split("#crop")[0], r) for i, r in results}))
+            record(sorted({(original_image_id(i), r) for i, r in results}))
 
     def describe(self) -> dict:
         return {**self.base.describe(), "n": len(self), "n_originals": len(self.base), "crops_per_image": self.crops,

@@ -109,7 +109,7 @@ class PSNRMetric(PerImageMetric):
         return fields
 
     def compute(self) -> list[MetricValue]:
-        mean = mean_with_interval(self._values["psnr"], "psnr", "higher")
+        mean = mean_with_interval(self._values["psnr"], "psnr", "higher", ids=self._ids)
         total_count = sum(self._values["_count"])
         if total_count == 0:
             return [mean, MetricValue.missing("psnr_pooled", "no images evaluated", "higher")]
