@@ -418,8 +418,10 @@ def sample_ids(run_dir: str | os.PathLike) -> list[str]:
     return sorted(real & recon)
 
 
-def find_run_dirs(*roots: str | os.PathLike) -> list[Path]:
-    """Every directory below `roots` (or a root itself) that holds a metrics.csv, sorted and de-duplicated."""
+def find_run_dirs(*roots: str | os.PathLike, markers: Sequence[str] = (METRICS_FILE,)) -> list[Path]:
+    """Every directory below `roots` (or a root itself) that holds one of `markers`, sorted and de-duplicated.
+
+    A marker is a file name, or 'folder/name' for a file inside a sub-folder of the run (e.g. a checkpoint)."""
     found: set[Path] = set()
     for root in roots:
         root = Path(root)
@@ -430,7 +432,13 @@ def find_run_dirs(*roots: str | os.PathLike) -> list[Path]:
                 raise UserError(f"results path '{root}' is a file; give a results directory or a metrics.csv")
             found.add(root.parent.resolve())
             continue
-        found.update(p.parent.resolve() for p in root.rglob(METRICS_FILE))
+        for marker in markers:
+            *parent, name = marker.split("/")
+            for p in root.rglob(name):
+                if not parent:
+                    found.add(p.parent.resolve())
+                elif p.parent.name == parent[0]:
+                    found.add(p.parent.parent.resolve())
     return sorted(found)
 
 
