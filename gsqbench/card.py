@@ -126,8 +126,8 @@ def conversion_group(mode: str) -> dict[str, Any]:
     m = check_mode(mode, "eval.mode")
     return {"uint8_rule": m.card_uint8_rule, "model_input": m.card_model_input,
             "clamp": [-1, 1], "converted_once": True,
-            # the metric contract is uint8-only: in gsq-compat PSNR/SSIM/LPIPS see the truncated uint8,
-            # where the official code fed them float [0, 1] (a documented deviation)
+            # gsq-compat: as the official evaluation, PSNR/SSIM/LPIPS read the float pair the truncated uint8 is
+            # cut from; each mode's text is in its gsqbench.modes entry
             "metric_inputs": m.card_metric_inputs}
 
 

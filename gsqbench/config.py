@@ -153,6 +153,9 @@ class EvalSpec:
     save_recon: Optional[Literal["npz", "png"]] = None  # export reconstructions and originals under <run>/export
     # nearest-code lookup the evaluation pins for quantizers that have one; None = the mode's (exact / official bf16)
     lookup: Optional[Literal["exact", "fp32-expanded", "bf16"]] = None
+    # gsq-compat SSIM averaging: the valid interior (torchmetrics <= 1.4.1) or the full reflect-padded map
+    # (torchmetrics >= 1.4.2); None = valid. gsqbench mode pins valid (metrics-protocol.md §4, §14)
+    ssim_border: Optional[Literal["valid", "reflect-full"]] = None
 
     @property
     def lookup_mode(self) -> str:
@@ -168,6 +171,12 @@ class EvalSpec:
         if self.precision is not None:
             return self.precision
         return get_mode(self.mode).precision if self.mode in MODES else "fp32"
+
+    @property
+    def ssim_border_mode(self) -> str:
+        """The SSIM averaging the evaluation uses: `ssim_border` when given, else the valid interior (the pinned
+        protocol; in gsq-compat torchmetrics <= 1.4.1, one of the two behaviours the official code may have had)."""
+        return self.ssim_border or "valid"
 
 
 @dataclass(frozen=True)
@@ -446,11 +455,15 @@ def fairness_view(shared: SharedSpec, effective: Optional[Effective] = None) -> 
 
     `effective` None hashes the spec's intent (marked unresolved). `eval.precision` and `eval.lookup` null are
     hashed as the values they mean (the mode's: bf16 / bf16 lookup for gsq-compat, fp32 / exact otherwise).
+    `eval.ssim_border` is hashed only when it is not the valid interior (null and `valid` mean the same SSIM; runs
+    made before the field existed keep their hash).
     """
     eff = effective if effective is not None else Effective.intent(shared)
     view = spec_to_dict(shared)
     view["eval"]["precision"] = shared.eval.precision_mode  # null means the mode's precision: hash what it means
     view["eval"]["lookup"] = shared.eval.lookup_mode  # null means the mode's lookup: hash what it means
+    if shared.eval.ssim_border_mode == "valid":
+        view["eval"].pop("ssim_border")
     for key in [*RESULT_FREE_FIELDS, *no_effect_fields(shared, eff)]:
         _pop_path(view, key)
     if eff.backbone is not None:

@@ -6,8 +6,10 @@ assembled by gsqbench.card.build_card. Follows metrics-protocol.md §1 (uint8 ru
 x = u8/127.5 − 1 → encode (timed) → decode (timed) → clamp → uint8 once (round-half-even; or the official
 truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model; or a
 published tokenizer's compatibility mode, gsqbench.modes + gsqbench.compat) → every metric's `update` with the pair
-its `input` names (`uint8`, or the never-rounded `float01` pair in a mode whose Inception reads floats). Under torch.distributed each rank evaluates its own shard (each image exactly once, no
-padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-process run.
+its `input` names (`gsq-compat` also hands PSNR/SSIM/LPIPS the official float pair the truncated uint8 is cut from;
+a mode whose Inception reads never-rounded floats hands rFID the `float01` pair). Under torch.distributed each rank
+evaluates its own shard (each image exactly once, no padding), metrics `sync()`, and rank 0 gets the full result,
+equal to a single-process run.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from gsqbench.errors import UserError, did_you_mean
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.catalogue import check_required_weights, metric_catalogue, resolve_metric_names
 from gsqbench.metrics.cost import CostMeter
+from gsqbench.metrics.official import official_fake01, official_real01, truncate_to_uint8
 from gsqbench.modes import check_mode, get_mode
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,12 @@ class EvalSettings(EvalSpec):
                 raise UserError(f"--require: unknown metric '{key}'{did_you_mean(key, keys)}")
         for net in self.lpips_nets:
             _check_choice("lpips_nets", net, ("alex", "vgg"))
+        _check_choice("ssim_border", self.ssim_border, (None, "valid", "reflect-full"))
+        if self.ssim_border_mode != "valid" and self.mode != "gsq-compat":
+            # the gsqbench protocol pins the valid interior (metrics-protocol.md §4); the choice exists because
+            # the official torchmetrics version is unknown (§14)
+            raise UserError(f"eval.ssim_border: '{self.ssim_border}' is only valid with mode gsq-compat; the gsqbench "
+                            "protocol pins SSIM to the valid interior")
         if self.lookup is not None:
             from gsqbench.lookup import check_lookup_precision
 
@@ -143,14 +152,12 @@ def compat_real_uint8(x: Tensor) -> Tensor:
 
     Fed the Normalize output, this reproduces the official loss of one level at every value 1–63.
     """
-    x01 = (x.float().clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
-    return (x01 * 255).to(torch.uint8)  # float → uint8 casts truncate toward zero
+    return truncate_to_uint8(official_real01(x))
 
 
 def compat_fake_uint8(x_hat: Tensor) -> Tensor:
     """Official fake side: the same truncation on the bf16 decoder output, every step rounded in bf16."""
-    x01 = (x_hat.to(torch.bfloat16).clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
-    return (x01 * 255).to(torch.uint8)
+    return truncate_to_uint8(official_fake01(x_hat))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,18 +346,30 @@ def _model_input(real_u8: Tensor, mode: str) -> Tensor:
 
 
 def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each metric input kind the mode produces → its (real, fake) pair, every side converted once (§1): `uint8`
-    always; `float01` in a mode whose Inception reads never-rounded floats (gsqbench.compat)."""
+    """Each metric input kind the mode produces → its (real, fake) pair; every side converted once (§1).
+
+    gsq-compat: the official float pair (real fp32, fake bf16 in [0, 1]) for PSNR/SSIM/LPIPS, and its truncation
+    to uint8 for every other metric (FID, IS, ...), as the official evaluation does. A published tokenizer's
+    compatibility mode: its own rules (gsqbench.compat), with the never-rounded `float01` pair for rFID where its
+    Inception reads floats."""
     if mode == "gsq-compat":
-        return {"uint8": (compat_real_uint8(x_in), compat_fake_uint8(x_hat))}
-    if mode == "gsqbench":
-        return {"uint8": (real_u8, to_uint8(x_hat))}
-    return compat.convert(mode, real_u8, x_hat, x_in)
+        real01, fake01 = official_real01(x_in), official_fake01(x_hat)
+        return {"uint8": (truncate_to_uint8(real01), truncate_to_uint8(fake01)), "official-float": (real01, fake01)}
+    if mode != "gsqbench":
+        return compat.convert(mode, real_u8, x_hat, x_in)
+    return {"uint8": (real_u8, to_uint8(x_hat))}
+
+
+def _produced_inputs(mode: str) -> set[str]:
+    if mode == "gsq-compat":
+        return {"uint8", "official-float"}
+    return {"uint8", "float01"} if get_mode(mode).fid_input == "float01" else {"uint8"}
 
 
 def _check_inputs(metrics: Sequence[Metric], mode: str) -> None:
-    """Every metric reads a pair this mode produces."""
-    kinds = {"uint8", "float01"} if get_mode(mode).fid_input == "float01" else {"uint8"}
+    """Every metric reads a pair this mode produces (the official float pair exists in gsq-compat only, the
+    float01 pair in a mode whose Inception reads floats)."""
+    kinds = _produced_inputs(mode)
     for metric in metrics:
         wanted = getattr(metric, "input", "uint8")
         if wanted not in kinds:

@@ -62,14 +62,15 @@ MODES: dict[str, EvalMode] = {m.name: m for m in (
         name="gsq-compat", reproduces="official GSQ evaluation (HelmholtzAI-FZJ/flex_gen; gsq-reference.md §6)",
         model_input="normalize", real_uint8="trunc", fake_uint8="trunc-bf16", precision="bf16",
         lookup="bf16", card_uint8_rule="trunc-compat", card_model_input="ToTensor+Normalize(0.5,0.5) fp32",
-        card_metric_inputs="uint8 (trunc-compat; official: float for PSNR/SSIM/LPIPS)",
+        card_metric_inputs="PSNR/SSIM/LPIPS: official float [0,1] (real fp32, fake bf16); others: uint8 (trunc-compat)",
         differences=(
             "model input: ToTensor + Normalize(0.5, 0.5) in fp32 instead of u8/127.5 - 1",
             "real side: the Normalize output truncated back to uint8 (loses one level at values 1-63)",
             "reconstruction: bf16, truncated to uint8 instead of round-half-even",
             "model and nearest-code lookup under bf16 autocast instead of fp32 / exact",
+            "PSNR/SSIM/LPIPS: the official float [0, 1] pair (real fp32, fake bf16), never rounded, instead of uint8",
         ),
-        not_reproduced=("PSNR/SSIM/LPIPS read the truncated uint8 pair; the official code feeds them floats",)),
+        not_reproduced=()),
     EvalMode(
         name="llamagen-compat", tokenizer="llamagen",
         reproduces="LlamaGen tokenizer/tokenizer_image/reconstruction_vq_ddp.py + evaluations/c2i (ADM evaluator)",
