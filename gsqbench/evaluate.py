@@ -374,7 +374,8 @@ def _check_inputs(metrics: Sequence[Metric], mode: str) -> None:
         wanted = getattr(metric, "input", "uint8")
         if wanted not in kinds:
             raise UserError(f"metric {type(metric).__name__}: input '{wanted}' is not produced in mode '{mode}' "
-                            f"(it produces {', '.join(sorted(kinds))})")
+                            f"(official-float exists in gsq-compat only, float01 in modes whose rFID reads floats; "
+                            f"this mode produces {', '.join(sorted(kinds))})")
 
 
 def _model_step(tokenizer: nn.Module, x: Tensor, settings: EvalSettings, meter: CostMeter, device: torch.device):
