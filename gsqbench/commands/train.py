@@ -36,12 +36,17 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.train import train_run
     from gsqbench.validate import validate_suite
 
+    from gsqbench import distributed as ddp
+
     apply_threads(args)
     suite = validate_suite(suite)
-    for run in runs:
-        dataset = open_dataset(run.shared.data.train, strict=args.strict_data, role="train")
-        res = train_run(run, run_dir_for(args.results, suite.suite, run.run_id), dataset, device=args.device,
-                        progress=not args.no_progress)
-        print(f"{run.run_id}: {res.steps} steps, {res.images_per_s:.1f} images/s, {res.time_s:.1f} s"
-              + (f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""))
+    try:
+        for run in runs:
+            dataset = open_dataset(run.shared.data.train, strict=args.strict_data, role="train")
+            res = train_run(run, run_dir_for(args.results, suite.suite, run.run_id), dataset, device=args.device,
+                            progress=not args.no_progress)
+            print(f"{run.run_id}: {res.steps} steps, {res.images_per_s:.1f} images/s, {res.time_s:.1f} s"
+                  + (f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""))
+    finally:
+        ddp.shutdown()  # under torchrun: end the process group before exit (torch warns about one left open)
     return 0
