@@ -19,7 +19,6 @@ No paper reports this; it says how much of the usage drop at small d (spec §7.7
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from typing import Any, Optional
@@ -83,11 +82,11 @@ def trained_run(v: int, steps: int):
 
 def trained_case(v: int, steps: int, latent_batches: int) -> dict[str, Any]:
     from gsqbench.data import build_dataset
-    from gsqbench.train import build_trainer, init_distributed, train_step
+    from gsqbench.train import build_trainer, train_step
 
     run = trained_run(v, steps)
     device = torch.device("cpu")
-    tr = build_trainer(run, build_dataset(run.shared.data.train, split="train"), init_distributed("cpu"), device)
+    tr = build_trainer(run, build_dataset(run.shared.data.train, split="train"), device)
     t0 = time.perf_counter()
     for _ in range(steps):
         train_step(tr)

@@ -66,10 +66,13 @@ class LookupCase:
 
 
 def demo_gsq_case() -> LookupCase:
-    """The demo's GSQ subject on the demo's latent grid (eval batch, image size / 8 for the tiny-f8 preset)."""
+    """The demo's GSQ subject on the demo's latent grid (eval batch, image size / f of the demo's preset)."""
+    from gsqbench.models.autoencoder import PRESETS
+
     spec = yaml.safe_load((C.REPO / "configs" / "demo.yaml").read_text())
     q = next(s["quantizer"] for s in spec["subjects"] if s["quantizer"]["name"] == "gsq")
-    side = spec["shared"]["data"]["eval"]["size"] // 8
+    f = 2 ** (len(PRESETS[spec["shared"]["model"]["preset"]].channel_multipliers) - 1)
+    side = spec["shared"]["data"]["eval"]["size"] // f
     return LookupCase("demo", q["dim"] // q["groups"], q["groups"], q["codebook_size"],
                       spec["shared"]["eval"]["batch_size"], side)
 

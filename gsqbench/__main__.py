@@ -3,4 +3,5 @@ import sys
 
 from gsqbench.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guarded: `run --jobs` child processes (spawn) import this module again
+    sys.exit(main())

@@ -27,8 +27,10 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "codebook.tokens_per_group",  # the subject's size, measured T
     "precision.device", "precision.driver",
     "psnr.psnr_capped_images",  # a measured count (identical reconstructions), not a setting
+    "data.smaller_than_crop",  # a measured count (images the crop upscaled); N and the id/originals hashes pin the data
     "fid.is_std_over_splits", "fid.fid_reference_source",  # a measured spread; where the same statistics came from
     "fid.fid_reference_key",  # derived from data + extractor fields (hashed already); set only when caching
+    "fid.fid_note",  # the small-N warning, derived from N (hashed in the data group)
     "rfd.rfd_reference_source", "rfd.rfd_reference_key",  # the same two for FD-DINOv2
     "kid.kid_std_over_subsets",  # a measured spread
     "runtime",

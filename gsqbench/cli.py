@@ -27,6 +27,8 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("import", "import_"),
     ("encode", "encode"),
     ("decode", "decode"),
+    ("data", "data"),
+    ("stats", "stats"),
 )
 
 

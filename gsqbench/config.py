@@ -8,11 +8,15 @@ This module is a leaf: typed dataclasses and parsing only. It imports nothing fr
 registry), so loading a suite is cheap; checks that need later stages (quantizer kwargs against the registry,
 regress tolerances, eval metric names, backbone presets) live in `gsqbench.validate.validate_suite`.
 
-Fairness hash: SHA-256 of the canonical JSON of the *resolved* shared spec of one run, i.e. after `--set`
-overrides and after the run's grid values for shared fields (e.g. `model.latent_dim`) were applied. Quantizer
-kwargs, seed and names are excluded. Two runs are comparable only if their hashes are equal, so grid points at
-different shared settings are never put into one comparison, while grid points that only change the quantizer
-(e.g. `quantizer.groups`) share a hash.
+Fairness hash: SHA-256 of the canonical JSON of the *effective* shared spec of one run (`fairness_view`): the
+spec after `--set` overrides and the run's grid values for shared fields (e.g. `model.latent_dim`), plus what the
+run actually uses after every fallback (`Effective`: the perceptual loss on or off and the SHA-256 of its VGG16
+trunk, the discriminator and the source and SHA-256 of its backbone weights, the precision), which
+`gsqbench.effective.resolve` looks up before training. Left out: quantizer kwargs, seed and names; fields that
+cannot change a result (`RESULT_FREE_FIELDS`, each proven bit-identical by tests/test_fairness.py); fields with no
+effect in this run (`no_effect_fields`, e.g. every `gan.*` field without a discriminator). Two runs are comparable
+only if their hashes are equal, so grid points at different shared settings are never put into one comparison,
+while grid points that only change the quantizer (e.g. `quantizer.groups`) share a hash.
 
 Grid syntax: `grid: {dotted.key: [v1, v2, ...]}` expands to the cartesian product over keys. To move several
 keys together, join them with commas and give one list per point:
@@ -30,7 +34,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -59,14 +63,16 @@ class DataSource:
     limit: Optional[int] = None  # N images (gsqbench.data picks them deterministically); None = all
     seed: int = 0  # synthetic / sample-photos generation seed (a data property, not the run seed)
     strict: bool = False  # corrupt image => error instead of skip-with-warning
+    crops_per_image: int = 1  # > 1: the protocol crop plus seeded random crops of each image (gsqbench.data)
 
 
 @dataclass(frozen=True)
 class DataSpec:
+    """Training draws a seeded permutation per epoch (gsqbench.data.TrainLoader); there is no unshuffled mode."""
+
     train: DataSource = field(default_factory=DataSource)
     eval: DataSource = field(default_factory=lambda: DataSource(crop="gsq"))
-    num_workers: int = 0
-    shuffle: bool = True
+    num_workers: Optional[int] = None  # decoding worker processes per rank; None = chosen from the cores
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,43 @@ class Suite:
 
 
 @dataclass(frozen=True)
+class Effective:
+    """What a run actually uses once every fallback is resolved; part of the fairness hash (see `hashed`).
+
+    `gsqbench.effective.resolve` fills it from the environment (weight files present, their SHA-256) before any
+    training, and the trainer builds exactly this. `intent` is the spec's own request with nothing looked up
+    (`resolved=False`; its hash never equals a resolved one). Paths say where the trainer finds the files; only
+    the files' SHA-256 is hashed, so the same weights at another path hash the same.
+    """
+
+    perceptual: str = "off"  # "lpips-vgg-v0.1" | "off"
+    perceptual_trunk: Optional[str] = None
+    perceptual_trunk_sha256: Optional[str] = None
+    discriminator: str = "none"
+    backbone: Optional[str] = None  # pretrained discriminator backbone: "weights:<name>" | "file" | "random" | None
+    backbone_path: Optional[str] = None
+    backbone_sha256: Optional[str] = None
+    precision: str = "fp32"  # training autocast: bf16 | fp32
+    fallbacks: tuple[str, ...] = ()  # one line per fallback, e.g. "loss.perceptual_weight 1.0 → off: VGG16 ..."
+    resolved: bool = True
+
+    @classmethod
+    def intent(cls, shared: "SharedSpec") -> "Effective":
+        """The spec's request, nothing looked up (every weight assumed present)."""
+        return cls(perceptual="lpips-vgg-v0.1" if shared.loss.perceptual_weight > 0 else "off",
+                   discriminator=shared.gan.discriminator, precision=shared.train.precision, resolved=False)
+
+    def hashed(self) -> dict[str, Any]:
+        """The fields the fairness hash covers (no paths, no prose)."""
+        out = {"perceptual": self.perceptual, "perceptual_trunk_sha256": self.perceptual_trunk_sha256,
+               "discriminator": self.discriminator, "backbone": self.backbone, "backbone_sha256": self.backbone_sha256,
+               "precision": self.precision}
+        if not self.resolved:
+            out["resolved"] = False
+        return out
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One concrete run: subject × seed × grid point, with everything resolved."""
 
@@ -197,10 +240,23 @@ class RunSpec:
     quantizer: dict[str, Any]
     fairness_hash: str
     regress: dict[str, Any] = field(default_factory=dict)  # the suite's regress tolerances, stored with each run
+    effective: Optional[Effective] = None  # None: not resolved (config.expand_runs without a resolver)
+
+    @property
+    def used(self) -> Effective:
+        """What this run uses: the resolved Effective, or the spec's intent when nothing was resolved."""
+        return self.effective if self.effective is not None else Effective.intent(self.shared)
 
     def spec_json(self) -> dict[str, Any]:
         """The resolved spec as run.json stores it (regress reads `spec.regress`)."""
         return {"shared": spec_to_dict(self.shared), "quantizer": dict(self.quantizer), "regress": dict(self.regress)}
+
+    def effective_json(self) -> dict[str, Any]:
+        """run.json `effective`: the values used, each fallback, the fields without effect and the result-free ones."""
+        eff = self.used
+        return {"values": {k: v for k, v in spec_to_dict(eff).items() if k not in ("fallbacks", "resolved")},
+                "resolved": eff.resolved, "fallbacks": list(eff.fallbacks),
+                "no_effect": no_effect_fields(self.shared, eff), "result_free": dict(RESULT_FREE_FIELDS)}
 
 
 SHARED_SECTIONS = tuple(f.name for f in dataclasses.fields(SharedSpec))
@@ -311,30 +367,75 @@ def spec_to_dict(obj: Any) -> Any:
     return obj
 
 
-#: EvalSpec fields that were once free-form `eval.options`; the hashed view keeps that layout (see fairness_view)
-_EVAL_OPTION_FIELDS = ("fid_reference_stats", "fid_cache_dir", "precision", "lpips_nets", "lookup")
-#: EvalSpec fields that only decide which files an evaluation leaves behind: never part of the fairness hash
-_EVAL_OUTPUT_FIELDS = ("keep_features", "save_recon")
+#: Shared fields that cannot change a result (weights or metric values), left out of the fairness hash, with the
+#: reason; tests/test_fairness.py trains and evaluates with each changed and compares bit for bit (CPU, 1 thread).
+#: eval.batch_size stays hashed: on GPUs the batch shape picks the convolution algorithm (not bit-identical).
+RESULT_FREE_FIELDS: dict[str, str] = {
+    "train.checkpoint_every": "checkpoints only; a resumed run continues bit-exactly",
+    "train.log_every": "which steps train_log.csv keeps",
+    "data.num_workers": "loader processes; every image is a pure function of its index and seed",
+    "eval.samples": "how many sample PNGs are saved",
+    "eval.require": "turns an unavailable metric into an error; never changes a value",
+    "eval.fid_cache_dir": "where real-side FID statistics are cached; the cache is keyed and verified",
+    "loss.perceptual_required": "turns missing VGG16 weights into an error; the effective perceptual loss is hashed",
+    "eval.keep_features": "keeps the feature files KID / precision-recall wrote; never changes a value",
+    "eval.save_recon": "exports reconstructions and originals; never changes a value",
+}
+#: gan.options keys a pretrained-backbone discriminator resolves into Effective.backbone (hashed by SHA-256 there)
+_BACKBONE_OPTIONS = ("weights", "allow_random_backbone")
 
 
-def fairness_view(shared: SharedSpec) -> dict[str, Any]:
-    """The JSON-able view of a resolved shared spec that the fairness hash covers.
+def no_effect_fields(shared: SharedSpec, effective: Effective) -> dict[str, str]:
+    """Fields this run never reads (dotted key → why); they are shown as such and not hashed."""
+    out: dict[str, str] = {}
+    if effective.discriminator == "none":
+        for f in dataclasses.fields(GanSpec):
+            if f.name != "discriminator":
+                out[f"gan.{f.name}"] = "no discriminator"
+        out["loss.adversarial_weight"] = "no discriminator"
+    if effective.perceptual == "off":
+        why = "perceptual loss off" + (" (fallback)" if shared.loss.perceptual_weight > 0 else "")
+        out["loss.perceptual_weight"] = why
+        out["loss.perceptual_input_range"] = why
+    if shared.train.decay == "none":
+        out["train.decay_start"] = out["train.min_lr_ratio"] = "train.decay is none"
+    if shared.train.ema_decay == 0:
+        out["eval.weights"] = "no EMA (train.ema_decay 0): the raw weights are evaluated"
+    return out
 
-    The eval section is laid out as before the typed eval spec (its former free-form fields under `options`, only
-    when set away from their defaults), so runs made before keep their hash and stay comparable with new ones.
-    Output-only fields (`_EVAL_OUTPUT_FIELDS`: which files are kept or exported) are left out.
+
+def _pop_path(view: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        view = view.get(key)
+        if not isinstance(view, dict):
+            return
+    view.pop(leaf, None)
+
+
+def fairness_view(shared: SharedSpec, effective: Optional[Effective] = None) -> dict[str, Any]:
+    """The JSON-able view of a resolved shared spec that the fairness hash covers (module docstring).
+
+    `effective` None hashes the spec's intent (marked unresolved). `eval.precision` and `eval.lookup` null are
+    hashed as the values they mean (the mode's: bf16 / bf16 lookup for gsq-compat, fp32 / exact otherwise).
     """
+    eff = effective if effective is not None else Effective.intent(shared)
     view = spec_to_dict(shared)
-    ev, defaults = view["eval"], spec_to_dict(EvalSpec())
-    ev["options"] = {k: ev.pop(k) for k in _EVAL_OPTION_FIELDS if ev[k] != defaults[k]}
-    for k in (*_EVAL_OPTION_FIELDS, *_EVAL_OUTPUT_FIELDS):
-        ev.pop(k, None)
+    if view["eval"]["precision"] is None:
+        view["eval"]["precision"] = "bf16" if shared.eval.mode == "gsq-compat" else "fp32"
+    view["eval"]["lookup"] = shared.eval.lookup_mode  # null means the mode's lookup: hash what it means
+    for key in [*RESULT_FREE_FIELDS, *no_effect_fields(shared, eff)]:
+        _pop_path(view, key)
+    if eff.backbone is not None:
+        for key in _BACKBONE_OPTIONS:
+            _pop_path(view, f"gan.options.{key}")
+    view["effective"] = eff.hashed()
     return view
 
 
-def fairness_hash(shared: SharedSpec) -> str:
-    """SHA-256 of the canonical JSON of the resolved shared spec (no quantizer, seed or names)."""
-    canonical = json.dumps(fairness_view(shared), sort_keys=True, separators=(",", ":"), allow_nan=False)
+def fairness_hash(shared: SharedSpec, effective: Optional[Effective] = None) -> str:
+    """SHA-256 of the canonical JSON of `fairness_view` (no quantizer, seed or names)."""
+    canonical = json.dumps(fairness_view(shared, effective), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -507,6 +608,7 @@ def suite_from_dict(raw: dict) -> Suite:
     if "suite" not in raw or not isinstance(raw["suite"], str) or not raw["suite"]:
         raise UserError(f"config key 'suite': {raw.get('suite')!r} is not valid; expected a non-empty name")
     _refuse_eval_options(raw.get("shared"))
+    _refuse_removed_keys(raw.get("shared"))
     shared = _coerce(raw.get("shared") or {}, SharedSpec, "shared")
     subjects = _parse_subjects(raw.get("subjects"))
     seeds = _coerce(raw.get("seeds", [0]), tuple[int, ...], "seeds")
@@ -526,6 +628,14 @@ def _refuse_eval_options(shared: Any) -> None:
         keys = ", ".join(map(str, ev["options"])) if isinstance(ev["options"], dict) else "its keys"
         raise UserError(f"config key 'shared.eval.options' is no longer used; set {keys} directly under "
                         "'shared.eval' (e.g. shared.eval.lpips_nets)")
+
+
+def _refuse_removed_keys(shared: Any) -> None:
+    """Keys that were hashed but never read: refused with what happens instead, not silently ignored."""
+    data = shared.get("data") if isinstance(shared, dict) else None
+    if isinstance(data, dict) and "shuffle" in data:
+        raise UserError("config key 'shared.data.shuffle' was removed (it was never read): training always draws a "
+                        "seeded permutation per epoch; delete the key")
 
 
 def _parse_subjects(raw: Any) -> tuple[Subject, ...]:
@@ -659,8 +769,13 @@ def run_id(subject: str, seed: int, point: dict[str, Any]) -> str:
     return safe_name(f"{subject}-s{seed}" + (f"-{label}" if label else ""))
 
 
-def expand_runs(suite: Suite, only: list[str] | None = None) -> list[RunSpec]:
-    """All runs: subjects × seeds × grid points, with resolved shared spec and fairness hash each."""
+def expand_runs(suite: Suite, only: list[str] | None = None,
+                resolve: Optional[Callable[[SharedSpec], Effective]] = None) -> list[RunSpec]:
+    """All runs: subjects × seeds × grid points, with resolved shared spec and fairness hash each.
+
+    `resolve` (gsqbench.effective.resolve; what training callers pass, via gsqbench.effective.expand_runs) looks up
+    what each shared spec will actually use; without it the hash covers the spec's intent, marked unresolved.
+    """
     names = [s.name for s in suite.subjects]
     for name in only or []:
         if name not in names:
@@ -668,7 +783,8 @@ def expand_runs(suite: Suite, only: list[str] | None = None) -> list[RunSpec]:
     runs = []
     for point in _grid_points(suite.grid):
         shared = _apply_shared_grid(suite.shared, point)
-        fhash = fairness_hash(shared)
+        eff = resolve(shared) if resolve is not None else None
+        fhash = fairness_hash(shared, eff)
         q_over = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("quantizer.")}
         for subject in suite.subjects:
             if only and subject.name not in only:
@@ -677,7 +793,7 @@ def expand_runs(suite: Suite, only: list[str] | None = None) -> list[RunSpec]:
                 runs.append(RunSpec(
                     run_id=run_id(subject.name, seed, point), suite=suite.suite, subject=subject.name, seed=seed,
                     grid=dict(point), shared=shared, quantizer={**subject.quantizer, **q_over}, fairness_hash=fhash,
-                    regress=dict(suite.regress),
+                    regress=dict(suite.regress), effective=eff,
                 ))
     ids = [r.run_id for r in runs]
     dup = next((i for i in ids if ids.count(i) > 1), None)

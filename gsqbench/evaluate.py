@@ -11,6 +11,7 @@ padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-p
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -24,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from gsqbench import distributed as ddp
-from gsqbench.card import build_card, dataset_fields, id_list_hash
+from gsqbench.card import build_card, conversion_group, dataset_fields, id_list_hash
 from gsqbench.config import EvalSpec
-from gsqbench.data import to_model_input
+from gsqbench.data import Sample, problem_message, to_model_input
 from gsqbench.errors import UserError, did_you_mean
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.catalogue import check_required_weights, metric_catalogue, resolve_metric_names
@@ -44,15 +45,20 @@ class EvalSettings(EvalSpec):
     """
 
     seed: int = 0
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # DataLoader worker processes; None = chosen from the cores (data.py)
     progress: bool = True
+    # resumable evaluation (with an out_dir): save the streaming state every K batches; None = every
+    # CHECKPOINT_INTERVAL_S seconds; 0 = never
+    checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, ("gsqbench", "gsq-compat"))
         _check_choice("precision", self.precision, (None, "fp32", "bf16"))
         _check_choice("weights", self.weights, ("ema", "raw"))
-        for name, low in (("batch_size", 1), ("samples", 0), ("num_workers", 0)):
+        for name, low in (("batch_size", 1), ("samples", 0), ("num_workers", 0), ("checkpoint_every", 0)):
             value = getattr(self, name)
+            if value is None and name in ("num_workers", "checkpoint_every"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"eval.{name}: {value!r} is not valid; expected an integer >= {low}")
         classes = metric_catalogue()
@@ -164,7 +170,7 @@ def build_metrics(settings: EvalSettings, device: torch.device, tokenizer: Optio
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: shard, batch
+# Data: shard, batch, unreadable images
 
 
 def _shard(n: int) -> list[int]:
@@ -175,7 +181,7 @@ def _shard(n: int) -> list[int]:
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """(global index, image id, uint8 image) for the shard's indices."""
+    """(global index, Sample) for the shard's indices; `dataset.read` reports a bad file instead of raising."""
 
     def __init__(self, dataset: Any, indices: Sequence[int]):
         self.dataset, self.indices = dataset, list(indices)
@@ -183,31 +189,65 @@ class _Indexed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, str, Tensor]:
-        image_id, image = self.dataset[self.indices[i]]
-        return self.indices[i], str(image_id), image
+    def __getitem__(self, i: int) -> tuple[int, Sample]:
+        g = self.indices[i]
+        read = getattr(self.dataset, "read", None)
+        if read is not None:
+            return g, read(g)
+        image_id, image = self.dataset[g]
+        return g, Sample(str(image_id), image)
 
 
-def _collate(items: list) -> tuple[list[int], list[str], Tensor]:
-    for _, image_id, image in items:
+@dataclass
+class _Batch:
+    gidx: list[int]  # global indices of the usable images
+    ids: list[str]
+    images: Optional[Tensor]  # uint8 (b, 3, S, S), None when no image of the batch was usable
+    sizes: list[tuple[int, int]]  # original (width, height) per usable image, (−1, −1) unknown
+    problems: list[Sample]  # images that could not be used (unreadable / too small)
+
+    def pin_memory(self) -> "_Batch":  # called by the DataLoader's pinning thread (CUDA)
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+    def __len__(self) -> int:
+        return len(self.gidx) + len(self.problems)
+
+
+def _collate(items: list[tuple[int, Sample]]) -> _Batch:
+    good = [(g, s) for g, s in items if s.image is not None]
+    for _, s in good:
+        image = s.image
         if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise UserError(f"dataset image '{image_id}': expected uint8 (3, S, S), got "
+            raise UserError(f"dataset image '{s.image_id}': expected uint8 (3, S, S), got "
                             f"{getattr(image, 'dtype', type(image).__name__)} {tuple(getattr(image, 'shape', ()))}")
-    return [i for i, _, _ in items], [s for _, s, _ in items], torch.stack([im for _, _, im in items])
+    return _Batch([g for g, _ in good], [s.image_id for _, s in good],
+                  torch.stack([s.image for _, s in good]) if good else None,
+                  [(s.width, s.height) for _, s in good], [s for _, s in items if s.image is None])
 
 
-def _batches(dataset: Any, settings: EvalSettings, device: torch.device) -> tuple[Iterator, int]:
-    """Batches of this rank's shard and the dataset's total size N."""
+def _batches(dataset: Any, settings: EvalSettings, device: torch.device,
+             start_batch: int = 0) -> tuple[Iterator, int]:
+    """Batches of this rank's shard (from batch `start_batch` on: a resumed pass) and the dataset's size N."""
+    from gsqbench.data import loader_options, resolve_num_workers
+
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise UserError("evaluation dataset: needs len() and indexing (a map-style dataset) to be sharded")
     n = len(dataset)
     if n == 0:
         raise UserError("evaluation dataset: has no images")
+    indices = _shard(n)[start_batch * settings.batch_size:]
+    workers = resolve_num_workers(settings.num_workers, dataset, settings.batch_size, n_items=len(indices))
     loader = torch.utils.data.DataLoader(
-        _Indexed(dataset, _shard(n)), batch_size=settings.batch_size, shuffle=False, drop_last=False,
-        num_workers=settings.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
+        _Indexed(dataset, indices), batch_size=settings.batch_size, shuffle=False, drop_last=False,
+        collate_fn=_collate, **loader_options(workers, device.type == "cuda"))
     return iter(loader), n
+
+
+def _refuses(dataset: Any, sample: Sample) -> bool:
+    """The corrupt-image policy (README): too-small images are always refused, unreadable ones under strict."""
+    return sample.problem == "too-small" or bool(getattr(dataset, "strict", False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,17 +255,19 @@ def _batches(dataset: Any, settings: EvalSettings, device: torch.device) -> tupl
 
 
 @contextlib.contextmanager
-def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
-    """Asserts eval mode; pins lookup precision and TF32 off for the pass; restores everything afterwards."""
+def pinned_model(tokenizer: nn.Module, lookup: str) -> Iterator[None]:
+    """Asserts eval mode; pins the nearest-code lookup and TF32 off for the block; restores everything afterwards.
+
+    What every pass over a model that produces results uses (the evaluation, `gsqbench encode`)."""
     training = [name for name, m in tokenizer.named_modules() if m.training]
     if training:
-        raise AssertionError(f"evaluate() needs the model in eval mode; training: {training[:3]}")
+        raise AssertionError(f"the tokenizer must be in eval mode; training: {training[:3]}")
     quantizer = getattr(tokenizer, "quantizer", None)
     old_lookup = quantizer.lookup_precision if quantizer is not None else None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if old_lookup is not None:
-        quantizer.lookup_precision = settings.lookup_mode
+        quantizer.lookup_precision = lookup
     try:
         yield
     finally:
@@ -240,12 +282,30 @@ def _eval_state(tokenizer: nn.Module, settings: EvalSettings) -> Iterator[None]:
 
 @dataclass
 class _PassState:
+    """What one rank's pass accumulated besides the metrics; saved with them by a resumable evaluation."""
+
     ids: list[str] = field(default_factory=list)
     image_digests: list[str] = field(default_factory=list)
     tokens_per_image: Optional[int] = None
     saved: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[list[str]] = field(default_factory=list)  # [image_id, reason] of unreadable images left out
+    refused: list[str] = field(default_factory=list)  # one-line errors held until every rank has finished (DDP)
+    smaller_than_crop: int = 0  # evaluated images whose shorter side was below S (upscaled by the crop)
+    batches_done: int = 0
+    images_read: int = 0
+    resumed_at_image: Optional[int] = None
+    num_workers: int = 0
     exporter: Any = None  # gsqbench.export.ImageExporter: each batch's evaluated uint8 pair + ids (--save-recon)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saveable part (plain lists, numbers and strings; the exporter is not saved)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "exporter"}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> "_PassState":
+        names = {f.name for f in dataclasses.fields(cls)} - {"exporter"}
+        return cls(**{k: v for k, v in state.items() if k in names})
 
 
 @contextlib.contextmanager
@@ -258,6 +318,11 @@ def _timed(state: _PassState, key: str, device: torch.device) -> Iterator[None]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.timings[key] = state.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def _real_side(real_u8: Tensor, mode: str) -> Tensor:
+    """The real images every metric sees: as read, or the official Normalize round trip in gsq-compat."""
+    return compat_real_uint8(compat_model_input(real_u8)) if mode == "gsq-compat" else real_u8
 
 
 def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> tuple[Tensor, Tensor]:
@@ -293,29 +358,51 @@ def _image_digest(image_id: str, image: Tensor) -> str:
     return h.hexdigest()
 
 
+def _note_problems(dataset: Any, problems: Sequence[Sample], state: _PassState) -> None:
+    """Unreadable images are left out with a count; refused ones (README policy) stop the run: at once on one
+    process, after the pass on every rank together under DDP (a lone rank raising would leave the others waiting)."""
+    for sample in problems:
+        if _refuses(dataset, sample):
+            message = problem_message(dataset, sample)
+            if ddp.world_size() == 1:
+                raise UserError(message)
+            state.refused.append(message)
+        else:
+            state.skipped.append([sample.image_id, sample.error or "unreadable"])
+
+
 def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metrics: Sequence[Metric],
-              device: torch.device, out_dir: Optional[Path], meter: CostMeter,
-              exporter: Any = None) -> tuple[_PassState, int]:
-    state = _PassState(exporter=exporter)
-    batches, n = _batches(dataset, settings, device)
+              device: torch.device, out_dir: Optional[Path], meter: CostMeter, state: _PassState,
+              checkpoint: Any) -> int:
+    """Stream this rank's shard (from `state.batches_done` on) through the model and every metric; returns N."""
+    batches, n = _batches(dataset, settings, device, state.batches_done)
     from gsqbench.progress import Progress
 
     # a bar on a terminal, one line per 10 % in a log
-    bar = Progress(len(_shard(n)), "evaluate", enabled=settings.progress and ddp.is_main(), unit="images")
+    bar = Progress(len(_shard(n)), "evaluate", enabled=settings.progress and ddp.is_main(), unit="images",
+                   initial=state.images_read)
     try:
         while True:
             with _timed(state, "data", device):
                 batch = next(batches, None)
             if batch is None:
                 break
-            gidx, ids, real_cpu = batch
-            state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_cpu)]  # before the copy
-            real_u8 = real_cpu.to(device, non_blocking=True)
-            _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx, ids, real_u8)
-            bar.update(len(ids))
+            if batch.problems:
+                _note_problems(dataset, batch.problems, state)
+            if batch.images is not None:
+                size = batch.images.shape[-1]
+                state.smaller_than_crop += sum(1 for w, h in batch.sizes if 0 <= min(w, h) < size)
+                state.image_digests += [_image_digest(i, im) for i, im in zip(batch.ids, batch.images)]
+                real_u8 = batch.images.to(device, non_blocking=True)
+                _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, batch.gidx, batch.ids,
+                           real_u8)
+            state.batches_done += 1
+            state.images_read += len(batch)
+            bar.update(len(batch))
+            checkpoint.step(state.to_dict, metrics)
     finally:
         bar.close()
-    return state, n
+    return n
 
 
 def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx, ids, real_u8) -> None:
@@ -339,7 +426,28 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# After the pass: reduce, assemble
+# After the pass: agree on skipped images, verify reference statistics, reduce, assemble
+
+
+def _agree_on_problems(dataset: Any, state: _PassState) -> tuple[list[list[str]], int]:
+    """Every rank learns every rank's skipped and refused images: refusals stop all ranks with the same line,
+    skipped images are counted (and recorded in the dataset's manifest by rank 0). Returns (skipped, smaller)."""
+    parts = ddp.all_gather_objects((state.skipped, state.refused, state.smaller_than_crop))
+    refused = [m for part in parts for m in part[1]]
+    if refused:
+        raise UserError(refused[0])
+    skipped = sorted((list(p) for part in parts for p in part[0]), key=lambda p: p[0])
+    smaller = sum(int(part[2]) for part in parts)
+    if skipped and ddp.is_main():
+        log.warning("skipped %d image(s) that could not be read (first: %s: %s): left out of N and recorded as "
+                    "unreadable in the dataset manifest; --strict-data stops instead", len(skipped), *skipped[0])
+        record = getattr(dataset, "record_read_results", None)
+        if record is not None:
+            record([(i, reason) for i, reason in skipped])
+    if smaller and ddp.is_main():
+        log.warning("%d evaluated image(s) are smaller than the crop (shorter side below S): the crop protocol "
+                    "upscaled them; the count is in the card, --min-size refuses them", smaller)
+    return skipped, smaller
 
 
 def _needs_reference(settings: EvalSettings) -> bool:
@@ -348,30 +456,54 @@ def _needs_reference(settings: EvalSettings) -> bool:
     return uses and bool(settings.fid_reference_stats or settings.fid_cache_dir)
 
 
-def _fid_reference(dataset: Any, settings: EvalSettings, device: torch.device) -> Optional[dict[str, Any]]:
-    """Data key fields for FID reference statistics, only when a statistics file or cache is in use.
+def _reference_fields(dataset: Any, settings: EvalSettings, ids: Optional[Sequence[str]] = None,
+                      originals_hash: Optional[str] = None) -> dict[str, Any]:
+    """Data key fields of reference statistics (metrics-protocol §6).
 
-    Needs the originals hash before the pass, so it costs one extra read of the (sharded) data then.
+    Before the pass (`ids` None) they come from the dataset's own id list, without reading an image, and the
+    originals hash is pending (None); after it, from the images actually evaluated. The real-side conversion is
+    part of the key: gsq-compat's real images lose a level at values 1–63, so its statistics differ.
     """
-    if not _needs_reference(settings):
-        return None
-    state = _PassState()
-    batches, n = _batches(dataset, settings, device)
-    for _, ids, real_u8 in batches:
-        state.ids += ids
-        state.image_digests += [_image_digest(i, im) for i, im in zip(ids, real_u8)]
-    ids, originals_hash = _gather_ids(state, n)
     info = dataset_fields(dataset)
+    if ids is None:
+        listed = getattr(dataset, "ids", None)
+        n, ids_hash = (len(listed), id_list_hash(sorted(listed))) if listed is not None else (None, None)
+    else:
+        n, ids_hash = len(ids), id_list_hash(ids)
     return {"dataset": info.get("dataset", info.get("kind")), "split": info.get("split"), "crop": info.get("crop"),
-            "resolution": info.get("resolution", info.get("size")), "n": n, "ids_hash": id_list_hash(ids),
-            "originals_hash": originals_hash}
+            "resolution": info.get("resolution", info.get("size")), "n": n, "ids_hash": ids_hash,
+            "originals_hash": originals_hash, "real_conversion": conversion_group(settings.mode)["uint8_rule"]}
+
+
+def _complete_references(metrics: Sequence[Metric], fields: Mapping[str, Any], dataset: Any,
+                         settings: EvalSettings, device: torch.device, state: _PassState) -> None:
+    """Give reference-keeping metrics the complete key; re-read the real images for any whose cache was stale
+    (every rank decides alike: same key, same files)."""
+    redo = [m for m in metrics if m.check_reference(fields)]
+    if not redo:
+        return
+    evaluated = set(state.ids)
+    seen = 0
+    batches, _ = _batches(dataset, settings, device)
+    for batch in batches:
+        keep = [j for j, i in enumerate(batch.ids) if i in evaluated]
+        if not keep:
+            continue
+        real = _real_side(batch.images[keep].to(device), settings.mode)
+        ids = [batch.ids[j] for j in keep]
+        for metric in redo:
+            metric.update_real(real, ids)
+        seen += len(keep)
+    if seen != len(evaluated):
+        raise UserError(f"evaluation dataset: {len(evaluated) - seen} image(s) could not be read again for the "
+                        "real-side statistics; the data changed during the evaluation")
 
 
 def _gather_ids(state: _PassState, n: int) -> tuple[list[str], str]:
     """All image ids sorted, and the originals hash; asserts each of the N images was seen exactly once."""
     ids, digests = ddp.gather_per_image(state.ids, state.image_digests)
     if len(ids) != n:
-        raise AssertionError(f"evaluated {len(ids)} images, dataset has {n}")
+        raise AssertionError(f"evaluated {len(ids)} images, expected {n}")
     return ids, hashlib.sha256("".join(digests).encode("ascii")).hexdigest()
 
 
@@ -419,6 +551,19 @@ def _mark_comparability(rows: Sequence[MetricValue], metrics: Sequence[Metric], 
             row.not_comparable = cls.comparable(row.name, facts)
 
 
+def _data_card(dataset: Any, ids: list[str], originals_hash: str, skipped: Sequence[Sequence[str]],
+               smaller: int) -> dict[str, Any]:
+    """The card's data group: what the dataset says, then what was actually evaluated (the true N)."""
+    data = {**dataset_fields(dataset), "N": len(ids), "image_id_list_hash": id_list_hash(ids),
+            "originals_hash": originals_hash, "smaller_than_crop": smaller}
+    if skipped:  # images left out while reading: describe the evaluated list, as a later run (manifest) will
+        gone = {p[0] for p in skipped}
+        listed = [i for i in getattr(dataset, "ids", ids) if i not in gone]
+        data.update(n=len(listed), ids_sha256=hashlib.sha256("\n".join(listed).encode()).hexdigest(),
+                    skipped_unreadable=int(data.get("skipped_unreadable", 0)) + len(skipped))
+    return data
+
+
 def _exporter(settings: EvalSettings, out: Optional[Path]) -> Any:
     """The `--save-recon` exporter writing under `<run>/export`, or None."""
     if settings.save_recon is None:
@@ -430,13 +575,11 @@ def _exporter(settings: EvalSettings, out: Optional[Path]) -> Any:
     return ImageExporter(out / "export", settings.save_recon)
 
 
-def _card(tokenizer: nn.Module, settings: EvalSettings, dataset: Any, metrics: Sequence[Metric], ids: list[str],
-          originals_hash: str, rows: Sequence[MetricValue], device: torch.device,
-          model_info: Mapping[str, Any]) -> dict:
+def _card(tokenizer: nn.Module, settings: EvalSettings, metrics: Sequence[Metric], data: Mapping[str, Any],
+          rows: Sequence[MetricValue], device: torch.device, model_info: Mapping[str, Any],
+          state: _PassState) -> dict:
     quantizer = getattr(tokenizer, "quantizer", None)
     agreement = next((m.value for m in rows if m.name == "code_agreement"), None)
-    data = {**dataset_fields(dataset), "N": len(ids), "image_id_list_hash": id_list_hash(ids),
-            "originals_hash": originals_hash}
     has_lookup = quantizer is not None and quantizer.lookup_precision is not None
     # `lookup` is the protocol's pinned mode (hashed: `eval --lookup` gets its own card); `lookup_precision` what
     # this subject actually ran (None without a codebook search: FSQ/LFQ rows stay comparable with GSQ's)
@@ -448,7 +591,7 @@ def _card(tokenizer: nn.Module, settings: EvalSettings, dataset: Any, metrics: S
                  "tf32": False, "device": str(device),
                  "driver": torch.version.cuda if device.type == "cuda" else None}
     runtime = {"versions": _versions(), "world_size": ddp.world_size(), "batch_size": settings.batch_size,
-               "seed": settings.seed}
+               "seed": settings.seed, "num_workers": state.num_workers, "resumed_at_image": state.resumed_at_image}
     return build_card(mode=settings.mode, metrics=metrics, data=data, model=model, precision=precision,
                       runtime=runtime)
 
@@ -464,6 +607,18 @@ def _facts(state: _PassState, ids: list[str], quantizer: Any) -> Facts:
                  codebook_size=getattr(quantizer, "codebook_size", None), groups=getattr(quantizer, "groups", None))
 
 
+def _fingerprint_fields(tokenizer: nn.Module, dataset: Any, settings: EvalSettings,
+                        metrics: Sequence[Metric]) -> dict[str, Any]:
+    """What a saved evaluation state must have been made with to be resumed (gsqbench.eval_resume)."""
+    from gsqbench.eval_resume import module_digest
+
+    runtime = {"progress", "num_workers", "checkpoint_every"}  # never change results
+    return {"settings": {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                         if f.name not in runtime},
+            "data": dataset_fields(dataset), "metrics": [type(m).__name__ for m in metrics],
+            "model": module_digest(tokenizer), "world_size": ddp.world_size(), "rank": ddp.rank()}
+
+
 def evaluate(
     tokenizer: nn.Module,
     dataset: Any,
@@ -476,9 +631,15 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `tokenizer` on `dataset` in one streaming pass (see module docstring).
 
-    `metrics` replaces the default metric objects (tests, custom extractors); `model_info` adds card fields
-    such as checkpoint_sha256, step, tokenizer_spec_hash, fairness_hash.
+    Every image is read and decoded once: real-side reference statistics on a cache miss come from the same pass.
+    With `out_dir` the pass is resumable: its state is saved under `out_dir/.eval-state/` (every
+    `settings.checkpoint_every` batches) and a killed evaluation of the same model, data and settings continues
+    from there; the state is removed once the evaluation completes. `metrics` replaces the default metric
+    objects (tests, custom extractors); `model_info` adds card fields such as checkpoint_sha256, step,
+    tokenizer_spec_hash, fairness_hash.
     """
+    from gsqbench.eval_resume import EvalCheckpoint
+
     device = torch.device(device)
     check_required_weights(settings.require)
     torch.manual_seed(settings.seed)
@@ -486,15 +647,31 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else None
     exporter = _exporter(settings, out)
     if metrics is None:
-        metrics = build_metrics(settings, device, tokenizer, _fid_reference(dataset, settings, device), meter, out)
+        reference = _reference_fields(dataset, settings) if _needs_reference(settings) else None
+        metrics = build_metrics(settings, device, tokenizer, reference, meter, out)
     metrics = list(metrics)
+    # the image export keeps no saveable state: with --save-recon the evaluation runs without checkpoints
+    checkpoint = EvalCheckpoint(out, 0 if exporter is not None else settings.checkpoint_every, metrics,
+                                lambda: _fingerprint_fields(tokenizer, dataset, settings, metrics))
+    state = _PassState(exporter=exporter)
     try:
-        with torch.no_grad(), _eval_state(tokenizer, settings):
-            state, n = _run_pass(tokenizer, dataset, settings, metrics, device, out, meter, exporter)
+        with torch.no_grad(), pinned_model(tokenizer, settings.lookup_mode):
+            restored = checkpoint.restore(metrics)
+            if restored is not None:
+                state = _PassState.from_dict(restored)
+                state.resumed_at_image, state.exporter = state.images_read, exporter
+            from gsqbench.data import resolve_num_workers
+
+            state.num_workers = resolve_num_workers(settings.num_workers, dataset, settings.batch_size)
+            n = _run_pass(tokenizer, dataset, settings, metrics, device, out, meter, state, checkpoint)
+            skipped, smaller = _agree_on_problems(dataset, state)
+            ids, originals_hash = _gather_ids(state, n - len(skipped))
+            if any(getattr(m, "reference_stats", False) for m in metrics):
+                _complete_references(metrics, _reference_fields(dataset, settings, ids, originals_hash), dataset,
+                                     settings, device, state)
             for metric in metrics:
                 with _timed(state, f"sync:{type(metric).__name__}", device):
                     metric.sync()
-            ids, originals_hash = _gather_ids(state, n)
             if exporter is not None:
                 with _timed(state, "export", device):
                     exporter.finish()
@@ -510,6 +687,47 @@ def evaluate(
             metric.close()
     _check_required(rows, settings.require)
     _mark_comparability(rows, metrics, _facts(state, ids, getattr(tokenizer, "quantizer", None)))
-    card = _card(tokenizer, settings, dataset, metrics, ids, originals_hash, rows, device, model_info or {})
+    data = _data_card(dataset, ids, originals_hash, skipped, smaller)
+    card = _card(tokenizer, settings, metrics, data, rows, device, model_info or {}, state)
+    checkpoint.finish()
     return EvalResult(metrics=rows, per_image=_per_image_table(metrics, ids), code_counts=counts, card=card,
                       card_hash=card["card_hash"], timings=dict(state.timings), samples=list(state.saved))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference statistics alone (`gsqbench stats`)
+
+
+def reference_statistics(dataset: Any, settings: EvalSettings, out: str | Path, *,
+                         device: torch.device | str) -> dict[str, Any]:
+    """Real-side FID statistics of `dataset` with the complete key `--fid-reference-stats` verifies, written to
+    `out` (rank 0; every rank reads its shard). Needs the Inception weights. Returns the key fields and N."""
+    from gsqbench.metrics.fid import FIDMetric
+
+    device = torch.device(device)
+    check_required_weights(("rfid@inception",))
+    metric = FIDMetric(device, required=True)
+    state = _PassState()
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        batches, n = _batches(dataset, settings, device)
+        bar = tqdm(total=len(_shard(n)), unit="img", desc="statistics",
+                   disable=None if settings.progress and ddp.is_main() else True)
+        for batch in batches:
+            bar.update(len(batch))
+            if batch.problems:
+                _note_problems(dataset, batch.problems, state)
+            if batch.images is None:
+                continue
+            state.image_digests += [_image_digest(i, im) for i, im in zip(batch.ids, batch.images)]
+            state.ids += batch.ids
+            metric.update_real(_real_side(batch.images.to(device), settings.mode), batch.ids)
+        bar.close()
+        skipped, _ = _agree_on_problems(dataset, state)
+        ids, originals_hash = _gather_ids(state, n - len(skipped))
+        metric.real.sync()
+    fields = _reference_fields(dataset, settings, ids, originals_hash)
+    if ddp.is_main():
+        metric.export_reference(out, fields)
+    return {**metric.key, "key_sha256": metric.key_sha, "n_images": len(ids), "skipped": len(skipped)}

@@ -155,6 +155,27 @@ def check_kwargs(obj: Any, kwargs: dict[str, Any], *, where: str) -> None:
                 raise UserError(f"{where}: {key}: {problem}, got {value!r}")
 
 
+def with_defaults(obj: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`kwargs` plus every keyword default of `obj`'s signature it does not set (JSON-able defaults only): the
+    settings a subject actually runs with, for results and reports (which never import the class)."""
+    sig, _ = _signature_and_hints(obj)
+    out = {}
+    for name, p in sig.parameters.items():
+        if name == "self" or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        if name in kwargs:
+            out[name] = kwargs[name]
+        elif p.default is not inspect.Parameter.empty and (p.default is None or isinstance(p.default, (bool, int, float, str))):
+            out[name] = p.default
+    out.update({k: v for k, v in kwargs.items() if k not in out})
+    return out
+
+
+def plugin_dirs() -> list[Path]:
+    """The `--plugins` directories added so far (child processes of `run --jobs` add the same)."""
+    return list(_plugin_dirs)
+
+
 def _type_problem(value: Any, hint: Any) -> str | None:
     """None if `value` fits `hint`, else a short description of what is expected."""
     origin = typing.get_origin(hint)

@@ -51,9 +51,12 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "suite", "run", "subject", "seed", "metric", "value", "stderr", "ci_low", "ci_high", "direction", "n",
     "unavailable", "fairness_hash", "card_hash", "device", "not_comparable",
 )
-#: run.json `status` values: `done` = trained (or loaded) and evaluated, results complete
+#: run.json `status` values: `done` = trained (or loaded) and evaluated, results complete; `diverged` = training
+#: stopped at a non-finite loss or gradient norm (run.json `divergence`: step, term, value; metrics.csv holds the
+#: train_* rows only, no evaluation)
 STATUS_DONE = "done"
-RUN_STATUSES = (STATUS_DONE,)
+STATUS_DIVERGED = "diverged"
+RUN_STATUSES = (STATUS_DONE, STATUS_DIVERGED)
 DIRECTIONS = ("lower", "higher", "none")
 _FLOAT_COLS = ("value", "stderr", "ci_low", "ci_high")
 #: packages whose versions every run records (metrics-protocol.md §12 "Runtime")

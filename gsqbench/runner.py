@@ -1,9 +1,13 @@
 """Orchestration: a suite's runs (train → evaluate → results), and the evaluation of one checkpoint.
 
-`run_suite` expands subjects × seeds × grid into runs, skips finished ones, trains, evaluates with the exported
-(EMA) weights, writes each run's results directory (gsqbench.results.write_run), optionally renders the report and
-summarises. A run counts as finished when its run.json says `status: done` and its exported checkpoint exists, so
-re-running a suite after a crash redoes only what is missing (training itself resumes from its last checkpoint).
+`run_suite` expands subjects × seeds × grid into runs (their effective specs resolved first: gsqbench.effective),
+skips finished ones, trains, evaluates with the exported (EMA) weights, writes each run's results directory
+(gsqbench.results.write_run), optionally renders the report and summarises. A run counts as finished when its
+run.json says `status: done` and its exported checkpoint exists, so re-running a suite after a crash redoes only
+what is missing (training itself resumes from its last checkpoint). A run whose training diverges (non-finite loss
+or gradient norm, gsqbench.train.Diverged) is written with `status: diverged` and the suite carries on; rerunning
+it unchanged is refused (it would diverge again), a changed spec trains it afresh. `jobs > 1` runs independent runs
+side by side in separate processes, each with the same thread count, so results stay bit-identical to `jobs = 1`.
 `evaluate_checkpoint` is the library form of `gsqbench eval`: load a checkpoint (ours or an official release),
 evaluate it on a dataset, write the same results layout.
 """
@@ -16,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from gsqbench.config import DataSource, EvalSpec, RunSpec, Suite, expand_runs
+from gsqbench.config import DataSource, EvalSpec, RunSpec, Suite
+from gsqbench.effective import expand_runs
 from gsqbench.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,26 +36,57 @@ class SuiteResult:
     skipped: list[str] = field(default_factory=list)
     summary: dict[str, dict[str, float]] = field(default_factory=dict)  # run_id -> metric -> value
     report: Optional[Path] = None
+    diverged: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_id -> run.json `divergence`
+    refused: dict[str, str] = field(default_factory=dict)  # run_id -> why it was not trained again (diverged earlier)
+
+
+@dataclass
+class Outcome:
+    """What one run produced: its metric values; `status` done | skipped (finished earlier) | diverged | refused
+    (diverged earlier with this spec, not trained again: `message` says so), with the divergence record."""
+
+    metrics: dict[str, float]
+    divergence: Optional[dict[str, Any]] = None
+    status: str = "done"
+    message: str = ""
+
+
+#: DataSource field names where gsqbench.data's messages use its own argument names
+_DATA_KEYS = {"n": "limit", "resolution": "size"}
 
 
 # ----------------------------------------------------------------------------------------------- data
-def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train") -> Any:
+def open_dataset(source: DataSource, *, strict: bool = False, role: str = "train",
+                 min_size: Optional[int] = None) -> Any:
     """Build a dataset through gsqbench.data; errors name the config key (`shared.data.<role>.*`)."""
     from gsqbench import data
 
     try:
         ds = data.build_dataset(source.kind, path=source.path, split=role, resolution=source.size, crop=source.crop,
-                                n=source.limit, seed=source.seed, strict=strict or source.strict)
+                                n=source.limit, seed=source.seed, strict=strict or source.strict, min_size=min_size,
+                                crops_per_image=source.crops_per_image)
     except UserError as exc:  # data.py names its fields 'data.<field>'; point at the suite's key instead
-        msg = str(exc)
-        msg = f"shared.data.{role}.{msg[5:]}" if msg.startswith("data.") else f"shared.data.{role}: {msg}"
-        raise UserError(msg) from None
+        raise UserError(_suite_data_message(str(exc), role)) from None
     if len(ds) == 0:
         raise UserError(f"config key 'shared.data.{role}.path': {source.path!r} contains no images")
     return ds
 
 
+def _suite_data_message(msg: str, role: str) -> str:
+    """'data.n: ...' → "shared.data.eval.limit: ...", naming the suite's key (data.py uses its argument names)."""
+    if not msg.startswith("data."):
+        return f"shared.data.{role}: {msg}"
+    key, sep, rest = msg[5:].partition(":")
+    key = ".".join(_DATA_KEYS.get(part, part) if i == 0 else part for i, part in enumerate(key.split(".")))
+    rest = rest.replace("data.crops_per_image", f"shared.data.{role}.crops_per_image")
+    return f"shared.data.{role}.{key}{sep}{rest}"
+
+
 # ----------------------------------------------------------------------------------------------- per run
+def _same_spec(run: RunSpec, info: dict[str, Any]) -> bool:
+    return info.get("fairness_hash") == run.fairness_hash and (info.get("spec") or {}).get("quantizer") == run.quantizer
+
+
 def is_finished(run: RunSpec, run_dir: Path) -> bool:
     """True when run.json says done and the checkpoint exists; a finished run of ANOTHER spec is refused."""
     from gsqbench.results import STATUS_DONE, read_run_info
@@ -63,10 +99,38 @@ def is_finished(run: RunSpec, run_dir: Path) -> bool:
         return False
     if info.get("status") != STATUS_DONE:
         return False
-    if info.get("fairness_hash") != run.fairness_hash or (info.get("spec") or {}).get("quantizer") != run.quantizer:
+    if not _same_spec(run, info):
         raise UserError(f"{run_dir} holds finished results of run {run.run_id!r} with a different spec "
                         "(shared settings or quantizer changed); use another --results root or delete that directory")
     return True
+
+
+def earlier_divergence(run: RunSpec, run_dir: Path) -> Optional[dict[str, Any]]:
+    """The `divergence` of an earlier attempt of this run with the SAME spec (to refuse resuming it), else None.
+
+    An earlier diverged attempt with a different spec (e.g. a lower train.lr) is cleared here, so the run trains
+    afresh instead of resuming a checkpoint of the other spec.
+    """
+    from gsqbench.results import STATUS_DIVERGED, read_run_info
+
+    try:
+        info = read_run_info(run_dir)
+    except (UserError, ValueError):
+        return None
+    if info.get("status") != STATUS_DIVERGED:
+        return None
+    if _same_spec(run, info):
+        return dict(info.get("divergence") or {})
+    log.info("%s diverged earlier under another spec; training it afresh", run.run_id)
+    for name in ("run.json", "metrics.csv", "train_log.csv", "checkpoint/train_state.pt"):
+        (run_dir / name).unlink(missing_ok=True)
+    return None
+
+
+def refusal_message(run: RunSpec, run_dir: Path, divergence: dict[str, Any]) -> str:
+    return (f"refused to resume {run.run_id}: it diverged at step {divergence.get('step')} "
+            f"({divergence.get('term')} = {divergence.get('value')}) with this spec; change the spec "
+            f"(e.g. --set train.lr=...) or delete {run_dir}")
 
 
 def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema", progress: bool = True,
@@ -85,49 +149,99 @@ def eval_settings(run: RunSpec, require: Sequence[str] = (), weights: str = "ema
         fid_cache_dir=e.fid_cache_dir if e.fid_cache_dir is not None else fid_cache_dir)
 
 
-def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
-            progress: bool, label: str = "") -> dict[str, float]:
-    """Train (or resume) then evaluate one run and write its results directory; returns metric -> value.
+def _run_info(run: RunSpec) -> dict[str, Any]:
+    """run.json fields every run has: names, resolved spec, its effective values and the subject's quantizer
+    settings with the quantizer's defaults filled in (what the report's tables show)."""
+    return {"run_id": run.run_id, "suite": run.suite, "subject": run.subject, "seed": run.seed,
+            "grid": dict(run.grid), "spec": run.spec_json(), "fairness_hash": run.fairness_hash,
+            "effective": {**run.effective_json(), "quantizer": quantizer_settings(run.quantizer)}}
 
-    `label` (e.g. "[2/4] vq-s0") starts the one-line stage messages (gsqbench.progress)."""
+
+def quantizer_settings(qspec: dict[str, Any]) -> dict[str, Any]:
+    """The quantizer block with every default of the registered class filled in ({} fields if unknown)."""
+    from gsqbench.registry import discover_quantizers, with_defaults
+
+    reg = discover_quantizers()
+    name = qspec.get("name")
+    if name not in reg:
+        return dict(qspec)
+    return {"name": name, **with_defaults(reg.get(name), {k: v for k, v in qspec.items() if k != "name"})}
+
+
+def write_diverged(run: RunSpec, run_dir: Path, exc: Any, device: str) -> None:
+    """run.json (status diverged, divergence, train card) and metrics.csv with the train_* rows; no evaluation."""
+    from gsqbench import distributed as ddp
+    from gsqbench.results import STATUS_DIVERGED, provenance, write_run
+    from gsqbench.train import train_metrics
+
+    if not ddp.is_main():
+        return
+    info = {**_run_info(run), "status": STATUS_DIVERGED, "divergence": exc.record(), "card": {}, "card_hash": "",
+            "train_steps": exc.step - 1, "train": exc.card,
+            "provenance": provenance(device=str(ddp.resolve_device(device)), precision=run.shared.train.precision,
+                                     world_size=ddp.world_size())}
+    write_run(run_dir, info, train_metrics(exc))
+
+
+def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
+            progress: bool, label: str = "", min_size: Optional[int] = None) -> Outcome:
+    """Train (or resume) then evaluate one run and write its results directory (or record its divergence).
+
+    `label` (e.g. "[2/4] vq-s0") starts the one-line stage messages (gsqbench.progress); `min_size` refuses
+    evaluation images whose shorter side is below it (README "Corrupt and small images")."""
     import torch
 
     from gsqbench import distributed as ddp
     from gsqbench.evaluate import evaluate
     from gsqbench.progress import fmt_seconds, stage
     from gsqbench.results import provenance, write_run
-    from gsqbench.train import train_metrics, train_run
+    from gsqbench.train import Diverged, train_metrics, train_run
 
     label = label or run.run_id
     train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
-    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval")
-    trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
+    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval", min_size=min_size)
+    try:
+        trained = train_run(run, run_dir, train_ds, device=device, progress=progress)
+    except Diverged as exc:
+        write_diverged(run, run_dir, exc, device)
+        if ddp.is_main():
+            stage("%s diverged at step %d: %s = %s", label, exc.step, exc.term, exc.value)
+        return Outcome({m.name: m.value for m in train_metrics(exc)}, exc.record(), status="diverged")
     if ddp.is_main():
         resumed = f" (resumed from step {trained.resumed_from})" if trained.resumed_from is not None else ""
         stage("%s trained %d steps in %s%s", label, trained.steps, fmt_seconds(trained.time_s), resumed)
     dev = next(trained.model.parameters()).device
     settings = eval_settings(run, require, trained.weights, progress, str(run_dir.parent / ".fid-cache"))
+    ckpt_sha = _checkpoint_sha256(run_dir)
     t0 = time.perf_counter()
     with torch.no_grad():
         ev = evaluate(trained.model, eval_ds, settings, device=dev, out_dir=run_dir,
                       model_info={"fairness_hash": run.fairness_hash, "step": trained.steps,
-                                  "weights": trained.weights})
+                                  "weights": trained.weights, "checkpoint_sha256": ckpt_sha})
     metrics = [*ev.metrics, *train_metrics(trained)]
     saved = sorted({i for part in ddp.all_gather_objects(ev.samples) for i in part})
     if ddp.is_main():
         stage("%s evaluated %d images in %s", label, len(ev.per_image.get("image_id", [])),
               fmt_seconds(time.perf_counter() - t0))
         info = {
-            "run_id": run.run_id, "suite": run.suite, "subject": run.subject, "seed": run.seed,
-            "grid": dict(run.grid), "spec": run.spec_json(),
-            "fairness_hash": run.fairness_hash, "card": ev.card, "card_hash": ev.card_hash,
+            **_run_info(run), "card": ev.card, "card_hash": ev.card_hash, "checkpoint_sha256": ckpt_sha,
             "weights": trained.weights, "train_steps": trained.steps, "resumed_from": trained.resumed_from,
             "train": trained.card,
             "provenance": provenance(device=str(dev), precision=run.shared.train.precision,
                                      world_size=ddp.world_size()),
         }
         write_run(run_dir, info, metrics, per_image=ev.per_image, code_counts=ev.code_counts, samples=saved)
-    return {m.name: m.value for m in metrics}
+    return Outcome({m.name: m.value for m in metrics})
+
+
+def _checkpoint_sha256(run_dir: Path) -> Optional[str]:
+    """SHA-256 of the exported model.safetensors (model.json records it): equal hashes = identical weights."""
+    import json
+
+    try:
+        return json.loads((run_dir / "checkpoint" / "model.json").read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError):
+        return None
 
 
 def _finished_metrics(run_dir: Path) -> dict[str, float]:
@@ -145,12 +259,17 @@ def _finished_metrics(run_dir: Path) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- suite
 def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] = None, *, device: str = "cpu",
               report_dir: Optional[str | Path] = None, strict_data: bool = False, require: Sequence[str] = (),
-              progress: bool = True) -> SuiteResult:
+              progress: bool = True, jobs: int = 1, threads: Optional[int] = None,
+              min_size: Optional[int] = None) -> SuiteResult:
     """Run every (not yet finished) run of `suite` under `results_root/<suite>/<run_id>`.
 
     Each run folder is locked while its run is checked, trained, evaluated and written (gsqbench.locks, held by
     rank 0): a second process on the same folder is refused with one line naming the holder, so two suites with
     different specs can never mix results in one folder.
+
+    `jobs` > 1 trains and evaluates that many runs at once, each in its own process with `threads` intra-op
+    threads (default: the CPU count divided by `jobs`); on several GPUs job k uses device cuda:(k mod count).
+    A diverged run is recorded and the others carry on (SuiteResult.diverged, SuiteResult.refused).
     """
     from gsqbench import distributed as ddp
     from gsqbench.progress import fmt_seconds, stage
@@ -158,6 +277,10 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
     from gsqbench.validate import validate_suite
 
     validate_suite(suite)
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: expected a positive integer")
+    if jobs > 1 and (ddp.world_size() > 1 or ddp.launched_by_torchrun()):  # a torchrun of one process too
+        raise UserError("--jobs: not with torchrun (each rank already takes its share of every run); use --jobs 1")
     runs = expand_runs(suite, only)
     if require:  # fail before hours of training, not after
         from gsqbench.metrics.catalogue import check_required_weights
@@ -166,26 +289,120 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
         check_required_weights(tuple(require))
     ddp.init_from_env(device)  # the locks are coordinated across ranks from the first run on
     out = SuiteResult()
+    todo: list[tuple[RunSpec, Path, str]] = []
     for i, run in enumerate(runs):
         run_dir = run_dir_for(results_root, suite.suite, run.run_id)
         out.run_dirs.append(run_dir)
         label = f"[{i + 1}/{len(runs)}] {run.run_id}"
+        if jobs > 1:
+            out.summary[run.run_id] = {}  # keeps the suite's run order; the job checks and runs it under its lock
+            todo.append((run, run_dir, label))
+            continue
         t0 = time.perf_counter()
         with ddp.rank0_lock(run_dir, f"gsqbench run {suite.suite}/{run.run_id}"):
-            if is_finished(run, run_dir):
-                stage("%s finished earlier, skipped", label)
-                out.skipped.append(run.run_id)
-                out.summary[run.run_id] = _finished_metrics(run_dir)
-                continue
-            out.summary[run.run_id] = run_one(run, run_dir, device=device, strict_data=strict_data,
-                                              require=require, progress=progress, label=label)
-        if ddp.is_main():
+            outcome = check_and_run(run, run_dir, label, device=device, strict_data=strict_data, require=require,
+                                    progress=progress, min_size=min_size)
+        _collect(out, run.run_id, outcome)
+        if ddp.is_main() and outcome.status == "done":
             stage("%s done in %s: %s", label, fmt_seconds(time.perf_counter() - t0), run_dir)
+    if todo:
+        outcomes = _run_parallel(suite.suite, todo, jobs, device, threads,
+                                 dict(strict_data=strict_data, require=tuple(require), min_size=min_size))
+        for run_id, outcome in outcomes.items():
+            _collect(out, run_id, outcome)
     if report_dir is not None and ddp.is_main():
         t0 = time.perf_counter()
         out.report = render_report(run_dir_for(results_root, suite.suite, "_").parent, Path(report_dir))
         stage("report written in %s: %s", fmt_seconds(time.perf_counter() - t0), out.report)
     return out
+
+
+def check_and_run(run: RunSpec, run_dir: Path, label: str, **kwargs: Any) -> Outcome:
+    """Skip a run that finished earlier, refuse one that diverged earlier with this spec, else `run_one` it (the
+    caller holds the run folder's lock)."""
+    from gsqbench.progress import stage
+
+    if is_finished(run, run_dir):
+        stage("%s finished earlier, skipped", label)
+        return Outcome(_finished_metrics(run_dir), status="skipped")
+    divergence = earlier_divergence(run, run_dir)
+    if divergence is not None:
+        message = refusal_message(run, run_dir, divergence)
+        stage("%s %s", label, message)
+        return Outcome(_finished_metrics(run_dir), divergence, status="refused", message=message)
+    return run_one(run, run_dir, label=label, **kwargs)
+
+
+def _collect(out: SuiteResult, run_id: str, outcome: Outcome) -> None:
+    out.summary[run_id] = outcome.metrics
+    if outcome.status == "skipped":
+        out.skipped.append(run_id)
+    if outcome.status == "refused":
+        out.refused[run_id] = outcome.message
+    if outcome.divergence is not None:
+        out.diverged[run_id] = outcome.divergence
+
+
+def _job_devices(device: str, jobs: int) -> list[str]:
+    """Device per job: cuda:(k mod count) when CUDA is asked for (or 'auto' finds it) on several GPUs."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{k % torch.cuda.device_count()}" for k in range(jobs)]
+    return [device] * jobs
+
+
+def _run_parallel(suite: str, todo: list[tuple[RunSpec, Path, str]], jobs: int, device: str,
+                  threads: Optional[int], kwargs: dict[str, Any]) -> dict[str, Outcome]:
+    """Each run in a fresh spawned process (fresh RNG and thread settings), at most `jobs` at once; results in
+    the order of `todo`. A UserError in a job is raised here once the running jobs have ended."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gsqbench.progress import stage
+    from gsqbench.registry import plugin_dirs
+
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    devices = _job_devices(device, jobs)
+    level = logging.getLogger().getEffectiveLevel()
+    verbosity = 0 if level >= logging.WARNING else 1 if level >= logging.INFO else 2
+    stage("running %d runs, %d at a time, %d thread(s) each", len(todo), jobs, threads)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_job, suite, run, run_dir, label, devices[k % jobs], threads,
+                               [str(d) for d in plugin_dirs()], verbosity, kwargs)
+                   for k, (run, run_dir, label) in enumerate(todo)]
+        try:
+            return {run.run_id: f.result() for (run, _, _), f in zip(todo, futures)}
+        except BaseException:  # an error in one job: start no further ones (running ones finish)
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _job(suite: str, run: RunSpec, run_dir: Path, label: str, device: str, threads: int, plugins: list[str],
+         verbosity: int, kwargs: dict[str, Any]) -> Outcome:
+    """One run in a child process of `run --jobs` (spawned: nothing inherited but these arguments)."""
+    import torch
+
+    from gsqbench import distributed as ddp
+    from gsqbench.progress import CliLogging, fmt_seconds, stage
+    from gsqbench.registry import add_plugin_dirs
+
+    logs = CliLogging(verbosity).start()
+    try:
+        if plugins:
+            add_plugin_dirs(plugins)
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        with ddp.rank0_lock(run_dir, f"gsqbench run {suite}/{run.run_id}"):
+            outcome = check_and_run(run, run_dir, label, device=device, progress=False, **kwargs)
+        if outcome.status == "done":
+            stage("%s done in %s: %s", label, fmt_seconds(time.perf_counter() - t0), run_dir)
+        return outcome
+    finally:
+        logs.finish()
 
 
 def render_report(results_dir: Path, report_dir: Path) -> Path:
@@ -195,13 +412,25 @@ def render_report(results_dir: Path, report_dir: Path) -> Path:
 
 
 def format_summary(res: SuiteResult, metrics: Sequence[str] = SUMMARY_METRICS) -> str:
-    """Plain-text table: one row per run, key metrics as columns (NaN/missing shown as '—')."""
+    """Plain-text table: one row per run, key metrics as columns (NaN/missing shown as '—'); a diverged run says
+    so in the `status` column."""
     present = [m for m in metrics if any(m in v for v in res.summary.values())]
-    header = ["run", *present]
-    rows = [[rid, *(_fmt(vals.get(m)) for m in present)] for rid, vals in res.summary.items()]
+    header = ["run", "status", *present]
+    rows = [[rid, _status(res, rid), *(_fmt(vals.get(m)) for m in present)] for rid, vals in res.summary.items()]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _status(res: SuiteResult, run_id: str) -> str:
+    d = res.diverged.get(run_id)
+    return "done" if d is None else f"diverged@{d.get('step')} ({d.get('term')})"
+
+
+def divergence_lines(res: SuiteResult) -> list[str]:
+    """One line per diverged run, for the CLI (a run refused because it diverged earlier says so)."""
+    return [res.refused.get(rid) or f"{rid}: diverged at step {d.get('step')}: {d.get('term')} = {d.get('value')}"
+            for rid, d in res.diverged.items()]
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -222,6 +451,9 @@ class DataChoice:
     crop: Optional[str] = None
     n: Optional[int] = None
     seed: int = 0
+    crops_per_image: int = 1
+    strict: bool = False  # an unreadable image stops the evaluation instead of being skipped with a count
+    min_size: Optional[int] = None  # refuse images whose shorter side is below this (pixels)
 
     def label(self) -> str:
         return f"{self.kind}:{self.path}" if self.path else self.kind
@@ -250,8 +482,8 @@ def checkpoint_model_info(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec, *, out_dir: str | Path,
-                        device: Optional[str] = None, seed: int = 0, num_workers: int = 0, progress: bool = True,
-                        weights: Optional[str] = None, force: bool = False) -> Any:
+                        device: Optional[str] = None, seed: int = 0, num_workers: Optional[int] = None,
+                        progress: bool = True, weights: Optional[str] = None, force: bool = False) -> Any:
     """Load `checkpoint` (gsqbench dir or official release), evaluate it on `data`, write `out_dir` (rank 0).
 
     `weights` (ema | raw) overrides what the checkpoint says it holds. Works under torchrun: every rank evaluates its
@@ -281,7 +513,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
         if weights is None and meta.get("weights") in ("ema", "raw"):
             settings = dataclasses.replace(settings, weights=meta["weights"])
         dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
-                                crop=data.crop, n=data.n, seed=data.seed)
+                                crop=data.crop, n=data.n, seed=data.seed, crops_per_image=data.crops_per_image,
+                                strict=data.strict, min_size=data.min_size)
         with ddp.rank0_lock(run_dir, f"gsqbench eval {ckpt}"):
             if state == "new" and ddp.is_main():  # an eval folder keeps its marker; a forced one gets none
                 mark_eval_dir(run_dir, ckpt)
@@ -304,3 +537,32 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
         if distributed:
             ddp.shutdown()
     return result
+
+
+# ----------------------------------------------------------------------------------------------- reference statistics
+def reference_stats(data: DataChoice, out: str | Path, *, mode: str = "gsqbench", batch_size: int = 32,
+                    device: Optional[str] = None, num_workers: Optional[int] = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Real-side FID statistics of `data` written to `out` with their complete key (what `gsqbench stats` calls).
+
+    Works under torchrun (each rank reads its shard). Returns the key fields, N and the number of skipped images.
+    """
+    from gsqbench import distributed as ddp
+    from gsqbench.data import build_dataset
+    from gsqbench.evaluate import EvalSettings, reference_statistics
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a directory; expected a .npz file path")
+    settings = EvalSettings(mode=mode, batch_size=batch_size, metrics=("fid",), num_workers=num_workers,
+                            progress=progress, samples=0)
+    distributed = ddp.init_from_env(device or "auto")
+    try:
+        dev = ddp.resolve_device(device or "auto")
+        dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
+                                crop=data.crop, n=data.n, seed=data.seed, strict=data.strict, min_size=data.min_size)
+        info = reference_statistics(dataset, settings, out, device=dev)
+    finally:
+        if distributed:
+            ddp.shutdown()
+    return info

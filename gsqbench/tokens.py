@@ -8,7 +8,7 @@ Layout of a token folder:
   the checkpoint and data it came from, and once complete, every shard's file name, row range and SHA-256.
 
 The model runs as in the evaluation pass in `gsqbench` mode (metrics-protocol.md §1, §9): x = u8/127.5 − 1, eval
-mode, fp32 with TF32 off, nearest-code lookup pinned to fp32 and first-index argmin; a shard's images are encoded in
+mode, fp32 with TF32 off, the exact nearest-code lookup (first index on ties); a shard's images are encoded in
 batches [k·S + j·B, …), so with S a multiple of B the batches are those of `gsqbench eval --batch-size B` and
 `decode` (`Tokenizer.decode_indices`, then the gsqbench uint8 rule) reproduces eval's reconstructions bit for bit.
 
@@ -67,23 +67,12 @@ def shard_name(k: int) -> str:
 
 @contextlib.contextmanager
 def pinned_model(tokenizer: nn.Module) -> Iterator[None]:
-    """Eval mode asserted, fp32 nearest-code lookup and TF32 off for the block (as evaluate.py's gsqbench mode)."""
-    training = [name for name, m in tokenizer.named_modules() if m.training]
-    if training:
-        raise AssertionError(f"the tokenizer must be in eval mode; training: {training[:3]}")
-    quantizer = getattr(tokenizer, "quantizer", None)
-    old = getattr(quantizer, "lookup_precision", None)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    if old is not None:
-        quantizer.lookup_precision = "fp32"
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        if old is not None:
-            quantizer.lookup_precision = old
+    """No grad, eval mode asserted, the exact nearest-code lookup and TF32 off (evaluate.py's gsqbench mode)."""
+    from gsqbench.config import EvalSpec
+    from gsqbench.evaluate import pinned_model as pinned
+
+    with torch.no_grad(), pinned(tokenizer, EvalSpec().lookup_mode):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,7 +94,7 @@ def _header(tokenizer: nn.Module, dataset: Any, ids: list[str], shard_size: int,
         raise UserError("encode: the tokenizer's quantizer declares no integer codebook_size/groups")
     return {"format": FORMAT, "version": VERSION, "n": len(ids), "shard_size": shard_size, "batch_size": batch_size,
             "dtype": token_dtype(v).name, "codebook_size": v, "groups": g, "layout": "(b, h, w, G), dataset order",
-            "model_input": "u8/127.5-1 fp32, lookup fp32, tf32 off", "source": dict(source),
+            "model_input": "u8/127.5-1 fp32, lookup exact, tf32 off", "source": dict(source),
             "data": _data_fields(dataset), "ids": ids}
 
 

@@ -10,7 +10,10 @@ with the generator re-run. Deliberate differences, each recorded here:
   (a buffer) is evaluated as trained rather than at its initial value;
 - the data order is owned here: a seeded permutation per epoch, sliced into global batches, each DDP rank
   taking its contiguous slice. Resuming needs only the number of batches consumed, and N ranks see exactly the
-  images a single process sees at the same global batch.
+  images a single process sees at the same global batch;
+- divergence stops the run (the official trainer keeps stepping on NaN): every loss term is checked before the
+  backward pass and the gradient norm before the optimiser step; the first non-finite one raises `Diverged`
+  (step, term, value) before any weight is touched, and the runner records the run as `diverged`.
 """
 from __future__ import annotations
 
@@ -28,13 +31,34 @@ import torch
 from torch import Tensor, nn
 
 from gsqbench import distributed as ddp
-from gsqbench.config import GanSpec, LossSpec, RunSpec, TrainSpec
+from gsqbench.config import Effective, GanSpec, LossSpec, RunSpec, TrainSpec
+from gsqbench.effective import resolve as resolve_effective
 from gsqbench.errors import UserError
 from gsqbench.results import read_train_log_rows, write_train_log
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+
+
+class Diverged(Exception):
+    """A loss term or gradient norm went non-finite at `step` (1-based, the step being taken): the run stops.
+
+    `term` names it as the train log does (`loss_rec`, `loss_aux`, `loss`, `grad_norm`, `loss_d`, `grad_norm_d`,
+    ...), `value` is its repr ('nan', 'inf'), `row` holds the step's values computed so far. `train_run` fills
+    `time_s` and `images_per_s` before re-raising.
+    """
+
+    def __init__(self, step: int, term: str, value: float, row: dict[str, float]):
+        super().__init__(f"training diverged at step {step}: {term} = {value!r}")
+        self.step, self.term, self.value, self.row = step, term, repr(float(value)), dict(row)
+        self.time_s = float("nan")
+        self.images_per_s = float("nan")
+        self.card: dict[str, Any] = {}  # the trainer's card (perceptual loss, discriminator, ...)
+
+    def record(self) -> dict[str, Any]:
+        """run.json `divergence`."""
+        return {"step": self.step, "term": self.term, "value": self.value}
 
 
 # ----------------------------------------------------------------------------------------------- data order
@@ -45,14 +69,21 @@ class BatchStream:
     resume needs, and rank r of W takes the r-th block of every global batch (same images as one process).
     """
 
-    def __init__(self, dataset: Any, global_batch: int, seed: int, num_workers: int = 0):
+    def __init__(self, dataset: Any, global_batch: int, seed: int, num_workers: Optional[int] = 0):
         from gsqbench.data import train_loader
 
         world = ddp.world_size()
         if global_batch % world:
             raise UserError(f"config key 'shared.train.batch_size': {global_batch} is not divisible by the "
                             f"world size {world}")
-        self.loader = train_loader(dataset, global_batch // world, seed, ddp.rank(), world, num_workers=num_workers)
+        from gsqbench.data import resolve_num_workers
+
+        batch = global_batch // world
+        # decoding runs in worker processes (chosen from the cores when num_workers is None) and, on CUDA, lands
+        # in pinned memory so the copy to the GPU overlaps the step
+        self.loader = train_loader(dataset, batch, seed, ddp.rank(), world,
+                                   num_workers=resolve_num_workers(num_workers, dataset, batch),
+                                   pin_memory=torch.cuda.is_available())
         self._it: Optional[Any] = None
 
     @property
@@ -119,19 +150,26 @@ class Ema:
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def build_perceptual(loss: LossSpec, device: torch.device) -> tuple[Optional[nn.Module], dict[str, Any]]:
-    """LPIPS-VGG (gsqbench.losses.PerceptualLoss) and its card; None when off or its weights are missing."""
-    if loss.perceptual_weight <= 0:
-        return None, {"perceptual_loss": "off"}
+def build_perceptual(loss: LossSpec, eff: Effective, device: torch.device) -> tuple[Optional[nn.Module], dict[str, Any]]:
+    """LPIPS-VGG (gsqbench.losses.PerceptualLoss) from the trunk the effective spec resolved, and its card; None
+    when the effective spec has it off (weight 0, or the fallback when the VGG16 weights are missing)."""
+    if eff.perceptual == "off":
+        notes = [f for f in eff.fallbacks if f.startswith("loss.perceptual_weight")]
+        return None, {"perceptual_loss": "off", **({"perceptual_unavailable": notes[0]} if notes else {})}
     from gsqbench.losses import PerceptualLoss
 
-    net = PerceptualLoss(required=loss.perceptual_required, input_range=loss.perceptual_input_range)
-    return (net.to(device) if net.enabled else None), net.card()
+    from gsqbench.weights import display_path
+
+    net = PerceptualLoss(trunk=eff.perceptual_trunk, required=True, input_range=loss.perceptual_input_range)
+    card = {**net.card(), "perceptual_trunk": display_path(Path(eff.perceptual_trunk)),
+            "perceptual_trunk_sha256": eff.perceptual_trunk_sha256}
+    return net.to(device), card
 
 
-def _make_discriminator(gan: GanSpec) -> Optional[nn.Module]:
+def _make_discriminator(gan: GanSpec, eff: Effective) -> Optional[nn.Module]:
     """The registered discriminator named by the suite, or None. One that augments inside (the DINO one, official
-    layout) gets the suite's DiffAugment policy as its own `diffaug`/`aug_policy` options."""
+    layout) gets the suite's DiffAugment policy as its own `diffaug`/`aug_policy` options. A pretrained backbone is
+    loaded from the file the effective spec resolved (and checked to be that one)."""
     if gan.discriminator == "none":
         return None
     from gsqbench.registry import build_discriminator, discover_discriminators
@@ -142,7 +180,15 @@ def _make_discriminator(gan: GanSpec) -> Optional[nn.Module]:
         kwargs.setdefault("diffaug", bool(gan.diffaug))
         if gan.diffaug:
             kwargs.setdefault("aug_policy", gan.diffaug)
-    return build_discriminator(gan.discriminator, kwargs)
+    if eff.backbone == "random":
+        kwargs.update(weights=None, allow_random_backbone=True)
+    elif eff.backbone is not None:
+        kwargs["weights"] = eff.backbone_path
+    disc = build_discriminator(gan.discriminator, kwargs)
+    if eff.backbone is not None and getattr(disc, "backbone_source", None) != (eff.backbone_path or "random"):
+        raise UserError(f"discriminator backbone changed after the run was planned (now "
+                        f"{getattr(disc, 'backbone_source', None)!r}, planned {eff.backbone}); run again")
+    return disc
 
 
 def build_diffaug(policy: str) -> Callable[[Tensor], Tensor]:
@@ -268,13 +314,14 @@ def build_trainer(run: RunSpec, dataset: Any, device: torch.device, find_unused:
     from gsqbench.models.tokenizer import build_tokenizer
 
     t, g = run.shared.train, run.shared.gan
+    eff = run.effective if run.effective is not None else resolve_effective(run.shared)
     seed_everything(run.seed, t.deterministic)
     model = build_tokenizer(model_spec(run), dict(run.quantizer)).to(device)
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     opt = build_optimizer(list(model.named_parameters()), t.lr, t.betas, t.weight_decay, t.eps, t.no_decay_norm_bias)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
     ddp_model = _wrap_ddp(model, device, _generator_probe(run, device), find_unused, "generator")
-    disc = _make_discriminator(g)
+    disc = _make_discriminator(g, eff)
     trainer = Trainer(run=run, device=device, model=model, ddp_model=ddp_model, opt=opt, sched=sched, ema=ema)
     if disc is not None:
         disc = disc.to(device)
@@ -288,11 +335,15 @@ def build_trainer(run: RunSpec, dataset: Any, device: torch.device, find_unused:
             from gsqbench.losses import LeCamEMA
 
             trainer.lecam = LeCamEMA()
-    trainer.perceptual, trainer.card = build_perceptual(run.shared.loss, device)
+    trainer.perceptual, trainer.card = build_perceptual(run.shared.loss, eff, device)
     trainer.card.update(discriminator=g.discriminator, world_size=ddp.world_size(), device=str(device),
-                        precision=t.precision)
+                        precision=t.precision, fallbacks=list(eff.fallbacks))
     if disc is not None and hasattr(disc, "backbone_source"):
-        trainer.card["discriminator_backbone"] = disc.backbone_source  # 'random' marks a non-conformant run
+        from gsqbench.weights import display_path
+
+        source = disc.backbone_source  # 'random' marks a non-conformant run
+        trainer.card["discriminator_backbone"] = source if source == "random" else display_path(Path(source))
+        trainer.card["discriminator_backbone_sha256"] = eff.backbone_sha256
     trainer.stream = BatchStream(dataset, t.batch_size, run.seed, run.shared.data.num_workers)
     if t.compile:
         trainer.ddp_model = torch.compile(trainer.ddp_model)
@@ -372,13 +423,16 @@ def generator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
             terms["adv"] = adv
             loss = loss + w * adv
             tr.disc.requires_grad_(True)
+    row = {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
+    _stop_if_nonfinite(tr, row, [f"loss_{k}" for k in terms] + ["loss"])
     loss.backward()
-    _clip(tr.model.parameters(), tr.run.shared.train.grad_clip)
+    row["grad_norm"] = _clip(tr.model.parameters(), tr.run.shared.train.grad_clip)
+    _stop_if_nonfinite(tr, row, ["grad_norm"], per_rank=False)
     tr.opt.step()
     tr.sched.step()
     if tr.ema is not None:
         tr.ema.update(tr.model)
-    return {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
+    return row
 
 
 def discriminator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
@@ -400,16 +454,39 @@ def discriminator_step(tr: Trainer, x: Tensor) -> dict[str, float]:
             reg = L.lecam_loss(real, fake, tr.lecam)
             loss = loss + g.lecam_weight * reg
             out["loss_lecam"] = float(reg.detach())
-    loss.backward()
-    _clip(tr.disc.parameters(), g.grad_clip)
-    tr.opt_d.step()
     out["loss_d"] = float(loss.detach())
+    _stop_if_nonfinite(tr, out, [k for k in ("loss_lecam", "loss_d") if k in out])
+    loss.backward()
+    out["grad_norm_d"] = _clip(tr.disc.parameters(), g.grad_clip)
+    _stop_if_nonfinite(tr, out, ["grad_norm_d"], per_rank=False)
+    tr.opt_d.step()
     return out
 
 
-def _clip(params, max_norm: float) -> None:
+def _clip(params, max_norm: float) -> float:
+    """Clip the gradients to `max_norm` (0 = off) and return their total L2 norm before clipping."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
     if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    norms = torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in grads])
+    return float(torch.linalg.vector_norm(norms))  # read only: the step is unchanged
+
+
+def _stop_if_nonfinite(tr: Trainer, row: dict[str, float], keys: list[str], per_rank: bool = True) -> None:
+    """Raise Diverged at the first of `keys` whose value is not finite, on every rank together.
+
+    Loss values are per rank under DDP (each rank sees its own slice of the batch), so the ranks agree on the flags
+    by an all-reduce before any of them stops; gradient norms (`per_rank=False`) are identical after DDP's
+    all-reduce of the gradients already.
+    """
+    flags = [not math.isfinite(row[k]) for k in keys]
+    if per_rank and ddp.world_size() > 1:
+        flags = [bool(f) for f in ddp.all_reduce_max(torch.tensor(flags, dtype=torch.int64)).tolist()]
+    for key, bad in zip(keys, flags):
+        if bad:
+            raise Diverged(tr.step + 1, key, row[key], row)
 
 
 def _last_decoder_weight(model: nn.Module) -> Tensor:
@@ -492,19 +569,38 @@ def _train_locked(run: RunSpec, run_dir: Path, dataset: Any, device: str, progre
     t = run.shared.train
     bar = _progress_bar(progress and ddp.is_main(), tr.step, t.steps, run.run_id)
     t_start = time.perf_counter() - tr.elapsed_s
-    while tr.step < t.steps and (stop_after is None or tr.step < stop_after):
-        row = train_step(tr)
+    try:
+        while tr.step < t.steps and (stop_after is None or tr.step < stop_after):
+            row = train_step(tr)
+            tr.elapsed_s = time.perf_counter() - t_start
+            _record(tr, row, t, bar)
+            if tr.step % t.checkpoint_every == 0 or tr.step == t.steps:
+                save_checkpoint(tr, run_dir)
+    except Diverged as exc:
         tr.elapsed_s = time.perf_counter() - t_start
-        _record(tr, row, t, bar)
-        if tr.step % t.checkpoint_every == 0 or tr.step == t.steps:
-            save_checkpoint(tr, run_dir)
-    bar.close()
+        _record_divergence(tr, exc, run_dir)
+        raise
+    finally:
+        bar.close()
     weights = run.shared.eval.weights if tr.ema is not None else "raw"
     exported = tr.ema.model if weights == "ema" else tr.model
     if tr.step >= t.steps and ddp.is_main():
         export_tokenizer(run, run_dir, exported, tr.step, weights)
     return TrainResult(steps=tr.step, images_per_s=_images_per_s(tr), time_s=tr.elapsed_s,
                        resumed_from=resumed, weights=weights, model=exported.eval(), card=dict(tr.card))
+
+
+def _record_divergence(tr: Trainer, exc: Diverged, run_dir: Path) -> None:
+    """The diverged step's values go into train_log.csv (column `diverged` names the term); no checkpoint is saved,
+    so the last one on disk holds the last finite state."""
+    exc.time_s, exc.images_per_s, exc.card = tr.elapsed_s, _images_per_s(tr), dict(tr.card)
+    tr.log_rows.append({"step": exc.step, **exc.row, "lr": tr.sched.get_last_lr()[0],
+                        "images_per_s": round(exc.images_per_s, 3), "time_s": round(tr.elapsed_s, 3),
+                        "diverged": exc.term})
+    if ddp.is_main():
+        write_train_log(run_dir, tr.log_rows)
+    log.error("%s diverged at step %d: %s = %s; training stopped (lower train.lr or check the data)",
+              tr.run.run_id, exc.step, exc.term, exc.value)
 
 
 def _images_per_s(tr: Trainer) -> float:
@@ -538,8 +634,8 @@ def export_tokenizer(run: RunSpec, run_dir: Path, model: nn.Module, step: int, w
     save_tokenizer(Path(run_dir) / "checkpoint", model, model_spec(run), dict(run.quantizer), meta)
 
 
-def train_metrics(result: TrainResult) -> list:
-    """`train_images_per_s` and `train_time_s` as MetricValues for results.py."""
+def train_metrics(result: "TrainResult | Diverged") -> list:
+    """`train_images_per_s` and `train_time_s` as MetricValues for results.py (of a finished or diverged run)."""
     from gsqbench.metrics.base import MetricValue
 
     return [MetricValue("train_images_per_s", float(result.images_per_s), direction="higher"),

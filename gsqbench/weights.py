@@ -140,6 +140,15 @@ def torch_hub_checkpoints_dir() -> Path:
     return Path(torch_home).expanduser() / "hub" / "checkpoints"
 
 
+def display_path(path: Path) -> str:
+    """`path` as messages and results show it: under the weights dir as `$GSQBENCH_HOME/weights/<file>`, so no
+    home-directory path lands in results or committed baselines."""
+    try:
+        return "$GSQBENCH_HOME/weights/" + Path(path).relative_to(weights_dir()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _pins_path() -> Path:
     return weights_dir() / "pins.json"
 
@@ -245,17 +254,23 @@ def installed_path(name: str) -> Path:
 
 def weight_path(name: str) -> Path:
     """The verified local file for `name`, else WeightsUnavailable (missing file or wrong hash)."""
+    return verified_file(name)[0]
+
+
+def verified_file(name: str) -> tuple[Path, str]:
+    """(path, full SHA-256) of the verified local file for `name`, hashed once; else WeightsUnavailable."""
     entry = get_weight(name)
     path = weights_dir() / entry.filename
     if not path.is_file():
-        raise WeightsUnavailable(f"weight file '{name}' is not installed (expected {path})", _fix_for(entry))
+        raise WeightsUnavailable(f"weight file '{name}' is not installed (expected {display_path(path)})",
+                                 _fix_for(entry))
     expected, is_full = expected_sha256(entry)
     actual = sha256_file(path)
     if not _hash_ok(actual, expected, is_full):
         raise WeightsUnavailable(
-            f"weight file {path} has sha256 {actual[:16]}…, expected {expected[:16]}…", _fix_for(entry)
+            f"weight file {display_path(path)} has sha256 {actual[:16]}…, expected {expected[:16]}…", _fix_for(entry)
         )
-    return path
+    return path, actual
 
 
 def is_conformant(name: str) -> bool:

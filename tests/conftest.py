@@ -90,3 +90,9 @@ def fake_global(monkeypatch):
         return cls
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _isolated_manifests(tmp_path_factory, monkeypatch):
+    """Dataset manifests (gsqbench.manifest) go to a per-test folder, never the user's ~/.cache/gsqbench."""
+    monkeypatch.setenv("GSQBENCH_MANIFESTS", str(tmp_path_factory.mktemp("manifests")))

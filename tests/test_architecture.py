@@ -19,18 +19,19 @@ PKG = REPO / "gsqbench"
 #: layer → module prefixes, lowest first. A module may import its own layer and the layers below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.locks", "gsqbench.progress", "gsqbench.config",
-              "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights")),
+              "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights", "gsqbench.effective")),
     ("read-only views", ("gsqbench.regress", "gsqbench.report", "gsqbench.stats", "gsqbench.compare")),
-    ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.lookup", "gsqbench.augment", "gsqbench.data",
-                 "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
+    ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.lookup", "gsqbench.augment",
+                 "gsqbench.manifest", "gsqbench.data", "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
                  "gsqbench.importers", "gsqbench.export")),
-    ("stages", ("gsqbench.evaluate", "gsqbench.train", "gsqbench.tokens")),
+    ("stages", ("gsqbench.evaluate", "gsqbench.eval_resume", "gsqbench.train", "gsqbench.tokens")),
     ("orchestration", ("gsqbench.validate", "gsqbench.runner")),
     ("interface", ("gsqbench.commands", "gsqbench.cli", "gsqbench.__main__")),
 ]
 #: modules that never import torch, directly, lazily or through another gsqbench module
 NO_TORCH = ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.locks", "gsqbench.progress", "gsqbench.config",
-            "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights", "gsqbench.regress",
+            "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights", "gsqbench.effective",
+            "gsqbench.regress",
             "gsqbench.report", "gsqbench.stats", "gsqbench.compare")
 
 

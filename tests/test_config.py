@@ -13,20 +13,27 @@ from gsqbench.config import apply_overrides, expand_runs, load_suite, parse_over
 from gsqbench.errors import UserError
 from gsqbench.validate import validate_suite
 
-#: EvalSpec fields hashed under `eval.options` (the layout before the eval spec was typed), when non-default
-_EVAL_OPTIONS = {"fid_reference_stats": None, "fid_cache_dir": None, "precision": None, "lpips_nets": ["alex", "vgg"],
-                 "lookup": None}
-#: EvalSpec fields that only choose which files an evaluation leaves behind: never hashed
-_EVAL_OUTPUTS = ("keep_features", "save_recon")
+#: fields that cannot change a result (never hashed), and those without effect in `_raw()`'s spec: no
+#: discriminator, perceptual weight 0, no LR decay (restated here, not imported, so the oracle is independent)
+_RESULT_FREE = [("train", "checkpoint_every"), ("train", "log_every"), ("data", "num_workers"), ("eval", "samples"),
+                ("eval", "require"), ("eval", "fid_cache_dir"), ("loss", "perceptual_required"),
+                ("eval", "keep_features"), ("eval", "save_recon")]
+_NO_EFFECT = [("loss", "adversarial_weight"), ("loss", "perceptual_weight"), ("loss", "perceptual_input_range"),
+              ("train", "decay_start"), ("train", "min_lr_ratio")]
 
 
 def _hashed_json(shared) -> str:
-    """Independent oracle of the hashed view: asdict of the shared spec, eval's former options nested under it."""
+    """Independent oracle of the hashed view: asdict of the shared spec without the result-free and no-effect
+    fields, eval.precision null as the fp32 it means, the (unresolved) effective values added."""
     view = json.loads(json.dumps(dataclasses.asdict(shared)))
-    ev = view["eval"]
-    ev["options"] = {k: ev[k] for k, default in _EVAL_OPTIONS.items() if ev[k] != default}
-    for k in (*_EVAL_OPTIONS, *_EVAL_OUTPUTS):
-        del ev[k]
+    for section, key in _RESULT_FREE + _NO_EFFECT:
+        del view[section][key]
+    view["gan"] = {"discriminator": "none"}
+    view["eval"]["precision"] = view["eval"]["precision"] or "fp32"
+    view["eval"]["lookup"] = view["eval"]["lookup"] or "exact"  # gsqbench mode's nearest-code lookup
+    view["effective"] = {"perceptual": "off", "perceptual_trunk_sha256": None, "discriminator": "none",
+                         "backbone": None, "backbone_sha256": None, "precision": shared.train.precision,
+                         "resolved": False}
     return json.dumps(view, sort_keys=True, separators=(",", ":"))
 
 
@@ -65,16 +72,23 @@ def test_fairness_hash_is_sha256_of_canonical_shared_json(tmp_path):
     # independent oracle: hashlib over json.dumps of the plain dict written in the test
     canonical = _hashed_json(s.shared)
     assert runs[0].fairness_hash == hashlib.sha256(canonical.encode()).hexdigest()
-    # a typed eval field set away from its default is hashed under eval.options, as it was before
     nets = load_suite(_write(tmp_path, _raw()), ["eval.lpips_nets=[alex]"])
-    assert '"options":{"lpips_nets":["alex"]}' in _hashed_json(nets.shared)
     assert expand_runs(nets)[0].fairness_hash == hashlib.sha256(_hashed_json(nets.shared).encode()).hexdigest()
+    assert expand_runs(nets)[0].fairness_hash != runs[0].fairness_hash
+    # a result-free field and a field without effect here (no discriminator) leave the hash alone
+    for override in ("eval.samples=3", "train.checkpoint_every=7", "gan.lr=0.5", "loss.adversarial_weight=3"):
+        assert expand_runs(load_suite(_write(tmp_path, _raw()), [override]))[0].fairness_hash == runs[0].fairness_hash
+    # eval.precision null means the mode's precision: the same hash as saying it
+    said = load_suite(_write(tmp_path, _raw()), ["eval.precision=fp32"])
+    assert expand_runs(said)[0].fairness_hash == runs[0].fairness_hash
     # output-only fields (kept features, exported reconstructions) leave the hash alone
     kept = load_suite(_write(tmp_path, _raw()), ["eval.keep_features=true", "eval.save_recon=npz"])
     assert kept.shared.eval.save_recon == "npz" and expand_runs(kept)[0].fairness_hash == runs[0].fairness_hash
     # any shared change moves the hash; a quantizer change does not
     other = load_suite(_write(tmp_path, _raw()), ["train.lr=2e-4"])
     assert expand_runs(other)[0].fairness_hash != runs[0].fairness_hash
+    workers = load_suite(_write(tmp_path, _raw()), ["data.num_workers=3"])
+    assert expand_runs(workers)[0].fairness_hash == runs[0].fairness_hash
     q = load_suite(_write(tmp_path, _raw()), ["subjects.gsq.quantizer.codebook_size=128"])
     assert expand_runs(q)[0].fairness_hash == runs[0].fairness_hash
     assert expand_runs(q)[0].quantizer["codebook_size"] == 128
@@ -103,6 +117,7 @@ def test_set_overrides_are_type_checked(tmp_path):
     (lambda r: r["shared"]["train"].update(ema_decay=True), r"'shared.train.ema_decay': True"),
     (lambda r: r["shared"]["model"].update(latent_dim=8.5), r"'shared.model.latent_dim': 8.5"),
     (lambda r: r.update(subjects=[]), r"'subjects'"),
+    (lambda r: r["shared"].update(data={"shuffle": False}), r"'shared.data.shuffle' was removed \(it was never read\)"),
     (lambda r: r.update(seeds=[0, 0]), r"'seeds'.*distinct"),
     (lambda r: r["subjects"].append(dict(r["subjects"][0])), r"duplicate subject name 'gsq'"),
 ])

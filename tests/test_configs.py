@@ -51,3 +51,17 @@ def test_paper_recipe_c_values():
         ("dino", "ns", "hinge", 1.0, 0.1)
     q = suite.subjects[0].quantizer
     assert (q["dim"], q["groups"], q["codebook_size"]) == (16, 8, 262144)
+
+
+def test_demo_counts_enough_tokens_for_every_subjects_usage():
+    """Every demo subject's codebook usage is measurable: ≥ 5·V tokens per group over the eval set (5 photos ×
+    crops_per_image, (S/f)² tokens each, f from the preset's number of stages)."""
+    from gsqbench.data import SAMPLE_PHOTOS_EVAL
+    from gsqbench.models.autoencoder import PRESETS
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    ev = suite.shared.data.eval
+    f = 2 ** (len(PRESETS[suite.shared.model.preset].channel_multipliers) - 1)
+    tokens_per_group = len(SAMPLE_PHOTOS_EVAL) * ev.crops_per_image * (ev.size // f) ** 2
+    for s in suite.subjects:
+        assert tokens_per_group >= 5 * build_quantizer(s.quantizer).codebook_size, s.name

@@ -167,18 +167,30 @@ def test_image_folder_mode_conversions(tmp_path):
 
 
 def test_image_folder_corrupt_file_skipped_with_count_or_refused(tmp_path, caplog):
+    """Building opens no file: an empty file is known bad from its size, a broken one once checked (README
+    "Corrupt and small images"); known-bad files are skipped with a count, or refused under strict."""
+    from gsqbench.manifest import check_folder
+
     _write_folder(tmp_path)
     (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     (tmp_path / "b" / "empty.png").write_bytes(b"")
+    ds = data.build_dataset("image-folder", path=tmp_path, resolution=8, crop="train")
+    assert "a/broken.jpg" in ds.ids and ds.skipped == ["b/empty.png"]  # not opened yet: not known bad
+    sample = ds.read(ds.ids.index("a/broken.jpg"))
+    assert sample.image is None and sample.problem == "unreadable"
+    with pytest.raises(UserError) as err:
+        ds[ds.ids.index("a/broken.jpg")]
+    assert "broken.jpg" in str(err.value) and "\n" not in str(err.value)
+    assert [p for p, _ in check_folder(tmp_path).bad] == ["a/broken.jpg", "b/empty.png"]
     with caplog.at_level(logging.WARNING, logger="gsqbench.data"):
         ds = data.build_dataset("image-folder", path=tmp_path, resolution=8, crop="train")
     assert "a/broken.jpg" not in ds.ids and "b/empty.png" not in ds.ids and len(ds) == 5
-    assert sorted(ds.skipped) == ["a/broken.jpg", "b/empty.png"]
-    assert any("skipped 2 unreadable" in r.getMessage() for r in caplog.records)
+    assert sorted(ds.skipped) == ["a/broken.jpg", "b/empty.png"] and ds.describe()["skipped_unreadable"] == 2
+    assert any("skipped 2 known-unreadable" in r.getMessage() for r in caplog.records)
     with pytest.raises(UserError) as err:
         data.build_dataset("image-folder", path=tmp_path, resolution=8, crop="train", strict=True)
     msg = str(err.value)
-    assert "\n" not in msg and ("broken.jpg" in msg or "empty.png" in msg)
+    assert "\n" not in msg and "broken.jpg" in msg
 
 
 def test_image_folder_missing_and_empty_dirs(tmp_path):

@@ -325,22 +325,29 @@ def test_eval_cli_without_weights(no_weights, tiny_checkpoint, tmp_path, capsys)
 
 
 def test_fid_reference_key_fields_match_the_card(no_weights, tmp_path):
+    """Before the pass the key comes from the id list alone (no image read, originals hash pending); after it,
+    from what was evaluated, equal to the card's fields."""
     from gsqbench.card import id_list_hash
-    from gsqbench.evaluate import _fid_reference
+    from gsqbench.evaluate import _reference_fields
 
     u8 = _images(n=3, size=16)
     ds = ListDataset(u8, ["c", "a", "b"])
     settings = EvalSettings(metrics=("pixel", "fid"), fid_cache_dir=str(tmp_path / "fidcache"), progress=False)
-    ref = _fid_reference(ds, settings, torch.device("cpu"))
+    before = _reference_fields(ds, settings)
+    assert before["n"] == 3 and before["ids_hash"] == id_list_hash(["a", "b", "c"])
+    assert before["originals_hash"] is None and before["real_conversion"] == "round-half-even"
     res = evaluate(StandInTokenizer().eval(), ds, settings, device="cpu")
-    assert ref["n"] == 3 and ref["ids_hash"] == id_list_hash(["a", "b", "c"])
-    assert ref["originals_hash"] == res.card["data"]["originals_hash"]
+    after = _reference_fields(ds, settings, ["a", "b", "c"], res.card["data"]["originals_hash"])
+    assert {k: v for k, v in after.items() if k != "originals_hash"} == {k: v for k, v in before.items()
+                                                                         if k != "originals_hash"}
+    assert after["ids_hash"] == res.card["data"]["image_id_list_hash"]
     # originals hash oracle: sha256 over the per-image sha256(id \0 pixel bytes), in id order
     digests = [hashlib.sha256(i.encode() + b"\0" + u8[j].tobytes()).hexdigest() for j, i in sorted(
         enumerate(["c", "a", "b"]), key=lambda p: p[1])]
-    assert ref["originals_hash"] == hashlib.sha256("".join(digests).encode()).hexdigest()
+    assert res.card["data"]["originals_hash"] == hashlib.sha256("".join(digests).encode()).hexdigest()
     assert math.isnan(_by_name(res)["rfid@inception"].value)  # no weights: unavailable, run still completes
-    assert _fid_reference(ds, EvalSettings(metrics=("pixel",)), torch.device("cpu")) is None
+    compat = EvalSettings(mode="gsq-compat", metrics=("fid",), fid_cache_dir=str(tmp_path), progress=False)
+    assert _reference_fields(ds, compat)["real_conversion"] != before["real_conversion"]
 
 
 def test_duplicate_image_ids_are_a_user_error():

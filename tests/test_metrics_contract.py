@@ -54,8 +54,22 @@ def _images(tok: torch.nn.Module, n: int = 4, size: int = 16):
     return real, torch.cat(fakes), [f"img{i:02d}" for i in range(n)], torch.cat(latents)
 
 
-def _run(cls: type[Metric], tok, parts: int) -> tuple[Metric | None, list[MetricValue]]:
-    """One evaluation as evaluate() drives it: per batch the quantizer runs (its hooks fire), then `update`."""
+def _resume(metric: Metric, ctx: MetricContext) -> Metric:
+    """What a killed and resumed evaluation does: save the state to bytes, load it with weights_only=True into a
+    fresh instance."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(metric.state_dict(), buf)
+    metric.close()
+    fresh = type(metric).create(ctx)
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    return fresh
+
+
+def _run(cls: type[Metric], tok, parts: int, resume: bool = False) -> tuple[Metric | None, list[MetricValue]]:
+    """One evaluation as evaluate() drives it: per batch the quantizer runs (its hooks fire), then `update`;
+    with `resume`, the metric is saved and restored into a new instance after the first batch."""
     from gsqbench.evaluate import EvalSettings
 
     ctx = MetricContext(device=torch.device("cpu"), settings=EvalSettings(progress=False), tokenizer=tok,
@@ -68,6 +82,8 @@ def _run(cls: type[Metric], tok, parts: int) -> tuple[Metric | None, list[Metric
     try:
         with torch.no_grad():
             for i in range(0, len(ids), step):
+                if resume and i:
+                    metric = _resume(metric, ctx)
                 sl = slice(i, i + step)
                 metric.update(real[sl], fake[sl], ids[sl], tok.quantizer(z[sl]))
         metric.sync()
@@ -118,6 +134,11 @@ def check_metric_contract(name: str) -> None:
         assert whole.keys() == split.keys()
         for key, value in whole.items():
             assert split[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        if metric.state_dict() is not None:  # resumable (docs/contracts.md): a restored state changes nothing
+            resumed, resumed_rows = _run(cls, tok, parts=2, resume=True)
+            assert {r.name: (r.value, r.ci_low, r.ci_high) for r in resumed_rows if not r.unavailable} == \
+                {r.name: (r.value, r.ci_low, r.ci_high) for r in split_rows if not r.unavailable}
+            assert resumed.per_image() == _run(cls, tok, parts=2)[0].per_image()
 
 
 @pytest.mark.parametrize("name", NAMES)

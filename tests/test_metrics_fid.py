@@ -219,7 +219,7 @@ def test_reference_cache_skips_real_pass_and_is_verified(stub, tmp_path):
     first, fid1 = _run(stub, reference=REF, cache_dir=cache)
     assert stub["extractor"].images == 6 and not first.uses_cached_reference and fid1 > 0
     (cache_file,) = cache.glob("fid-ref-*.npz")
-    assert first.key_sha in cache_file.name and first.key["feature_layer"] == "64"
+    assert first.lookup_sha in cache_file.name and first.key["feature_layer"] == "64"  # key minus originals_hash
     assert first.key["dataset"] == "sample-photos" and len(first.key["weights_sha256"]) == 64
 
     stub["extractor"].images = 0

@@ -3,10 +3,11 @@
 Blocks are tagged with an HTML comment `<!-- readme-test: KIND -->` right above the fence:
 `run` (executed below, in order, in a scratch directory), `make` (checked against the Makefile; `make demo`
 itself is the CI demo), `gpu-only`, `online-only`. The only edits made to a command before it runs are the
-substitutions in `_scratch` (stand-ins for a downloaded release, ImageNet, a weight file and the demo baseline) and
-fewer training steps. The "add a variant" walkthrough therefore runs exactly as a user would type it.
+substitutions in `_scratch` (stand-ins for a downloaded release, ImageNet, a weight file and the demo baseline),
+fewer training steps and one evaluation crop per photo. The "add a variant" walkthrough therefore runs exactly as
+a user would type it.
 
-Fewer training steps change the fairness hash, so the committed `baselines/demo.csv` (200 steps) cannot match the
+Fewer training steps change the fairness hash, so the committed `baselines/demo.csv` cannot match the
 test's demo run; its stand-in is made from that run with `regress --update` just before the README's `regress` line.
 That line then checks what the README promises of the real baseline: the demo rows `ok`, the variant's `new`, exit 0.
 """
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 KINDS = {"run", "make", "gpu-only", "online-only"}
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<kind>[\w-]+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
-FAST = ["--set", "train.steps=4", "--set", "gan.start_step=2", "--set", "train.checkpoint_every=2"]
+FAST = ["--set", "train.steps=4", "--set", "gan.start_step=2", "--set", "train.checkpoint_every=2",
+        "--set", "data.eval.crops_per_image=1"]
 
 
 def readme_blocks() -> list[tuple[str | None, str, str]]:

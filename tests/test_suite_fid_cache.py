@@ -42,3 +42,7 @@ def test_second_subject_reuses_cached_real_statistics(tmp_path, monkeypatch):
     assert sources[0] != sources[1] and "cache" in str(sources[1]), sources
     # the same subject twice: the cached reference must give exactly what the fresh one gave
     assert _metric(second, "rfid@inception") == pytest.approx(_metric(first, "rfid@inception"), rel=1e-9)
+    # 4 images: far below the 2,048 FID needs, so the value is stored with its verdict (tests/test_fairness.py)
+    with open(first / "metrics.csv") as f:
+        rows = {r["metric"]: r for r in csv.DictReader(f)}
+    assert rows["rfid@inception"]["not_comparable"].startswith("N = 4 images < 2,048: FID")

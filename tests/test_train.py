@@ -187,6 +187,6 @@ def test_cli_run_end_to_end_with_report(tmp_path, capsys):
                  "--report", str(tmp_path / "report"), "--threads", "1", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert out.splitlines()[0].split()[:2] == ["run", "psnr"] and "gsq-s0" in out
+    assert out.splitlines()[0].split()[:3] == ["run", "status", "psnr"] and "gsq-s0" in out
     assert (tmp_path / "report" / "index.html").exists()
     assert (tmp_path / "r" / "tiny" / "gsq-s0" / "run.json").exists()

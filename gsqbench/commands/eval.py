@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=256, help="eval image size S (default 256)")
     parser.add_argument("--crop", default=None, help="crop protocol gsq | adm | train (default gsq)")
     parser.add_argument("--n", type=int, default=None, help="number of images (default all)")
+    parser.add_argument("--crops-per-image", type=int, default=1, metavar="C",
+                        help="evaluate C crops of each image: the crop protocol's plus C-1 seeded random crops "
+                             "(more tokens for codebook usage; default 1)")
     parser.add_argument("--split", default="eval", help="dataset split (default eval)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mode", default="gsqbench", help="gsqbench (pinned protocol) | gsq-compat (official quirks)")
@@ -51,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "evaluation files")
     parser.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="decoding worker processes (default: chosen from the cores)")
+    parser.add_argument("--strict-data", action="store_true",
+                        help="an unreadable image is an error instead of skipped with a count")
+    parser.add_argument("--min-size", type=int, default=None, metavar="PX",
+                        help="refuse images whose shorter side is below PX pixels (else counted in the card)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -113,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
     kind, path = _parse_data(args.data)
     data = DataChoice(kind=kind, path=path, split=args.split, resolution=args.resolution, crop=args.crop, n=args.n,
-                      seed=args.seed)
+                      crops_per_image=args.crops_per_image, seed=args.seed, strict=args.strict_data,
+                      min_size=args.min_size)
     spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
                     require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,
                     fid_cache_dir=args.fid_cache_dir, save_recon=args.save_recon, keep_features=args.keep_features,

@@ -14,6 +14,17 @@ declares, as class attributes, what the rest of gsqbench needs to know without r
 without a quantizer). Per batch `update`, across DDP ranks `sync` (no-op on one process), then `compute()` returns
 MetricValue rows. Per-image metrics report the mean over images with a standard error and a bootstrap 95 %
 interval (metrics-protocol.md §3–§5, §10).
+
+Resumable evaluation: `state_dict()` returns the streaming state after some batches (tensors, numbers, strings,
+lists and dicts of them only: it is saved with torch.save and read back with `weights_only=True`) and
+`load_state_dict(state)` restores it into a freshly created instance, after which further `update`s must give
+bit-identical results to an uninterrupted pass. `state_dict()` returning None (the default) means the metric
+cannot be checkpointed: the evaluation then runs without checkpoints.
+
+Reference statistics (`reference_stats = True`): `check_reference(fields)` is called after the pass with the data
+key fields only then known (N, id-list hash and originals hash of the images actually evaluated); it returns True
+when real-side statistics taken from a cache turned out stale, and the evaluator then feeds the real images again
+through `update_real(real_u8, image_ids)`.
 """
 from __future__ import annotations
 
@@ -125,6 +136,23 @@ class Metric:
         """Per-image values keyed by metric name, in the order of `image_ids` seen (after sync: sorted by id)."""
         return {}
 
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        """Streaming state for a resumable evaluation (tensors, numbers, strings, lists/dicts); None: not resumable."""
+        return None
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` output into a fresh instance (raise ValueError when it does not fit)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume from a saved state")
+
+    def check_reference(self, fields: Mapping[str, Any]) -> bool:
+        """After the pass: verify file/cache reference statistics against the complete data key `fields`; True when
+        a stale cache was dropped and the real images are needed again (`update_real`)."""
+        return False
+
+    def update_real(self, real_u8, image_ids: Sequence[str]) -> None:
+        """Real-side images only (see `check_reference`); metrics with `reference_stats` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no real-side statistics")
+
     def card(self) -> dict:
         """Protocol-card fields of `card_group` (metrics-protocol.md §12)."""
         return {}
@@ -132,6 +160,27 @@ class Metric:
     def card_fields(self) -> dict[str, dict]:
         """Card group → fields; a metric describing several groups (FID also describes IS) overrides this."""
         return {self.card_group: self.card()} if self.card_group else {}
+
+
+#: resample indices drawn per block of the bootstrap: bounds its working memory to ~8 MB whatever N is
+BOOT_BLOCK_ELEMENTS = 1 << 20
+
+
+def bootstrap_means(arr: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Means of `n_boot` seeded resamples (with replacement) of `arr`, in O(N) memory.
+
+    The resample indices are drawn block by block of rows from one `default_rng(seed)` stream: numpy's Generator
+    yields the same integers whether a (B, N) array is drawn at once or in row blocks, so the means are exactly
+    those of the full B×N index matrix (which needs 8·B·N bytes: 400 MB at N = 50,000) at a fraction of the memory.
+    """
+    n = int(arr.size)
+    rng = np.random.default_rng(seed)
+    rows = max(1, BOOT_BLOCK_ELEMENTS // max(n, 1))
+    out = np.empty(n_boot, dtype=np.float64)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        out[start:stop] = arr[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    return out
 
 
 def mean_with_interval(
@@ -144,7 +193,5 @@ def mean_with_interval(
         return MetricValue.missing(name, "no images evaluated", direction)
     mean = float(arr.mean())
     stderr = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    rng = np.random.default_rng(seed)
-    boots = arr[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    lo, hi = np.percentile(bootstrap_means(arr, n_boot, seed), [2.5, 97.5])
     return MetricValue(name, mean, stderr, float(lo), float(hi), direction, n)

@@ -9,6 +9,11 @@ Counts c_g ∈ ℕ^V per group by an int64 bincount on the evaluation device, al
   entropy_bits = H/ln 2, entropy_norm = H/ln V, dead_codes = V − #used (pooled), tokens_counted = T.
 Fractions are in [0, 1]; #used ≤ min(V, T_g·G) so usage is bounded by the token count, which is always reported.
 
+Measurability (`comparable`): usage, perplexity, entropy and dead codes need T_g ≥ 5·V counted tokens per group
+(a codebook used uniformly then shows 1 − e^−5 ≈ 99.3 % usage); below that their value is bounded by the token
+count, not by the quantizer, and the verdict states the ceiling, e.g. "≤ 7.8 %: 320 tokens per group for
+V = 4,096". `tokens_counted` itself is always comparable.
+
 Large codebooks: a dense (G, V) histogram is kept only for V ≤ 2^24. Beyond that (e.g. LFQ with K > 24 bits) the
 metric keeps per-dimension histograms when `levels` (the mixed-radix digits of the fused index, FSQ levels or
 [2]*K for LFQ, least-significant first) are given, and reports the V-space keys as unavailable (n/a).
@@ -23,10 +28,12 @@ import torch
 
 from gsqbench import distributed
 from gsqbench.errors import UserError
-from gsqbench.metrics.base import Direction, Metric, MetricContext, MetricValue
+from gsqbench.metrics.base import Direction, Facts, Metric, MetricContext, MetricValue
 from gsqbench.registry import register_metric
 
 MAX_DENSE_CODES = 1 << 24
+#: counted tokens per group, in multiples of V, from which codebook statistics are comparable
+MIN_TOKENS_PER_CODE = 5
 
 DIRECTIONS: dict[str, Direction] = {
     "tokens_counted": "none",
@@ -74,6 +81,29 @@ def codebook_stats(counts: np.ndarray) -> dict[str, float]:
         "entropy_norm": h_pooled / math.log(v) if v > 1 else float("nan"),
         "dead_codes": float(v - (pooled > 0).sum()),
     }
+
+
+def codebook_ceiling(key: str, tokens_per_group: int, v: int, g: int) -> str:
+    """The best value `key` can show with T_g tokens per group, as text ('≤ 7.8 %', '≤ 320', '≥ 3,776')."""
+    t_g = tokens_per_group
+    used_group, used_pooled = min(v, t_g), min(v, g * t_g)
+    if key in ("usage_group_mean", "usage_group_min", "usage_group_max"):
+        return f"≤ {100 * used_group / v:.2g} %" if used_group < v / 10 else f"≤ {100 * used_group / v:.1f} %"
+    if key == "usage_pooled":
+        return f"≤ {100 * used_pooled / v:.2g} %" if used_pooled < v / 10 else f"≤ {100 * used_pooled / v:.1f} %"
+    if key == "usage_product":
+        return f"≤ {100 * (used_group / v) ** g:.2g} %"
+    if key == "ppl_pooled":
+        return f"≤ {used_pooled:,}"
+    if key == "ppl_group_mean":
+        return f"≤ {used_group:,}"
+    if key == "entropy_bits":
+        return f"≤ {math.log2(used_pooled):.3g} bits"
+    if key == "entropy_norm":
+        return f"≤ {math.log(used_pooled) / math.log(v):.3g}" if v > 1 else "n/a"
+    if key == "dead_codes":
+        return f"≥ {v - used_pooled:,}"
+    raise KeyError(key)
 
 
 def _digits(indices: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
@@ -133,6 +163,17 @@ class CodebookMetric(Metric):
         """Sized from a quantizer's `codebook_size`, `groups` and (FSQ/LFQ) `levels` attributes."""
         levels = getattr(quantizer, "levels", None)
         return cls(quantizer.codebook_size, quantizer.groups, device, levels=list(levels) if levels else None)
+
+    @classmethod
+    def comparable(cls, key: str, facts: Facts) -> Optional[str]:
+        """Comparable from T_g ≥ 5·V tokens per group (module docstring); the reason states the ceiling."""
+        v, g, t_g = facts.codebook_size, facts.groups or 1, facts.tokens_per_group
+        if key == "tokens_counted" or v is None:
+            return None
+        if t_g >= MIN_TOKENS_PER_CODE * v:
+            return None
+        return (f"{codebook_ceiling(key, t_g, v, g)}: {t_g:,} tokens per group for V = {v:,} "
+                f"(comparable from {MIN_TOKENS_PER_CODE}·V = {MIN_TOKENS_PER_CODE * v:,})")
 
     def _allocate(self, device: torch.device) -> None:
         self.device = self.device or device
@@ -196,6 +237,26 @@ class CodebookMetric(Metric):
             self.dim_counts = [distributed.all_reduce_sum(c) for c in self.dim_counts]
         self.n_images = distributed.all_reduce_sum(self.n_images)
         self._synced = True
+
+    def state_dict(self) -> dict:
+        """Counts so far (int64 tensors), images, tokens per image and the group count."""
+        return {"counts": None if self.counts is None else self.counts.cpu(),
+                "dim_counts": None if self.dim_counts is None else [c.cpu() for c in self.dim_counts],
+                "n_images": int(self.n_images), "tokens_per_image": self.tokens_per_image, "G": self.G,
+                "allocated": self._allocated, "synced": self._synced}
+
+    def load_state_dict(self, state) -> None:
+        if state["G"] is not None and self.G is not None and int(state["G"]) != self.G:
+            raise ValueError(f"codebook state has G={state['G']}, this metric G={self.G}")
+        self.G = state["G"]
+        if state["allocated"]:
+            self._allocate(self.device or torch.device("cpu"))
+            if state["counts"] is not None:
+                self.counts = state["counts"].to(self.device, torch.int64)
+            if state["dim_counts"] is not None:
+                self.dim_counts = [c.to(self.device, torch.int64) for c in state["dim_counts"]]
+        self.n_images = torch.tensor(int(state["n_images"]), dtype=torch.int64, device=self.n_images.device)
+        self.tokens_per_image, self._synced = state["tokens_per_image"], bool(state["synced"])
 
     def code_counts(self) -> Optional[np.ndarray]:
         """(G, V) int64 counts for `codes.npz`, or None when V > 2^24 (no dense histogram kept)."""
@@ -273,6 +334,12 @@ class CodeAgreementMetric(Metric):
             self.quantizer.lookup_precision = current
         self.counts += torch.tensor([int((other == qout.indices).sum()), int(qout.indices.numel())])
         self.z = None
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.clone()}
+
+    def load_state_dict(self, state) -> None:
+        self.counts = state["counts"].to(torch.int64).clone()
 
     def sync(self) -> None:
         self.close()

@@ -154,6 +154,18 @@ class PerImageMetric(Metric):
         """Image ids in the order of `per_image()` values (sorted by id after `sync`)."""
         return list(self._ids)
 
+    def state_dict(self) -> dict:
+        """The (id, values) rows so far: ids as strings, each column as one float64 tensor (exact)."""
+        return {"ids": list(self._ids), "synced": self._synced,
+                "values": {k: torch.tensor(v, dtype=torch.float64) for k, v in self._values.items()}}
+
+    def load_state_dict(self, state) -> None:
+        if set(state["values"]) != set(self.columns):
+            raise ValueError(f"{type(self).__name__}: saved columns {sorted(state['values'])} != {list(self.columns)}")
+        self._ids = [str(i) for i in state["ids"]]
+        self._values = {k: state["values"][k].to(torch.float64).tolist() for k in self.columns}
+        self._synced = bool(state["synced"])
+
     def per_image(self) -> dict[str, list[float]]:
         if self._unavailable is not None:
             return {}

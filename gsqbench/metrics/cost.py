@@ -158,5 +158,17 @@ class CostMetric(Metric):
         if qout is not None:
             self.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
 
+    def state_dict(self) -> dict:
+        """The meter's timings so far (measurements, not a function of the images) and the image geometry."""
+        m = self.meter
+        return {"encode_s": m.encode_s, "decode_s": m.decode_s, "images": m.images,
+                "image_hw": list(self.image_hw) if self.image_hw else None, "tokens_per_image": self.tokens_per_image}
+
+    def load_state_dict(self, state) -> None:
+        m = self.meter
+        m.encode_s, m.decode_s, m.images = float(state["encode_s"]), float(state["decode_s"]), int(state["images"])
+        self.image_hw = tuple(state["image_hw"]) if state["image_hw"] else None
+        self.tokens_per_image = state["tokens_per_image"]
+
     def compute(self) -> list[MetricValue]:
         return self.meter.values(self.tokenizer, image_hw=self.image_hw, tokens_per_image=self.tokens_per_image)

@@ -8,6 +8,10 @@ IS (Salimans et al. 2016: the fake side's bias-free logits, softmax in float64, 
 When the real side's statistics come from a file or the cache, its Inception pass is skipped.
 The built extractor is shared through the evaluation's `MetricContext.shared` (KID uses the same network and, via
 `SharedExtractor`, the same forward of each batch).
+
+Measurability (`comparable`): FID and IS need N ≥ 2,048 images (below the 2,048-d feature dimension the covariance
+is rank-deficient and FID is dominated by its small-N bias); from 2,048 to 10,000 images the value is comparable
+only at equal N (the card's data group carries N): `compute` logs a warning and the card's `fid.fid_note` says so.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from gsqbench import distributed
 from gsqbench.errors import UserError
 from gsqbench.io import sha256_file
-from gsqbench.metrics.base import Metric, MetricContext, MetricValue
+from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.common import SharedExtractor, check_image_pair, exact_fp32, resolve_weights, shared_object
 # re-exported: the shared Fréchet code path (callers and tests import these names from here)
 from gsqbench.metrics.frechet import (  # noqa: F401
@@ -42,6 +46,8 @@ LOGITS = "logits_unbiased"
 RESIZE_MODE = "tf1-bilinear-299-align_corners_false-no-antialias"
 DTYPES = "extractor float32 (tf32 off); statistics float64"
 IS_SPLITS, IS_SEED = 10, 2020
+#: images from which FID/IS are comparable at all, and below which they are flagged (biased upward at small N)
+MIN_IMAGES, WARN_IMAGES = 2048, 10_000
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,22 +58,63 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = I
     """(mean, std, per-split scores) of exp(E_x KL(p(y|x) ‖ p(y))) over `splits` row blocks of a seeded permutation.
 
     Blocks are rows [i·N/splits, (i+1)·N/splits) after `np.random.RandomState(seed).permutation(N)`, as torch-fidelity
-    does, so the value is reproducible from the card (§13 #18). std is the population std over splits.
+    does, so the value is reproducible from the card (§13 #18). std is the population std over splits. Each block is
+    converted to float64 on its own, so the working memory is N/splits rows, not N (400 MB at N = 50,000).
     """
     n = logits.shape[0]
     if n < splits:
         raise ValueError(f"IS needs at least {splits} images (one per split), got {n}")
     perm = torch.from_numpy(np.random.RandomState(seed).permutation(n))
-    z = logits.detach().cpu().to(torch.float64)[perm]
-    log_p = torch.log_softmax(z, dim=1)
-    p = log_p.exp()
+    logits = logits.detach().cpu()
     scores = []
     for i in range(splits):
         lo, hi = i * n // splits, (i + 1) * n // splits
-        log_marginal = p[lo:hi].mean(dim=0).log()
-        kl = (p[lo:hi] * (log_p[lo:hi] - log_marginal)).sum(dim=1)
+        log_p = torch.log_softmax(logits[perm[lo:hi]].to(torch.float64), dim=1)
+        p = log_p.exp()
+        log_marginal = p.mean(dim=0).log()
+        kl = (p * (log_p - log_marginal)).sum(dim=1)
         scores.append(math.exp(float(kl.mean())))
     return float(np.mean(scores)), float(np.std(scores)), scores
+
+
+class RowStore:
+    """Per-image rows (the fake side's logits for IS) kept in a few large float32 blocks instead of one small tensor
+    per batch: small long-lived allocations interleaved with the pass's large temporaries fragment the C heap, which
+    then holds several times the data (seen at N = 10,000-50,000)."""
+
+    BLOCK_ROWS = 4096
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._blocks: list[torch.Tensor] = []
+        self._fill = 0  # rows used in the last block
+        self.rows = 0
+
+    def append(self, values: torch.Tensor) -> None:
+        values = values.detach().to("cpu", torch.float32)
+        done = 0
+        while done < values.shape[0]:
+            if not self._blocks or self._fill == self._blocks[-1].shape[0]:
+                self._blocks.append(torch.empty(self.BLOCK_ROWS, self.width, dtype=torch.float32))
+                self._fill = 0
+            take = min(self._blocks[-1].shape[0] - self._fill, values.shape[0] - done)
+            self._blocks[-1][self._fill:self._fill + take] = values[done:done + take]
+            self._fill += take
+            done += take
+            self.rows += take
+
+    def tensor(self) -> torch.Tensor:
+        """All rows as one (rows, width) float32 tensor (a view of the store when it is one block)."""
+        if not self.rows:
+            return torch.zeros(0, self.width)
+        parts = [*self._blocks[:-1], self._blocks[-1][: self._fill]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def replace(self, values: torch.Tensor) -> None:
+        """Hold exactly `values` (adopted as one block, no copy); later appends start a new block."""
+        values = values.detach().to("cpu", torch.float32).contiguous()
+        self._blocks = [values] if values.shape[0] else []
+        self._fill = self.rows = int(values.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,7 +228,7 @@ class FIDMetric(Metric):
         dim = int(feature_layer)
         self.real = FeatureStats(dim, self.device)
         self.fake = FeatureStats(dim, self.device)
-        self._logits: list[torch.Tensor] = []
+        self._logits = RowStore(1008)
         self._ids: list[str] = []
         self.reference: Optional[RealReference] = None
         self.is_std: Optional[float] = None  # population std over splits (torch-fidelity's "±"), set by compute
@@ -196,6 +243,22 @@ class FIDMetric(Metric):
         s = ctx.settings
         return cls(ctx.device, required=ctx.requires_any(tuple(cls.outputs)), reference=ctx.fid_reference,
                    cache_dir=s.fid_cache_dir, reference_stats=s.fid_reference_stats, shared=ctx.shared)
+
+    @classmethod
+    def comparable(cls, key: str, facts: Facts) -> Optional[str]:
+        """Comparable from N ≥ 2,048 images (module docstring)."""
+        if facts.n_images >= MIN_IMAGES:
+            return None
+        what = "FID" if key == "rfid@inception" else "IS"
+        return (f"N = {facts.n_images:,} images < {MIN_IMAGES:,}: {what} of the 2,048-d Inception features is "
+                f"dominated by small-N bias (comparable from N = {MIN_IMAGES:,}; at equal N up to {WARN_IMAGES:,})")
+
+    def small_n_note(self) -> Optional[str]:
+        """The card note (and logged warning) for 2,048 ≤ N < 10,000 images."""
+        n = int(self.fake.n)
+        if self.model is None or not MIN_IMAGES <= n < WARN_IMAGES:
+            return None
+        return f"N = {n:,} < {WARN_IMAGES:,}: FID is biased upward at small N; compare only rows with equal N"
 
     def card_fields(self) -> dict[str, dict]:
         """The `fid` group, and the `is` group of the Inception Score computed from the same features."""
@@ -212,6 +275,14 @@ class FIDMetric(Metric):
     @property
     def key_sha(self) -> Optional[str]:
         return self.reference.key_sha if self.reference is not None else None
+
+    @property
+    def lookup_sha(self) -> Optional[str]:
+        return self.reference.lookup_sha if self.reference is not None else None
+
+    @property
+    def reference_source(self) -> str:
+        return self.reference.source if self.reference is not None else "computed"
 
     @property
     def uses_cached_reference(self) -> bool:
@@ -234,8 +305,51 @@ class FIDMetric(Metric):
             self.real.update(self._features(real_u8)[0])
         feats, logits = self._features(fake_u8)
         self.fake.update(feats)
-        self._logits.append(logits.to("cpu", torch.float32))
+        self._logits.append(logits)  # copied into the store's blocks
         self._ids.extend(str(i) for i in image_ids)
+
+    def check_reference(self, fields: Mapping[str, Any]) -> bool:
+        """After the pass: verify file/cache statistics against the complete key (see frechet.RealReference.check);
+        True when a stale cache was dropped and the real images must be fed again (`update_real`)."""
+        return self.reference.check(fields) if self.reference is not None else False
+
+    @torch.no_grad()
+    def update_real(self, real_u8: torch.Tensor, image_ids: Sequence[str]) -> None:
+        """Real side only: the second read after `check_reference` returned True, or `gsqbench stats`."""
+        if self.model is None:
+            return
+        if len(image_ids) != real_u8.shape[0]:
+            raise UserError(f"FID: got {len(image_ids)} image ids for a batch of {real_u8.shape[0]} images")
+        self.real.update(self._features(real_u8)[0])
+
+    def export_reference(self, path: str | Path, fields: Mapping[str, Any]) -> Path:
+        """Write the real-side statistics (after `sync`) with the complete key of `fields` (`gsqbench stats`): the
+        file `--fid-reference-stats` verifies."""
+        self.reference.set_key(fields)
+        mu, sigma = self.real.mean_cov()
+        return save_reference_stats(path, mu, sigma, int(self.real.n), self.reference.key, self.reference.key_sha)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Streaming state for a resumable evaluation: both sides' (μ, M2, N, buffered rows), the fake logits and
+        their ids."""
+        if self.model is None:
+            return {"unavailable": True}
+        return {"real": self.real.state_dict(), "fake": self.fake.state_dict(), "ids": list(self._ids),
+                "logits": self._logits.tensor().clone(),  # a view would save its whole block
+                "reference_source": self.reference.source, "synced": self._synced}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if (self.model is None) != bool(state.get("unavailable")):
+            raise ValueError("FID state saved with the other weights availability")
+        if self.model is None:
+            return
+        if state["reference_source"] != self.reference.source:
+            raise ValueError(f"FID state used reference {state['reference_source']}, now {self.reference.source}")
+        self.real.load_state_dict(state["real"])
+        self.fake.load_state_dict(state["fake"])
+        self._ids = list(state["ids"])
+        self._logits.replace(state["logits"])
+        self._synced = bool(state["synced"])
 
     def sync(self) -> None:
         """All-reduce the float64 sums/int64 counts; gather fake logits by image id (sorted) for IS."""
@@ -244,16 +358,25 @@ class FIDMetric(Metric):
         self._synced = True
         self.real.sync()
         self.fake.sync()
-        local = torch.cat(self._logits) if self._logits else torch.zeros(0, 1008)
-        ids, rows = distributed.gather_per_image(self._ids, list(local.numpy()))
-        self._ids = list(ids)
-        self._logits = [torch.from_numpy(np.stack(rows))] if rows else []
+        local = self._logits.tensor()
+        self._logits = RowStore(1008)  # one copy of the logits alive (two while sorting below)
+        # one array per rank (not one object per image): gathered, then ordered by image id like every metric (§10)
+        parts = distributed.all_gather_objects((self._ids, local.numpy()))
+        ids = [i for part in parts for i in part[0]]
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        dup = next((ids[a] for a, b in zip(order, order[1:]) if ids[a] == ids[b]), None)
+        if dup is not None:
+            raise UserError(f"image id '{dup}' occurs more than once in the evaluation set; image ids must be unique")
+        rows = parts[0][1] if len(parts) == 1 else np.concatenate([part[1] for part in parts])
+        self._ids = [ids[k] for k in order]
+        if ids:
+            self._logits.replace(torch.from_numpy(rows[order]))
 
     def compute(self) -> list[MetricValue]:
         if self.model is None:
             return [MetricValue.missing(k, self._unavailable, d) for k, d in self.outputs.items()]
         fid = frechet_value("rfid@inception", self.real, self.fake, self.reference, "FID")
-        logits = torch.cat(self._logits) if self._logits else torch.zeros(0, 1008)
+        logits = self._logits.tensor()
         try:
             mean, std, scores = inception_score(logits, self.is_splits, self.is_seed)
             self.is_std = std
@@ -262,6 +385,8 @@ class FIDMetric(Metric):
             is_value = MetricValue("is@inception", mean, stderr=stderr, direction="higher", n=logits.shape[0])
         except ValueError as exc:
             is_value = MetricValue.missing("is@inception", str(exc), "higher")
+        if self.small_n_note():
+            log.warning("rfid@inception / is@inception: %s", self.small_n_note())
         return [fid, is_value]
 
     def card(self) -> dict:
@@ -275,4 +400,5 @@ class FIDMetric(Metric):
                 "fid_reference_source": ref.source if ref is not None else "computed",
                 "fid_n_real": ref.n if ref is not None and ref.precomputed else int(self.real.n),
                 "fid_n_fake": int(self.fake.n), "is_splits": self.is_splits, "is_permutation_seed": self.is_seed,
-                "is_logits": LOGITS, "is_std_over_splits": self.is_std}
+                "is_logits": LOGITS, "is_std_over_splits": self.is_std,
+                **({"fid_note": self.small_n_note()} if self.small_n_note() else {})}

@@ -7,6 +7,13 @@ real and fake images are merged batch by batch into float64 (N, μ, M2) per side
 (gsqbench/metrics/fid.py) and `rfd@dinov2` (gsqbench/metrics/rfd_dinov2.py) both use this one code path; only the
 extractor differs. The reference-statistics key is the SHA-256 over the §6 key fields (the evaluator's data fields +
 the extractor's own), verified field by field on every load, never a free-form name.
+
+The evaluation reads every image once, so the fields known only after its pass (the originals hash; N and the
+id-list hash when an image could not be read or the dataset lists no ids) come as None ("pending") when a metric
+is built: the cache is looked up by the other fields (its file name is the SHA-256 of the key without
+`originals_hash`), and `RealReference.check(fields)` verifies the complete key after the pass. A stale cache entry is
+then dropped (the evaluator reads the real images again, only in that case); a user's file that does not match is
+an error.
 """
 from __future__ import annotations
 
@@ -29,6 +36,11 @@ log = logging.getLogger(__name__)
 
 # fields the evaluator provides; each metric adds its extractor-side fields (§6)
 CALLER_KEY_FIELDS = ("dataset", "split", "crop", "n", "ids_hash", "originals_hash")
+# known only after reading every image: not part of the cache file's name, verified once the pass is done
+POST_PASS_FIELDS = ("originals_hash",)
+# fields that may be pending (None) before the pass: N and the id list change when an image cannot be read, and a
+# dataset without an `ids` list only knows them afterwards
+PENDABLE_FIELDS = ("n", "ids_hash", "originals_hash")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -41,48 +53,96 @@ class FeatureStats:
     Batches are merged with Chan et al.'s pairwise update (n, μ, M2 = Σ(f − μ)(f − μ)ᵀ) instead of raw sums Σf and
     Σffᵀ: features far from the origin make Σffᵀ − Nμμᵀ cancel catastrophically even in float64 (§13 #13), while the
     centred form keeps the covariance accurate to rounding and (nearly) independent of batching and sharding.
+
+    Rows are buffered and merged MERGE_ROWS at a time: each merge costs several passes over the d×d scatter
+    (32 MB at d = 2048), which per batch of 32 images cost more than the Inception forwards on a CPU. Merge points
+    depend only on the sequence of rows (the buffer is part of `state_dict`), so results stay reproducible and a
+    resumed evaluation ends bit-identical to an uninterrupted one.
     """
+
+    MERGE_ROWS = 1024
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.n = torch.zeros((), dtype=torch.int64, device=device)
+        self._n = torch.zeros((), dtype=torch.int64, device=device)  # merged rows
+        self._buffer: list[torch.Tensor] = []
+        self._buffered = 0
         self._synced = False
 
+    @property
+    def n(self) -> torch.Tensor:
+        """Rows seen (merged and buffered), int64."""
+        return self._n + self._buffered
+
+    @n.setter
+    def n(self, value: torch.Tensor) -> None:
+        self.flush()
+        self._n = torch.as_tensor(value, dtype=torch.int64, device=self.mean.device)
+
     def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        n_a = int(self.n)
+        n_a = int(self._n)
         n = n_a + n_b
         if n_b == 0:
             return
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
-        self.n = self.n + n_b
+        self.m2 = self.m2.add_(m2_b).addr_(delta, delta, alpha=n_a * n_b / n)  # in place: no d×d temporaries
+        self._n = self._n + n_b
 
     def update(self, feats: torch.Tensor) -> None:
         f = feats.detach().to(self.mean.device, torch.float64)  # (b, d); float64 before any product (§13 #13)
         if f.shape[0] == 0:
             return
+        self._buffer.append(f)
+        self._buffered += f.shape[0]
+        if self._buffered >= self.MERGE_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the buffered rows."""
+        if not self._buffer:
+            return
+        f = torch.cat(self._buffer)
+        self._buffer, self._buffered = [], 0
         mean_b = f.mean(dim=0)
         centred = f - mean_b
         self._merge(f.shape[0], mean_b, centred.T @ centred)
+
+    def state_dict(self) -> dict[str, Any]:
+        """(μ, M2, N) so far and the rows not merged yet, as CPU tensors (for a resumable evaluation)."""
+        dim = self.mean.numel()
+        buffer = torch.cat(self._buffer).cpu() if self._buffer else torch.zeros(0, dim, dtype=torch.float64)
+        return {"mean": self.mean.cpu(), "m2": self.m2.cpu(), "n": int(self._n), "synced": self._synced,
+                "buffer": buffer}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = self.mean.device
+        self.mean = state["mean"].to(device, torch.float64)
+        self.m2 = state["m2"].to(device, torch.float64).clone()
+        self._n = torch.tensor(int(state["n"]), dtype=torch.int64, device=device)
+        buffer = state["buffer"].to(device, torch.float64)
+        self._buffer, self._buffered = ([buffer], int(buffer.shape[0])) if buffer.shape[0] else ([], 0)
+        self._synced = bool(state["synced"])
 
     def sync(self) -> None:
         """Merge every rank's (n, μ, M2) in rank order (once; a second call would double-count)."""
         if self._synced:
             return
-        parts = distributed.all_gather_objects((int(self.n), self.mean.cpu(), self.m2.cpu()))
+        self.flush()
+        parts = distributed.all_gather_objects((int(self._n), self.mean.cpu(), self.m2.cpu()))
         device = self.mean.device
         self.mean = torch.zeros_like(self.mean)
         self.m2 = torch.zeros_like(self.m2)
-        self.n = torch.zeros_like(self.n)
+        self._n = torch.zeros_like(self._n)
         for n_b, mean_b, m2_b in parts:
             self._merge(n_b, mean_b.to(device), m2_b.to(device))
         self._synced = True
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """μ (d,) and unbiased Σ (d, d) as float64 numpy arrays; needs N ≥ 2."""
-        n = int(self.n)
+        self.flush()
+        n = int(self._n)
         if n < 2:
             raise ValueError(f"Fréchet statistics need at least 2 images per side, got {n}")
         sigma = self.m2 / (n - 1)
@@ -122,6 +182,15 @@ def reference_key(caller_fields: Mapping[str, Any], extractor_fields: Mapping[st
     return json.loads(canonical), hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def lookup_sha(key: Mapping[str, Any]) -> Optional[str]:
+    """SHA-256 of a key without its post-pass fields (the cache file's name); None while N or the id list is
+    pending."""
+    rest = {k: v for k, v in key.items() if k not in POST_PASS_FIELDS}
+    if any(rest.get(k) is None for k in PENDABLE_FIELDS if k not in POST_PASS_FIELDS):
+        return None
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
 def save_reference_stats(
     path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, key: Mapping, key_sha: str
 ) -> Path:
@@ -135,7 +204,11 @@ def save_reference_stats(
 def load_reference_stats(
     path: str | Path, expected_key: Optional[Mapping] = None, what: str = "FID"
 ) -> tuple[np.ndarray, np.ndarray, Optional[int], Optional[dict]]:
-    """(μ, Σ, N or None, key or None) from an npz, verified: shapes, finiteness and, when given, every key field."""
+    """(μ, Σ, N or None, key or None) from an npz, verified: shapes, finiteness and, when given, every key field
+    (fields in PENDABLE_FIELDS whose expected value is None are checked later, `RealReference.check`).
+
+    Files without key fields (the ADM / torch-fidelity layout: just `mu` and `sigma`) are accepted with a warning
+    that their provenance is unknown."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -153,18 +226,30 @@ def load_reference_stats(
     stored = json.loads(str(data["key_json"])) if "key_json" in data else None
     if expected_key is not None and stored is not None:
         _verify_key(path, stored, expected_key, what)
+    if stored is None:
+        log.warning("%s reference statistics %s carry no key fields (e.g. the ADM / torch-fidelity mu/sigma layout): "
+                    "their provenance is unknown; data, crop, N and extractor are unverified", what, path)
     return mu, sigma, n, stored
+
+
+def key_mismatch(stored: Mapping, expected: Mapping) -> list[str]:
+    """Fields the file records that differ from this evaluation's (pending ones skipped), data fields first."""
+    bad = [k for k in stored
+           if not (k in PENDABLE_FIELDS and k in expected and expected[k] is None) and stored[k] != expected.get(k)]
+    return sorted(bad, key=lambda k: (k not in CALLER_KEY_FIELDS, k))
+
+
+def _mismatch_message(path: Path, stored: Mapping, expected: Mapping, bad: list[str], what: str) -> str:
+    f = bad[0]
+    return (f"{what} reference statistics {path}: field '{f}' is {stored.get(f)!r}, this evaluation needs "
+            f"{expected.get(f)!r} ({len(bad)} field(s) differ); delete the file or use matching statistics")
 
 
 def _verify_key(path: Path, stored: Mapping, expected: Mapping, what: str = "FID") -> None:
     """Every field the file records must equal this evaluation's; data fields are reported before extractor ones."""
-    bad = [k for k in stored if stored[k] != expected.get(k)]
+    bad = key_mismatch(stored, expected)
     if bad:
-        f = sorted(bad, key=lambda k: (k not in CALLER_KEY_FIELDS, k))[0]
-        raise UserError(
-            f"{what} reference statistics {path}: field '{f}' is {stored.get(f)!r}, this evaluation needs "
-            f"{expected.get(f)!r} ({len(bad)} field(s) differ); delete the file or use matching statistics"
-        )
+        raise UserError(_mismatch_message(path, stored, expected, bad, what))
     unverified = sorted(set(expected) - set(stored))
     if unverified:
         log.warning("reference statistics %s do not record %s: unverified", path, ", ".join(unverified))
@@ -173,10 +258,11 @@ def _verify_key(path: Path, stored: Mapping, expected: Mapping, what: str = "FID
 class RealReference:
     """Where one Fréchet metric's real-side statistics come from: this pass, a precomputed file, or the cache.
 
-    `reference`: the evaluator's key fields (dataset, split, crop, n, ids_hash, originals_hash); with `cache_dir`
-    the statistics computed in this pass are cached under `<prefix>-<key sha256>.npz` and found there next time
-    (every key field verified). `stats_file`: precomputed statistics (mu, sigma, optional n and key fields).
-    `what` names the metric in messages; `dim` is the feature dimension the statistics must have.
+    `reference`: the evaluator's key fields (dataset, split, crop, n, ids_hash, originals_hash; pending ones None);
+    with `cache_dir` the statistics computed in this pass are cached under `<prefix>-<lookup sha256>.npz` (the key
+    without `originals_hash`) and found there next time (every key field verified, the pending ones by `check`).
+    `stats_file`: precomputed statistics (mu, sigma, optional n and key fields). `what` names the metric in
+    messages; `dim` is the feature dimension the statistics must have.
     """
 
     def __init__(self, *, what: str, prefix: str, dim: int, extractor_fields: Mapping[str, Any],
@@ -184,33 +270,60 @@ class RealReference:
                  stats_file: Optional[str | Path] = None) -> None:
         self.what, self.prefix, self.dim = what, prefix, int(dim)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.extractor_fields = dict(extractor_fields)
         self.key: Optional[dict] = None
         self.key_sha: Optional[str] = None
+        self.lookup_sha: Optional[str] = None
         self.source = "computed"
         self.stats: Optional[tuple[np.ndarray, np.ndarray, Optional[int]]] = None
+        self._origin: Optional[tuple[str, Path, Optional[dict]]] = None  # (file | cache, path, stored key)
         if reference is not None:
-            self.key, self.key_sha = reference_key(reference, extractor_fields)
+            self.set_key(reference)
         if stats_file is not None:
             self._load_file(Path(stats_file))
             return
         cache = self.cache_file()
         if cache is not None and cache.is_file():
-            mu, sigma, n, _ = load_reference_stats(cache, self.key, what)
-            self.stats, self.source = (mu, sigma, n), f"cache:{self.key_sha}"
+            mu, sigma, n, stored = load_reference_stats(cache, self.key, what)
+            self.stats, self.source = (mu, sigma, n), f"cache:{self.lookup_sha}"
+            self._origin = ("cache", cache, stored)
             log.info("%s reference statistics from cache %s (real-side pass skipped)", what, cache)
+
+    def set_key(self, fields: Mapping[str, Any]) -> None:
+        self.key, self.key_sha = reference_key(fields, self.extractor_fields)
+        self.lookup_sha = lookup_sha(self.key)
 
     def _load_file(self, path: Path) -> None:
         mu, sigma, n, stored = load_reference_stats(path, self.key, self.what)
         if mu.size != self.dim:
             raise UserError(f"{self.what} reference statistics {path}: {mu.size}-d; these features need {self.dim}-d")
         self.stats, self.source = (mu, sigma, n), f"file:{path.name}"
-        if stored is None:
-            log.warning("reference statistics %s carry no key fields: data/crop unverified", path)
+        self._origin = ("file", path, stored)
+
+    def check(self, fields: Mapping[str, Any]) -> bool:
+        """After the pass: take the complete key of what was evaluated and verify precomputed statistics against it.
+
+        A user's file that does not match is an error (one line); a stale cache entry is dropped and True returned:
+        the caller then feeds the real images again and the statistics of this pass are used (and cached).
+        """
+        self.set_key(fields)
+        if self._origin is None or self._origin[2] is None:
+            return False
+        origin, path, stored = self._origin
+        bad = key_mismatch(stored, self.key)
+        if not bad:
+            return False
+        if origin == "file":
+            raise UserError(_mismatch_message(path, stored, self.key, bad, self.what))
+        log.warning("%s reference cache %s does not match the images evaluated (field '%s' differs): recomputing "
+                    "the real-side statistics", self.what, path, bad[0])
+        self.stats, self._origin, self.source = None, None, "computed"
+        return True
 
     def cache_file(self) -> Optional[Path]:
-        if self.cache_dir is None or not self.key_sha:
+        if self.cache_dir is None or not self.lookup_sha:
             return None
-        return self.cache_dir / f"{self.prefix}-{self.key_sha}.npz"
+        return self.cache_dir / f"{self.prefix}-{self.lookup_sha}.npz"
 
     @property
     def precomputed(self) -> bool:
@@ -238,6 +351,8 @@ class RealReference:
         cache = self.cache_file()
         if cache is None or not distributed.is_main():
             return
+        if self.key is not None and any(self.key.get(f) is None for f in PENDABLE_FIELDS):
+            return  # the key was never completed (check() not called): nothing verifiable to cache
         if self.key is not None and int(self.key.get("n", n)) != n:
             log.warning("not caching %s reference: key says N=%s but %d images were seen", self.what,
                         self.key.get("n"), n)

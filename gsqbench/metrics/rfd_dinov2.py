@@ -257,14 +257,22 @@ class DinoFDMetric(Metric):
             self.fake.sync()
 
     def state_dict(self) -> dict:
-        """Streaming state for a resumed evaluation: each side's float64 (N, μ, M2) as CPU tensors."""
-        return {side: {"n": stats.n.cpu(), "mean": stats.mean.cpu(), "m2": stats.m2.cpu()}
-                for side, stats in (("real", self.real), ("fake", self.fake))}
+        """Streaming state for a resumed evaluation: each side's float64 (N, μ, M2) and rows not merged yet."""
+        return {side: stats.state_dict() for side, stats in (("real", self.real), ("fake", self.fake))}
 
     def load_state_dict(self, state: dict) -> None:
         for side, stats in (("real", self.real), ("fake", self.fake)):
-            device = stats.mean.device
-            stats.n, stats.mean, stats.m2 = (state[side][k].to(device) for k in ("n", "mean", "m2"))
+            stats.load_state_dict(state[side])
+
+    def check_reference(self, fields: Mapping[str, Any]) -> bool:
+        """After the pass: verify file/cache statistics against the complete key (frechet.RealReference.check)."""
+        return self.reference.check(fields) if self.reference is not None else False
+
+    @torch.no_grad()
+    def update_real(self, real_u8, image_ids: Sequence[str]) -> None:
+        """Real side only (the second read after a stale cache)."""
+        if self.model is not None:
+            self.real.update(self.model(real_u8))
 
     def compute(self) -> list[MetricValue]:
         if self.model is None:

@@ -241,6 +241,30 @@ class DinoDiscriminator(nn.Module):
     def example_config(cls) -> dict:
         return {"img_size": 28, "allow_random_backbone": True}
 
+    @classmethod
+    def backbone_choice(cls, options: dict) -> dict:
+        """Which DINOv2 weights a run with these options will load, decided before training (gsqbench.effective):
+        {"source": "file" | "weights:<name>" | "random", "path", "sha256", "fallback": note or None}. Building the
+        discriminator with `weights=path` (or `allow_random_backbone` and no path, for 'random') loads exactly this.
+        """
+        from gsqbench.io import sha256_file
+        from gsqbench.weights import WeightsUnavailable, verified_file
+
+        if options.get("weights") is not None:
+            path = Path(options["weights"]).expanduser()
+            if not path.is_file():
+                raise UserError(f"config key 'shared.gan.options.weights': DINOv2 file '{path}' does not exist")
+            return {"source": "file", "path": str(path), "sha256": sha256_file(path), "fallback": None}
+        try:
+            path, sha = verified_file(DINO_WEIGHT_NAME)
+        except WeightsUnavailable as exc:
+            if not options.get("allow_random_backbone"):
+                raise UserError(f"DINO discriminator needs the DINOv2 weights: {exc}; or use discriminator "
+                                "'patchgan' for offline smoke runs") from None
+            return {"source": "random", "path": None, "sha256": None,
+                    "fallback": f"discriminator backbone → random (non-conformant): {exc.reason}"}
+        return {"source": f"weights:{DINO_WEIGHT_NAME}", "path": str(path), "sha256": sha, "fallback": None}
+
     def __init__(self, *, img_size: int = 518, weights: str | Path | None = None, diffaug: bool = True,
                  aug_policy: str = DEFAULT_POLICY, p_crop: float = 1.0, hooks: Sequence[int] = DINO_HOOKS,
                  allow_random_backbone: bool = False, generator: Optional[torch.Generator] = None):

@@ -79,12 +79,27 @@ def runs_from_frame(df: "pd.DataFrame") -> list[Run]:
 
 
 def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
-    """suite → groups (by fairness hash, then card hash), in a stable order."""
+    """suite → groups (by fairness hash, then card hash), in a stable order.
+
+    A run that diverged was never evaluated, so it has no protocol card (card hash ""): it joins the group of its
+    suite and fairness hash (it trained under the same spec), where it is shown as diverged, never ranked.
+    """
     suites: dict[str, dict[tuple[str, str], Group]] = {}
-    for run in sorted(runs, key=lambda r: (r.suite, r.fairness_hash, r.card_hash, r.subject, r.run_id)):
+    ordered = sorted(runs, key=lambda r: (r.suite, r.fairness_hash, r.card_hash, r.subject, r.run_id))
+    for run in [r for r in ordered if not _cardless_diverged(r)]:
         key = (run.fairness_hash, run.card_hash)
         suites.setdefault(run.suite, {}).setdefault(key, Group(run.suite, *key)).runs.append(run)
+    for run in [r for r in ordered if _cardless_diverged(r)]:
+        groups = suites.setdefault(run.suite, {})
+        home = next((g for (fair, _), g in groups.items() if fair == run.fairness_hash), None)
+        if home is None:
+            home = groups.setdefault((run.fairness_hash, ""), Group(run.suite, run.fairness_hash, ""))
+        home.runs.append(run)
     return {s: list(g.values()) for s, g in suites.items()}
+
+
+def _cardless_diverged(run: Run) -> bool:
+    return run.info.get("status") == "diverged" and not run.card_hash
 
 
 def separation_reason(groups: Sequence[Group]) -> str | None:

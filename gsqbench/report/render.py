@@ -250,27 +250,88 @@ def export_summary_csv(out: Path, suite: str, groups: Sequence[Group], group_sta
                              rows_to_csv(rows_for_csv(rows), SUMMARY_FIELDS))
 
 
+#: effective values that are machine-specific paths: shown by their SHA-256 instead
+_EFFECTIVE_HIDDEN = ("perceptual_trunk", "backbone_path")
+
+
+def _under(key: str, prefixes: Mapping[str, str]) -> str | None:
+    """The reason of the first `prefixes` entry that is `key` or a parent of it."""
+    return next((why for p, why in prefixes.items() if key == p or key.startswith(p + ".")), None)
+
+
+def effective_values(run: Run) -> dict[str, str]:
+    """A run's spec as it ran, flattened: shared fields (marked when a fallback changed them, when they had no
+    effect in this run, or when they cannot change a result and are not hashed), the effective values, and the
+    subject's quantizer settings with its defaults filled in (run.json `effective`; older runs: their spec)."""
+    spec, eff = run.info.get("spec") or {}, run.info.get("effective") or {}
+    no_effect, result_free = eff.get("no_effect") or {}, eff.get("result_free") or {}
+    fallback = {}
+    for note in eff.get("fallbacks") or []:
+        key, _, rest = str(note).partition(" ")
+        fallback[key] = rest
+    flat: dict[str, str] = {}
+    for key, value in flatten(spec.get("shared") or {}, "shared").items():
+        dotted = key[len("shared."):]
+        if dotted in fallback:
+            flat[key] = fallback[dotted]
+        elif (why := _under(dotted, no_effect)) is not None:
+            flat[key] = f"{value} (no effect: {why})"
+        elif dotted in result_free:
+            flat[key] = f"{value} (cannot change a result; not hashed)"
+        else:
+            flat[key] = value
+    values = eff.get("values") or {}
+    for key, value in values.items():
+        if key not in _EFFECTIVE_HIDDEN:
+            flat[f"effective.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    for note in eff.get("fallbacks") or []:  # fallbacks of parts with no spec field of their own (DINO backbone)
+        if note.split(" ", 1)[0] not in {k[len("shared."):] for k in flat if k.startswith("shared.")}:
+            flat["effective.backbone"] = f"{values.get('backbone')} ({note})"
+    flat.update(flatten(eff.get("quantizer") or spec.get("quantizer") or {}, "quantizer"))
+    flat.update(flatten(run.info.get("grid") or {}, "grid"))
+    flat["seed"] = json.dumps(run.info.get("seed"))
+    return flat
+
+
 def spec_tables(runs: Sequence[Run]) -> dict[str, Any]:
-    """Shared hyperparameters (same in every run) once, and the keys that differ as a run × key diff table."""
-    flat = [flatten({"spec": r.info.get("spec") or {}, "grid": r.info.get("grid") or {}, "seed": r.info.get("seed")})
-            for r in runs]
+    """Effective hyperparameters: those equal in every run once, the keys that differ as a run × key table (defaults
+    included, so two subjects that are the same model show the same row), the runs' fallbacks, and runs whose
+    exported checkpoints are byte-identical (same model.safetensors SHA-256)."""
+    flat = [effective_values(r) for r in runs]
     keys = sorted(set().union(*flat)) if flat else []
     shared, differing = [], []
     for k in keys:
-        values = [f.get(k, "—") for f in flat]
-        (shared.append((k, values[0])) if len(set(values)) == 1 else differing.append(k))
-    diff_rows = [{"label": r.label, "vals": [f.get(k, "—") for k in differing]} for r, f in zip(runs, flat)]
-    return {"shared": shared, "diff_keys": differing, "diff_rows": diff_rows}
+        values = [f.get(k) for f in flat]
+        (shared.append((k, values[0])) if len(set(values)) == 1 and values[0] is not None else differing.append(k))
+    diff_rows = [{"label": r.label, "vals": [f.get(k, _absent(k)) for k in differing]} for r, f in zip(runs, flat)]
+    fallbacks = [(r.label, note) for r in runs for note in (r.info.get("effective") or {}).get("fallbacks") or []]
+    by_sha: dict[str, list[str]] = {}
+    for r in runs:
+        sha = r.info.get("checkpoint_sha256")
+        if sha:
+            by_sha.setdefault(str(sha), []).append(r.label)
+    identical = [{"sha256": sha, "labels": labels} for sha, labels in by_sha.items() if len(labels) > 1]
+    return {"shared": shared, "diff_keys": differing, "diff_rows": diff_rows, "fallbacks": fallbacks,
+            "identical": identical}
 
 
-def card_table(runs: Sequence[Run]) -> list[tuple[str, str]]:
-    """The protocol card of the group, flattened; fields that vary between runs say so."""
+def _absent(key: str) -> str:
+    return "(no such parameter)" if key.startswith("quantizer.") else "(not set in this run)"
+
+
+def card_table(runs: Sequence[Run]) -> list[tuple[str, str, str]]:
+    """The protocol card of the group, flattened: (field, value, whether the card hash covers it); fields that
+    vary between runs say so (only run-specific ones may: hashed fields are equal within a group)."""
+    from gsqbench.card import RUN_SPECIFIC
+
     cards = [flatten(r.info.get("card") or {}) for r in runs]
     keys = sorted(set().union(*cards)) if cards else []
     out = []
     for k in keys:
         values = {c.get(k, "—") for c in cards}
-        out.append((k, values.pop() if len(values) == 1 else "varies per run: " + ", ".join(sorted(values))))
+        hashed = "no (run-specific)" if k == "card_hash" or _under(k, dict.fromkeys(RUN_SPECIFIC, "")) is not None \
+            else "yes"
+        out.append((k, values.pop() if len(values) == 1 else "varies per run: " + ", ".join(sorted(values)), hashed))
     return out
 
 
