@@ -24,28 +24,58 @@ FILENAMES = {name: weights.get_weight(name).filename
              for name in ("inception-fid", "alexnet", "vgg16", "dinov2-vits14-reg")}
 
 
+def _default_init(shapes: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """PyTorch's default initialisation for every entry of a (meta) state dict, by key: conv/linear weights and
+    biases U(±1/sqrt(fan_in)) (what nn.Conv2d/nn.Linear draw), BatchNorm weight 1, bias 0, running mean 0,
+    running var 1. The modules are built on the meta device and filled here, so a stand-in costs the file write
+    rather than the initialisation of the full network (VGG16's classifier alone is 120 M parameters)."""
+    g = torch.Generator().manual_seed(seed)
+    state, weights_of = {}, {k[: -len(".weight")] for k, v in shapes.items() if k.endswith(".weight") and v.dim() > 1}
+    for key, ref in shapes.items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith("num_batches_tracked"):
+            value = torch.zeros((), dtype=torch.long)
+        elif key.endswith("running_var"):
+            value = torch.ones(ref.shape)
+        elif key.endswith("running_mean"):
+            value = torch.zeros(ref.shape)
+        elif key.endswith(".weight") and ref.dim() > 1 or key.endswith(".bias") and module in weights_of:
+            fan_in = shapes[module + ".weight"][0].numel()
+            value = (torch.rand(ref.shape, generator=g) * 2 - 1) / fan_in**0.5
+        elif key.endswith(".weight"):  # a norm's gain
+            value = torch.ones(ref.shape)
+        else:  # a norm's shift, or any other buffer
+            value = torch.zeros(ref.shape, dtype=ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        state[key] = value
+    return state
+
+
 def _random_inception_state() -> dict[str, torch.Tensor]:
-    """torch-fidelity's InceptionV3 at its random init, built without its weight download."""
+    """torch-fidelity's InceptionV3 (its state-dict layout) at PyTorch's default init, built without its weight
+    download."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     with tempfile.TemporaryDirectory() as tmp:
         empty = Path(tmp) / "empty.pt"
         torch.save({}, empty)
         original = FeatureExtractorInceptionV3.load_state_dict
-        FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # keep the init
+        FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # no weights to load
         try:
-            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                feature_extractor_weights_path=str(empty))
+            with torch.device("meta"):  # shapes only
+                model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                    feature_extractor_weights_path=str(empty))
         finally:
             FeatureExtractorInceptionV3.load_state_dict = original
-    return model.state_dict()
+    return _default_init(model.state_dict(), seed=1)
 
 
 def _random_trunk(net: str) -> dict[str, torch.Tensor]:
+    """The torchvision trunk LPIPS loads (`features.*` keys) at PyTorch's default init."""
     import torchvision
 
-    features = torchvision.models.alexnet().features if net == "alexnet" else torchvision.models.vgg16().features
-    return {f"features.{k}": v for k, v in features.state_dict().items()}
+    with torch.device("meta"):
+        features = torchvision.models.alexnet().features if net == "alexnet" else torchvision.models.vgg16().features
+    return _default_init({f"features.{k}": v for k, v in features.state_dict().items()}, seed=2)
 
 
 def _random_dinov2_fb() -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """GPU readiness (issue 18): one command that proves gsqbench's CUDA path and measures it, in minutes.
 
-    python benchmarks/gpu.py --json $OUT/gpu-h200.json     # on a CUDA machine: about 6 minutes, at most 8
+    python benchmarks/gpu.py --json $OUT/gpu-h200.json     # on a CUDA machine: sized for <= 8 min (--budget-s 470)
     python benchmarks/gpu.py --device cpu --tiny           # every step at toy sizes (CI runs this: < 60 s)
 
 Steps (each prints its table; a summary table closes the run; `--json` gets every number):
@@ -16,14 +16,16 @@ Steps (each prints its table; a summary table closes the run; `--json` gets ever
    parts, images/s and each stage's share of the pass.
 4. The F16 lookup (benchmarks/quantizers.py) at 2,048 and 16,384 positions: `exact` and `bf16` against the
    straightforward full-distance matrix, time and memory.
-5. torchrun with one process: `gsqbench train` for 20 steps over NCCL (gloo on CPU), checked to initialise, end
-   cleanly and not warn; and benchmarks/ddp_find_unused.py: images/s with DDP's find_unused_parameters forced
-   on against gsqbench's choice.
+5. torchrun with one process: `gsqbench train` for 20 steps (4 with --tiny) over NCCL (gloo on CPU), checked to
+   initialise, end cleanly and not warn; and benchmarks/ddp_find_unused.py: images/s with DDP's
+   find_unused_parameters forced on against gsqbench's choice.
 
 Pretrained weights are random-init stand-ins under the official file names, installed through the weight manager
 (benchmarks/_standins.py): same code, same cost, meaningless values. A GPU machine without network needs
 torch-fidelity and lpips carried as wheels: README, "GPU check". With --tiny on a CPU, torch.compile runs
 Dynamo with the `eager` backend (Inductor's C++ compile takes minutes on two cores); the table says so.
+--tiny also runs every child process (pytest, the two torchruns, the compile rows) at once beside the in-process
+steps, one thread each, so its step times overlap; the full run does one thing at a time.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -51,10 +53,12 @@ for _p in (str(REPO), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-# module to import -> the distribution to carry; checked before anything heavy is imported
-NEEDS = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "torch_fidelity": "torch-fidelity",
-         "lpips": "lpips", "timm": "timm", "skimage": "scikit-image", "scipy": "scipy", "yaml": "pyyaml",
-         "safetensors": "safetensors", "PIL": "pillow", "tqdm": "tqdm", "pytest": "pytest"}
+# module to import -> the distribution to carry: what this script and its children import (measured on a --tiny
+# run; timm's huggingface_hub is optional to it); checked before anything heavy is imported
+NEEDS = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "scipy": "scipy", "PIL": "pillow",
+         "yaml": "pyyaml", "tqdm": "tqdm", "safetensors": "safetensors", "torch_fidelity": "torch-fidelity",
+         "lpips": "lpips", "timm": "timm", "pytest": "pytest"}
+MIN_TORCH = (2, 2)  # pyproject.toml's floor
 STEPS = ("correctness", "train", "eval", "lookup", "torchrun")
 LABELS = {"correctness": "1 correct", "train": "2 train", "eval": "3 eval", "lookup": "4 lookup",
           "torchrun": "5 torchrun"}
@@ -62,12 +66,19 @@ PAPER_SUITE = REPO / "configs" / "paper" / "gsq_gan_f16_d16_g8_v256k.yaml"
 
 
 def missing_dependency() -> Optional[str]:
-    """One line naming the first missing package, or None."""
+    """One line naming every package that does not import (a wheel carried with --no-deps can lack one of its
+    own dependencies, so each is imported, not only looked up), or None."""
+    missing = []
     for module, dist in NEEDS.items():
-        if importlib.util.find_spec(module) is None:
-            return (f"gpu.py needs {dist} (import {module}): carry its wheel and install it with --no-deps "
-                    f"(README.md, section 'GPU check')")
-    return None
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a broken install failing inside its import
+            why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            missing.append(f"{dist} (import {module}: {why})")
+    if not missing:
+        return None
+    return (f"gpu.py: missing {'; '.join(missing)}. Carry the wheels and install them with pip install --no-deps "
+            "(README.md, section 'GPU check')")
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -133,6 +144,7 @@ class Sizes:
     dino_img: int
     train_steps: int
     eval_images: int
+    eval_size: int  # LPIPS-Alex needs >= 32 px (its pooling)
     eval_batch: int
     eval_nets: tuple[str, ...]
     lookup_cases: tuple[tuple[int, int, int], ...]  # (V, batch, side): positions = batch · side²
@@ -140,14 +152,25 @@ class Sizes:
     ddp_batch: int
     ddp_steps: int
     num_workers: int
+    warmup: int  # untimed calls before each timed row (the first includes any compilation)
+    compile_discs: tuple[str, ...]  # the discriminators of the torch.compile rows
+    compile_bare: bool  # a compiled bare step too (each compiled module costs one more trace)
+    torchrun_steps: int  # `gsqbench train` under torchrun (the issue's 20 on a GPU)
+    torchrun_size: int
+    torchrun_batch: int
 
 
 FULL = Sizes(preset="f16", size=256, batch=32, codebook=262_144, dino_img=518, train_steps=8, eval_images=256,
-             eval_batch=64, eval_nets=("alex", "vgg"), lookup_cases=((262_144, 8, 16), (262_144, 64, 16)),
-             repeats=3, ddp_batch=16, ddp_steps=4, num_workers=4)
-TINY = Sizes(preset="tiny-f8", size=32, batch=4, codebook=4_096, dino_img=28, train_steps=2, eval_images=4,
-             eval_batch=4, eval_nets=("alex",), lookup_cases=((4_096, 1, 4), (4_096, 4, 4)), repeats=1,
-             ddp_batch=4, ddp_steps=2, num_workers=0)
+             eval_size=256, eval_batch=64, eval_nets=("alex", "vgg"),
+             lookup_cases=((262_144, 8, 16), (262_144, 64, 16)), repeats=3, ddp_batch=16, ddp_steps=4,
+             num_workers=4, warmup=2, compile_discs=("patchgan", "dino"), compile_bare=True, torchrun_steps=20,
+             torchrun_size=32, torchrun_batch=8)
+# --tiny: every step and code path once at toy sizes (one timed call per row, one thread): a check that the
+# script runs, in well under a minute on two busy cores; its numbers mean nothing
+TINY = Sizes(preset="tiny-f8", size=16, batch=2, codebook=4_096, dino_img=14, train_steps=1, eval_images=2,
+             eval_size=32, eval_batch=2, eval_nets=("alex",), lookup_cases=((4_096, 1, 4), (4_096, 4, 4)),
+             repeats=1, ddp_batch=2, ddp_steps=1, num_workers=0, warmup=1, compile_discs=("patchgan",),
+             compile_bare=False, torchrun_steps=4, torchrun_size=16, torchrun_batch=2)
 
 
 def child_env() -> dict[str, str]:
@@ -156,6 +179,48 @@ def child_env() -> dict[str, str]:
     env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+class Child:
+    """A subprocess of one step, output to files (no pipe fills up while this process works), its time limit
+    counted from its start. Started by `start()` (the --tiny run starts every child at once, beside the in-process
+    steps) or else by `wait()`, when its step needs it (the GPU run: one thing at a time, clean timings)."""
+
+    def __init__(self, name: str, cmd: list[str], tmp: Path, timeout_s: float) -> None:
+        self.name, self.cmd, self.timeout_s = name, cmd, timeout_s
+        self.out_path, self.err_path = tmp / f"{name}.out", tmp / f"{name}.err"
+        self.proc: Optional[subprocess.Popen] = None
+        self.started = 0.0
+
+    def start(self) -> "Child":
+        if self.proc is None:
+            with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+                # its own session: on a timeout the whole group goes (torchrun's worker too)
+                self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=child_env(), stdout=out, stderr=err,
+                                             start_new_session=True)
+            self.started = time.monotonic()
+        return self
+
+    def wait(self) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr); exit code 124 when it ran past its limit (then it is killed)."""
+        proc = self.start().proc
+        assert proc is not None
+        try:
+            rc = proc.wait(timeout=max(1.0, self.started + self.timeout_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = 124
+        read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
+        return rc, read(self.out_path), read(self.err_path)
+
+    def stop(self) -> None:
+        """End it if it still runs (a step skipped or broken after its child was started)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 9)
+            self.proc.wait()
 
 
 # ------------------------------------------------------------------------------------- 1: correctness
@@ -171,17 +236,13 @@ TINY_SELECTION = ("tests/test_cuda.py", "tests/test_quantizers_contract.py::test
                   "exact_ties")
 
 
-def run_pytest(device: str, tiny: bool, xml: Path, timeout_s: float) -> tuple[int, str]:
-    targets = list(TINY_SELECTION) if tiny else list(CORRECTNESS)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--device={device}",
-           f"--junitxml={xml}", *targets]
-    if device == "cpu":
+def pytest_child(args: argparse.Namespace, tmp: Path) -> Child:
+    targets = list(TINY_SELECTION) if args.tiny else list(CORRECTNESS)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--device={args.device}",
+           f"--junitxml={tmp / 'pytest.xml'}", *targets]
+    if args.device == "cpu":
         cmd.insert(-len(targets), "--cuda-dry-run")
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        return 124, f"pytest timed out after {timeout_s:.0f} s\n{(exc.stdout or '')[-3000:]}"
-    return proc.returncode, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return Child("pytest", cmd, tmp, args.pytest_timeout)
 
 
 def parse_junit(xml: Path) -> list[dict[str, Any]]:
@@ -234,11 +295,12 @@ def _short(value: Any) -> str:
     return f"{int(f)}" if f.is_integer() else f"{f:.3g}"
 
 
-def step_correctness(args: argparse.Namespace, report: Report, tmp: Path) -> None:
+def step_correctness(args: argparse.Namespace, report: Report, tmp: Path, child: Child) -> None:
     xml = tmp / "pytest.xml"
     say(f"\n== 1. correctness: pytest --device {args.device} "
         f"{'(tiny selection, cuda-marked tests as a CPU dry run)' if args.tiny else ''}")
-    rc, output = run_pytest(args.device, args.tiny, xml, timeout_s=args.pytest_timeout)
+    rc, out, err = child.wait()
+    output = (f"pytest timed out after {child.timeout_s:.0f} s\n" if rc == 124 else "") + out[-4000:] + err[-2000:]
     say(output.strip().splitlines()[-1] if output.strip() else "(no output)")
     if not xml.exists():
         report.add(Line("1 correct", "pytest", "FAIL", f"exit {rc}", output.strip().splitlines()[-1][:150]
@@ -349,14 +411,16 @@ def train_rows(sizes: Sizes, device: Any, compile_backend: Optional[str], emit: 
 
     compile_on = compile_backend is not None
     label = "compile " + (compile_backend if compile_on else "off")
-    for disc in ("patchgan", "dino"):
+    warmup = sizes.warmup + (1 if compile_on and sizes.warmup > 1 else 0)  # Dynamo may recompile at call 2
+    for disc in sizes.compile_discs if compile_on else ("patchgan", "dino"):
         run = expand_runs(suite_from_dict(train_raw(sizes, disc, compile_backend == "inductor")))[0]
         try:
             tr = build_trainer(run, open_dataset(run.shared.data.train), device)
             if compile_on and compile_backend != "inductor":
                 tr.ddp_model = torch.compile(tr.ddp_model, backend=compile_backend)
             xa, xb = tr.stream.next(device), tr.stream.next(device)
-            if disc == "patchgan":  # the bare step of the same generator (a copy: its own optimiser state)
+            if disc == "patchgan" and (sizes.compile_bare or not compile_on):
+                # the bare step of the same generator (a copy: its own optimiser state)
                 import copy
 
                 model = copy.deepcopy(tr.model).train()
@@ -364,15 +428,15 @@ def train_rows(sizes: Sizes, device: Any, compile_backend: Optional[str], emit: 
                     model = torch.compile(model, backend=compile_backend)
                 emit({"case": label, "impl": "bare fwd/bwd/AdamW (generator)",
                       **time_steps(bare_step(model, xa, run.shared.train.precision == "bf16", run.shared.train.lr),
-                                   device, 3 if compile_on else 2, sizes.train_steps)})
+                                   device, warmup, sizes.train_steps)})
                 del model
 
             def fixed() -> None:
                 generator_step(tr, xa)
                 discriminator_step(tr, xb)
 
-            emit({"case": label, "impl": f"harness G+D step, {disc}", **time_steps(fixed, device, 3 if compile_on
-                                                                                     else 2, sizes.train_steps)})
+            emit({"case": label, "impl": f"harness G+D step, {disc}",
+                  **time_steps(fixed, device, warmup, sizes.train_steps)})
             emit({"case": label, "impl": f"harness train_step (+data), {disc}",
                   **time_steps(lambda: train_step(tr), device, 1, sizes.train_steps)})
             if disc == "dino":
@@ -415,20 +479,25 @@ def train_table(rows: list[dict[str, Any]], batch: int) -> str:
     return "\n".join(out)
 
 
+def backend_of(args: argparse.Namespace) -> str:
+    return args.compile_backend or ("inductor" if args.device.startswith("cuda") or not args.tiny else "eager")
+
+
 def step_train(args: argparse.Namespace, sizes: Sizes, report: Report, device: Any, tmp: Path,
-               deadline: float) -> None:
+               deadline: float, child: Optional[Child]) -> None:
     say(f"\n== 2. training throughput: {sizes.preset} GSQ-GAN {sizes.size}px, batch {sizes.batch}, bf16, "
         f"LPIPS-VGG loss; PatchGAN and DINO (random DINOv2 stand-in)")
     rows: list[dict[str, Any]] = []
     train_rows(sizes, device, None, rows.append)
-    backend = args.compile_backend or ("inductor" if device.type == "cuda" or not args.tiny else "eager")
-    limit = min(args.compile_timeout, deadline - time.monotonic() - 10)
-    if args.no_compile:
+    backend = backend_of(args)
+    if child is None:
         rows.append({"case": "compile", "impl": "all rows", "note": "skipped: --no-compile"})
-    elif limit < 20:
+    elif child.proc is None and deadline - time.monotonic() - 10 < 20:
         rows.append({"case": "compile", "impl": "all rows", "note": "skipped: the time budget is used up"})
     else:
-        rows += compile_in_child(args, backend, tmp, limit)
+        if child.proc is None:  # started now, after the eager rows: limited to what the budget leaves
+            child.timeout_s = min(child.timeout_s, deadline - time.monotonic() - 10)
+        rows += compile_rows(child, backend, tmp)
     say(train_table(rows, sizes.batch))
     bare = {r["case"]: r["median_s"] for r in rows if r.get("impl", "").startswith("bare") and "median_s" in r}
     report.details["train_rows"] = rows
@@ -438,19 +507,25 @@ def step_train(args: argparse.Namespace, sizes: Sizes, report: Report, device: A
                         "Inductor skipped on CPU --tiny: its C++ compile takes minutes on 2 cores; Dynamo runs"))
 
 
-def compile_in_child(args: argparse.Namespace, backend: str, tmp: Path, limit: float) -> list[dict[str, Any]]:
+def compile_child_process(args: argparse.Namespace, tmp: Path) -> Optional[Child]:
     """The compile-on rows in a child process with a time limit: a slow or failing compile cannot eat the run."""
-    out = tmp / f"compile-{backend}.jsonl"
+    if args.no_compile:
+        return None
+    out = tmp / f"compile-{backend_of(args)}.jsonl"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--_compile-child", str(out),
-           "--compile-backend", backend] + (["--tiny"] if args.tiny else [])
-    say(f"   compile rows in a child process ({backend}, limit {limit:.0f} s) ...")
+           "--compile-backend", backend_of(args)] + (["--tiny"] if args.tiny else [])
+    return Child("compile", cmd, tmp, args.compile_timeout)
+
+
+def compile_rows(child: Child, backend: str, tmp: Path) -> list[dict[str, Any]]:
+    say(f"   compile rows from a child process ({backend}, limit {child.timeout_s:.0f} s) ...")
+    rc, _, err = child.wait()
     note = None
-    try:
-        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=limit)
-        if proc.returncode != 0:
-            note = f"child exited {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"
-    except subprocess.TimeoutExpired:
-        note = f"not finished within the {limit:.0f} s limit (compilation time)"
+    if rc == 124:
+        note = f"not finished within the {child.timeout_s:.0f} s limit (compilation time)"
+    elif rc != 0:
+        note = f"child exited {rc}: {(err.strip().splitlines() or [''])[-1][:200]}"
+    out = tmp / f"compile-{backend}.jsonl"
     rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
     if note:
         rows.append({"case": f"compile {backend}", "impl": "remaining rows", "note": note})
@@ -483,10 +558,10 @@ def step_eval(args: argparse.Namespace, sizes: Sizes, report: Report, device: An
 
     model = ({"preset": sizes.preset, "latent_dim": 16},
              {"name": "gsq", "dim": 16, "codebook_size": sizes.codebook, "groups": 8})
-    say(f"\n== 3. evaluation throughput: {sizes.eval_images} images {sizes.size}px, batch {sizes.eval_batch}, "
+    say(f"\n== 3. evaluation throughput: {sizes.eval_images} images {sizes.eval_size}px, batch {sizes.eval_batch}, "
         f"{sizes.preset} GSQ (random init), Inception + LPIPS {'+'.join(sizes.eval_nets)} (random stand-ins)")
     rows, info = metrics.bench_eval(sizes.eval_images, sizes.eval_batch, sizes.eval_nets, device, sizes.repeats,
-                                    tmp / "eval", size=sizes.size, tokenizer=model)
+                                    tmp / "eval", size=sizes.eval_size, tokenizer=model, warmup=sizes.warmup - 1)
     info["weights"] = "random stand-ins (benchmarks/_standins.py)"
     say(C.format_table(rows))
     timings = info.get("eval_stage_timings_s", {})
@@ -497,7 +572,7 @@ def step_eval(args: argparse.Namespace, sizes: Sizes, report: Report, device: An
     report.details["eval_rows"] = [dataclasses.asdict(r) for r in rows]
     report.details["eval_info"] = info
     top = ", ".join(f"{k} {100 * v:.0f} %" for k, v in list(shares.items())[:4])
-    report.add(Line("3 eval", f"evaluate() {sizes.eval_images} images {sizes.size}px", "INFO",
+    report.add(Line("3 eval", f"evaluate() {sizes.eval_images} images {sizes.eval_size}px", "INFO",
                     f"{sizes.eval_images / whole:.1f} img/s", f"{whole:.2f} s per pass; {top}"),
                Line("3 eval", "streaming pass vs its bare parts", "INFO",
                     f"{100 * info['eval_in_pass_overhead']:+.1f} %", "model + Inception + LPIPS forwards alone"))
@@ -531,9 +606,8 @@ def step_lookup(args: argparse.Namespace, sizes: Sizes, report: Report, device: 
 # ------------------------------------------------------------------------------------------ 5: torchrun
 
 
-def torchrun(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args]
-    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout_s)
+def torchrun_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args]
 
 
 WARNINGS = {"find_unused_parameters=True was specified": "DDP find_unused warning",
@@ -541,29 +615,50 @@ WARNINGS = {"find_unused_parameters=True was specified": "DDP find_unused warnin
             "Traceback": "traceback"}
 
 
-def step_torchrun(args: argparse.Namespace, sizes: Sizes, report: Report, device: Any, tmp: Path) -> None:
+def torchrun_children(args: argparse.Namespace, sizes: Sizes, tmp: Path) -> tuple[Child, Child]:
+    """`gsqbench train` under torchrun (G alone, then G + D from step n/4; a checkpoint half-way and at the end),
+    and benchmarks/ddp_find_unused.py under torchrun."""
     import yaml
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    say(f"\n== 5. torchrun, 1 process ({backend}): gsqbench train 20 steps; find_unused_parameters on vs chosen")
+    device, n = args.device.split(":")[0], sizes.torchrun_steps
     suite = tmp / "torchrun.yaml"
     suite.write_text(yaml.safe_dump({
         "suite": "gpu-torchrun",
         "shared": {"model": {"preset": "tiny-f8", "latent_dim": 8},
-                   "data": {"train": {"kind": "synthetic", "size": 32, "limit": 64}},
-                   "train": {"steps": 20, "batch_size": 8, "precision": "bf16", "checkpoint_every": 10,
-                             "log_every": 5},
+                   "data": {"train": {"kind": "synthetic", "size": sizes.torchrun_size,
+                                      "limit": 8 * sizes.torchrun_batch}},
+                   "train": {"steps": n, "batch_size": sizes.torchrun_batch, "precision": "bf16",
+                             "checkpoint_every": n // 2, "log_every": max(1, n // 4)},
                    "loss": {"perceptual_weight": 0.0},
-                   "gan": {"discriminator": "patchgan", "start_step": 5,
+                   "gan": {"discriminator": "patchgan", "start_step": n // 4,
                            "options": {"num_filters": 16, "num_layers": 2}}},
         "subjects": [{"name": "gsq", "quantizer": {"name": "gsq", "dim": 8, "codebook_size": 64, "groups": 2}}],
         "seeds": [0]}))
-    results = tmp / "torchrun-results"
-    try:
-        proc = torchrun(["-m", "gsqbench", "-v", "train", str(suite), "--results", str(results), "--device",
-                         device.type, "--no-progress"], timeout_s=240)
-        text = proc.stdout + proc.stderr
-        state = results / "gpu-torchrun" / "gsq-s0" / "checkpoint" / "train_state.pt"
+    train = Child("torchrun-train", torchrun_cmd(["-m", "gsqbench", "-v", "train", str(suite), "--results",
+                                                  str(tmp / "torchrun-results"), "--device", device,
+                                                  "--no-progress"]), tmp, 240)
+    extra = ["--preset", sizes.preset, "--size", str(sizes.size), "--batch", str(sizes.ddp_batch),
+             "--precision", "bf16" if device == "cuda" else "fp32", "--steps", str(sizes.ddp_steps),
+             "--repeats", "1" if args.tiny else str(max(2, sizes.repeats - 1))]
+    unused = Child("torchrun-find-unused", torchrun_cmd([str(HERE / "ddp_find_unused.py"), "--device", device,
+                                                         "--json", str(tmp / "ddp_find_unused.json"), *extra]),
+                   tmp, 300)
+    return train, unused
+
+
+def step_torchrun(args: argparse.Namespace, sizes: Sizes, report: Report, device: Any, tmp: Path,
+                  children: tuple[Child, Child]) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    n = sizes.torchrun_steps
+    what = f"gsqbench train, {n} steps, {backend}"
+    say(f"\n== 5. torchrun, 1 process ({backend}): gsqbench train {n} steps; find_unused_parameters on vs chosen")
+    train, unused = children
+    rc, out, err = train.wait()
+    if rc == 124:
+        report.add(Line("5 torchrun", what, "FAIL", note=f"timed out ({train.timeout_s:.0f} s)"))
+    else:
+        text = out + err
+        state = tmp / "torchrun-results" / "gpu-torchrun" / "gsq-s0" / "checkpoint" / "train_state.pt"
         step = None
         if state.exists():
             from gsqbench.checkpoints import load_train_state
@@ -571,44 +666,34 @@ def step_torchrun(args: argparse.Namespace, sizes: Sizes, report: Report, device
             step = load_train_state(state)["step"]
         found = [label for key, label in WARNINGS.items() if key in text]
         init = f"initialised {backend} process group" in text
-        speed = re.search(r"20 steps, ([\d.]+) images/s", proc.stdout)
-        ok = proc.returncode == 0 and step == 20 and init and not found
-        note = f"exit {proc.returncode}, checkpoint step {step}, {backend} init {'seen' if init else 'NOT seen'}" + \
+        speed = re.search(rf"{n} steps, ([\d.]+) images/s", out)
+        ok = rc == 0 and step == n and init and not found
+        note = f"exit {rc}, checkpoint step {step}, {backend} init {'seen' if init else 'NOT seen'}" + \
             (f", found: {', '.join(found)}" if found else ", no warnings")
-        report.add(Line("5 torchrun", f"gsqbench train, 20 steps, {backend}", "PASS" if ok else "FAIL",
-                        f"{speed.group(1)} img/s" if speed else "", note))
+        report.add(Line("5 torchrun", what, "PASS" if ok else "FAIL", f"{speed.group(1)} img/s" if speed else "",
+                        note))
         report.details["torchrun_train_output"] = text[-6000:]
         say(note)
         if not ok:
             say(text[-3000:])
-    except subprocess.TimeoutExpired:
-        report.add(Line("5 torchrun", f"gsqbench train, 20 steps, {backend}", "FAIL", note="timed out (240 s)"))
 
-    out = tmp / "ddp_find_unused.json"
-    extra = ["--preset", sizes.preset, "--size", str(sizes.size), "--batch", str(sizes.ddp_batch),
-             "--precision", "bf16" if device.type == "cuda" else "fp32", "--steps", str(sizes.ddp_steps),
-             "--repeats", str(max(2, sizes.repeats - 1)) if not args.tiny else "1"]
-    try:
-        proc = torchrun([str(HERE / "ddp_find_unused.py"), "--device", device.type, "--json", str(out), *extra],
-                        timeout_s=300)
-        say(proc.stdout.strip())
-        if proc.returncode != 0 or not out.exists():
-            report.add(Line("5 torchrun", "find_unused_parameters on vs chosen", "FAIL", f"exit {proc.returncode}",
-                            (proc.stderr.strip().splitlines() or [""])[-1][:200]))
-            return
-        data = json.loads(out.read_text())
-        rate, dec, warned = data["images_per_s"], data["decision"], data["warned"]
-        report.details["ddp_find_unused"] = data
-        report.add(Line("5 torchrun", "DDP find_unused_parameters: gsqbench's choice", "PASS" if not
-                        (dec["generator"] or dec["discriminator"]) and not warned["chosen"] else "FAIL",
-                        f"G={dec['generator']}, D={dec['discriminator']}",
-                        f"torch warned when forced on: {'yes' if warned['forced on'] else 'no'}, "
-                        f"with the choice: {'yes' if warned['chosen'] else 'no'}"),
-                   Line("5 torchrun", f"images/s, forced on vs chosen ({data['case'].split(',')[0]})", "INFO",
-                        f"{rate['forced on']:.1f} vs {rate['chosen']:.1f}",
-                        f"{rate['chosen'] / rate['forced on']:.3f}x"))
-    except subprocess.TimeoutExpired:
-        report.add(Line("5 torchrun", "find_unused_parameters on vs chosen", "FAIL", note="timed out (300 s)"))
+    rc, out, err = unused.wait()
+    say(out.strip())
+    result = tmp / "ddp_find_unused.json"
+    if rc != 0 or not result.exists():
+        report.add(Line("5 torchrun", "find_unused_parameters on vs chosen", "FAIL", f"exit {rc}",
+                        "timed out" if rc == 124 else (err.strip().splitlines() or [""])[-1][:200]))
+        return
+    data = json.loads(result.read_text())
+    rate, dec, warned = data["images_per_s"], data["decision"], data["warned"]
+    report.details["ddp_find_unused"] = data
+    report.add(Line("5 torchrun", "DDP find_unused_parameters: gsqbench's choice", "PASS" if not
+                    (dec["generator"] or dec["discriminator"]) and not warned["chosen"] else "FAIL",
+                    f"G={dec['generator']}, D={dec['discriminator']}",
+                    f"torch warned when forced on: {'yes' if warned['forced on'] else 'no'}, "
+                    f"with the choice: {'yes' if warned['chosen'] else 'no'}"),
+               Line("5 torchrun", f"images/s, forced on vs chosen ({data['case'].split(',')[0]})", "INFO",
+                    f"{rate['forced on']:.1f} vs {rate['chosen']:.1f}", f"{rate['chosen'] / rate['forced on']:.3f}x"))
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -640,12 +725,24 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    problem = missing_dependency()
+    if args.threads is None and args.tiny:
+        # one thread per process: the --tiny run's children share two busy CI cores, and BLAS or OpenMP threads
+        # that wait on each other there crawl (numpy's 2048² eigvals of the FID: 6 s on one thread, 31 s on two)
+        args.threads = 1
+    if args.threads:  # before numpy and torch load their thread pools; the child processes inherit it
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    problem = None if args._compile_child else missing_dependency()  # the parent checked for its child
     if problem:
         print(problem, file=sys.stderr)
         return 2
     import torch
 
+    version = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if version < MIN_TORCH:
+        print(f"gpu.py: torch {torch.__version__} is older than gsqbench supports "
+              f"({'.'.join(map(str, MIN_TORCH))} or newer)", file=sys.stderr)
+        return 2
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -685,12 +782,23 @@ def run_all(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gsqbench-gpu-") as tmp_name:
         tmp = Path(tmp_name)
         _standins.install(("inception-fid", "alexnet", "vgg16", "dinov2-vits14-reg"), tmp / "weights")
+        pytest_proc = pytest_child(args, tmp)
+        torchrun_procs = torchrun_children(args, sizes, tmp)
+        compile_proc = compile_child_process(args, tmp)
+        if args.tiny:  # toy numbers: the child processes run beside the in-process steps (two cores, one thread each)
+            wanted = {"correctness": [pytest_proc], "torchrun": list(torchrun_procs), "train": [compile_proc]}
+            for step in STEPS:
+                for child in wanted.get(step, []) if step in args.steps else []:
+                    if child is not None:
+                        child.start()
         # correctness first (most important), compile (slowest) last; the table lists steps in issue order
-        order = [("correctness", lambda: step_correctness(args, report, tmp)),
-                 ("torchrun", lambda: step_torchrun(args, sizes, report, device, tmp)),
+        order = [("correctness", lambda: step_correctness(args, report, tmp, pytest_proc)),
+                 ("torchrun", lambda: step_torchrun(args, sizes, report, device, tmp, torchrun_procs)),
                  ("lookup", lambda: step_lookup(args, sizes, report, device)),
                  ("eval", lambda: step_eval(args, sizes, report, device, tmp)),
-                 ("train", lambda: step_train(args, sizes, report, device, tmp, deadline))]
+                 ("train", lambda: step_train(args, sizes, report, device, tmp, deadline, compile_proc))]
+        if args.tiny:  # the in-process steps first, while the children run
+            order = order[2:] + order[:2]
         for step, fn in order:
             if step not in args.steps:
                 continue
@@ -705,6 +813,9 @@ def run_all(args: argparse.Namespace) -> int:
                                 if str(exc) else ""))
             report.details.setdefault("step_seconds", {})[step] = round(time.monotonic() - t0, 1)
             report.save()
+        for child in (pytest_proc, *torchrun_procs, compile_proc):
+            if child is not None:
+                child.stop()
     report.lines.sort(key=lambda x: x.step)
     report.details["total_seconds"] = round(time.monotonic() - start, 1)
     report.save()

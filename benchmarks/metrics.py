@@ -83,7 +83,7 @@ TINY_TOKENIZER = ({"preset": "tiny-f8", "latent_dim": 8}, {"name": "gsq", "dim":
 
 
 def bench_eval(n_images: int, batch: int, nets: tuple[str, ...], device: torch.device, repeats: int,
-               tmp: Path, size: int = 64, tokenizer: tuple[dict, dict] = TINY_TOKENIZER
+               tmp: Path, size: int = 64, tokenizer: tuple[dict, dict] = TINY_TOKENIZER, warmup: int = 1
                ) -> tuple[list[Row], dict[str, Any]]:
     """evaluate() round-robin against its bare parts; `tokenizer` = (model spec, quantizer spec), random init."""
     from gsqbench.data import build_dataset
@@ -134,7 +134,8 @@ def bench_eval(n_images: int, batch: int, nets: tuple[str, ...], device: torch.d
     rows = C.run_interleaved(case, [("evaluate() whole pass", whole_pass),
                                     ("bare: tokenizer forward", model_part),
                                     ("bare: Inception forward (real+fake)", inception_part),
-                                    (f"bare: LPIPS forward ({'+'.join(nets)})", lpips_part)], device, repeats)
+                                    (f"bare: LPIPS forward ({'+'.join(nets)})", lpips_part)], device, repeats,
+                                warmup=warmup)
     parts = rows[1:]
     bare = sum(p.median for p in parts)
     rows.append(Row(case, "bare parts, sum of medians", [bare], None))
