@@ -53,7 +53,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ from torch import Tensor
 
 from gsqbench.errors import UserError, did_you_mean
 from gsqbench.manifest import IMAGE_EXTENSIONS
+from gsqbench.results import CROP_ID_MARK, original_image_id
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ class MultiCrop(ImageDataset):
         super().__init__(split=base.split, resolution=base.resolution, crop=base.crop)
         self.base, self.crops, self.seed, self.kind = base, crops, seed, base.kind
         base_ids = base.ids  # once: an image folder builds its id list on each access
-        self.ids = [i if j == 0 else f"{i}#crop{j}" for j in range(crops) for i in base_ids]
+        self.ids = [i if j == 0 else f"{i}{CROP_ID_MARK}{j}" for j in range(crops) for i in base_ids]
 
     # the corrupt/small-image policy is the base's (README "Corrupt and small images")
     strict = property(lambda self: self.base.strict)
@@ -291,16 +292,10 @@ class MultiCrop(ImageDataset):
         if j == 0:
             return self.base.read(b)
         image_id = self.ids[index]
-        try:
-            img = self.base.original(b)
-        except UserError:
-            raise
-        except Exception as exc:  # PIL raises many types for bad files; all mean "cannot be read"
-            return Sample(image_id, None, error=f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300],
-                          problem="unreadable")
+        img = _checked_original(image_id, lambda: self.base.original(b), self.min_size)
+        if isinstance(img, Sample):
+            return img
         w, h = img.size
-        if self.min_size is not None and min(w, h) < self.min_size:
-            return Sample(image_id, None, w, h, error=f"{w}x{h}", problem="too-small")
         id_key = int.from_bytes(hashlib.sha256(self.base.image_id(b).encode("utf-8")).digest()[:8], "big")
         rng = np.random.default_rng([self.seed, id_key, j])
         return Sample(image_id, pil_to_u8(random_crop(img, self.resolution, rng)), w, h)
@@ -308,12 +303,29 @@ class MultiCrop(ImageDataset):
     def record_read_results(self, results: Sequence[tuple[str, Optional[str]]]) -> None:
         record = getattr(self.base, "record_read_results", None)
         if record is not None:  # every crop of a bad file is bad: the manifest holds the file once
-            record(sorted({(i.split("#crop")[0], r) for i, r in results}))
+            record(sorted({(original_image_id(i), r) for i, r in results}))
 
     def describe(self) -> dict:
         return {**self.base.describe(), "n": len(self), "n_originals": len(self.base), "crops_per_image": self.crops,
                 "extra_crops": "seeded random: shorter side ~ U[S, short] (PIL bilinear), uniform S x S window",
                 "crop_seed": self.seed, "ids_sha256": hashlib.sha256("\n".join(self.ids).encode()).hexdigest()}
+
+
+def _checked_original(image_id: str, decode: Callable[[], Image.Image], min_size: Optional[int]
+                      ) -> Image.Image | Sample:
+    """The decoded original, or the Sample saying why it cannot be used (never raises for a bad file: DataLoader
+    workers would turn that into a multi-line error; a UserError, e.g. a missing bundled photo, still propagates)."""
+    try:
+        img = decode()
+    except UserError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad files; all mean "cannot be read"
+        return Sample(image_id, None, error=f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300],
+                      problem="unreadable")
+    w, h = img.size
+    if min_size is not None and min(w, h) < min_size:
+        return Sample(image_id, None, w, h, error=f"{w}x{h}", problem="too-small")
+    return img
 
 
 def problem_message(dataset: Any, sample: Sample) -> str:
@@ -493,14 +505,10 @@ class ImageFolder(ImageDataset):
 
     def read(self, index: int) -> Sample:
         image_id = self.image_id(index)
-        try:
-            img = _decode(self._base / image_id)
-        except Exception as exc:  # PIL raises many types for bad files; all mean "cannot be read"
-            return Sample(image_id, None, error=f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300],
-                          problem="unreadable")
+        img = _checked_original(image_id, lambda: _decode(self._base / image_id), self.min_size)
+        if isinstance(img, Sample):
+            return img
         w, h = img.size
-        if self.min_size is not None and min(w, h) < self.min_size:
-            return Sample(image_id, None, w, h, error=f"{w}x{h}", problem="too-small")
         return Sample(image_id, apply_crop(img, self.crop, self.resolution), w, h)
 
     def original(self, index: int) -> Image.Image:

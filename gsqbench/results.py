@@ -110,6 +110,26 @@ def provenance(*, device: str | None = None, precision: str = "fp32", world_size
     }
 
 
+# ----------------------------------------------------------------------------------------------- image ids
+#: the extra crops of one image (data.crops_per_image, gsqbench.data.MultiCrop) have ids '<image id>#crop<j>'
+CROP_ID_MARK = "#crop"
+
+
+def original_image_id(image_id: str) -> str:
+    """The id of the image a crop was cut from (itself for a plain image id)."""
+    return image_id.split(CROP_ID_MARK, 1)[0]
+
+
+def image_clusters(image_ids: Sequence[str]) -> "np.ndarray | None":
+    """Cluster index per id (the crops of one original share one, numbered in order of first appearance), or None
+    when every id is its own original. Crops of one photo are not independent samples: intervals resample them
+    together (metrics-protocol.md, "Several crops per image")."""
+    if not any(CROP_ID_MARK in i for i in image_ids):
+        return None
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(original_image_id(i), len(index)) for i in image_ids], dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------------------------- writing
 def run_dir_for(results_root: str | os.PathLike, suite: str, run_id: str) -> Path:
     """`<root>/<suite>/<run_id>` with both names sanitised so they can never leave the root."""
@@ -398,8 +418,10 @@ def sample_ids(run_dir: str | os.PathLike) -> list[str]:
     return sorted(real & recon)
 
 
-def find_run_dirs(*roots: str | os.PathLike) -> list[Path]:
-    """Every directory below `roots` (or a root itself) that holds a metrics.csv, sorted and de-duplicated."""
+def find_run_dirs(*roots: str | os.PathLike, markers: Sequence[str] = (METRICS_FILE,)) -> list[Path]:
+    """Every directory below `roots` (or a root itself) that holds one of `markers`, sorted and de-duplicated.
+
+    A marker is a file name, or 'folder/name' for a file inside a sub-folder of the run (e.g. a checkpoint)."""
     found: set[Path] = set()
     for root in roots:
         root = Path(root)
@@ -410,7 +432,13 @@ def find_run_dirs(*roots: str | os.PathLike) -> list[Path]:
                 raise UserError(f"results path '{root}' is a file; give a results directory or a metrics.csv")
             found.add(root.parent.resolve())
             continue
-        found.update(p.parent.resolve() for p in root.rglob(METRICS_FILE))
+        for marker in markers:
+            *parent, name = marker.split("/")
+            for p in root.rglob(name):
+                if not parent:
+                    found.add(p.parent.resolve())
+                elif p.parent.name == parent[0]:
+                    found.add(p.parent.parent.resolve())
     return sorted(found)
 
 

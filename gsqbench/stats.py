@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from gsqbench.results import read_per_image
+from gsqbench.results import image_clusters, read_per_image
 
 if TYPE_CHECKING:  # report.data imports nothing of ours at run time here: `gsqbench.report` imports this module
     import pandas as pd
@@ -51,6 +51,16 @@ _MEAN_RTOL = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------- core math
+def _units(image_ids: Sequence[str]) -> str:
+    """What an image bootstrap resamples: the images, or the photos whose crops were evaluated."""
+    clusters = image_clusters(image_ids)
+    if clusters is None:
+        return f"{len(image_ids)} images"
+    k = int(clusters.max()) + 1
+    return f"{k} photos ({len(image_ids)} crops; each photo's crops resampled together)"
+
+
+
 def finite(x: Any) -> bool:
     try:
         return x is not None and math.isfinite(float(x))
@@ -59,12 +69,15 @@ def finite(x: Any) -> bool:
 
 
 def bootstrap_means(x: np.ndarray, *, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
-                    max_chunk_elements: int = MAX_CHUNK_ELEMENTS) -> np.ndarray:
+                    max_chunk_elements: int = MAX_CHUNK_ELEMENTS, sizes: np.ndarray | None = None) -> np.ndarray:
     """(n_boot, C) bootstrap replicates of the column means of `x` (N images × C columns).
 
     Each replicate draws N image indices with replacement (a multinomial resample) and applies the SAME resample to
     every column: columns are paired by image. Counts are built in chunks of at most `max_chunk_elements`, so memory
-    is O(N) whatever n_boot is, and a fixed `seed` makes the result reproducible."""
+    is O(N) whatever n_boot is, and a fixed `seed` makes the result reproducible.
+
+    With `sizes`, the N rows are clusters (the crops of one photo): `x` holds each cluster's value sums and `sizes`
+    its image counts, and a replicate is the resampled sums over the resampled counts (a cluster bootstrap)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
@@ -79,7 +92,7 @@ def bootstrap_means(x: np.ndarray, *, n_boot: int = N_BOOT, seed: int = BOOT_SEE
         idx = rng.integers(0, n, size=(c, n))
         idx += (np.arange(c, dtype=np.int64) * n)[:, None]  # row r's counts land in [r·n, (r+1)·n)
         counts = np.bincount(idx.ravel(), minlength=c * n).reshape(c, n)
-        out[start:start + c] = counts @ x / n
+        out[start:start + c] = counts @ x / (n if sizes is None else (counts @ sizes)[:, None])
     return out
 
 
@@ -363,7 +376,15 @@ class GroupStats:
                 common = max(set(id_lists), key=lambda ids: (id_lists.count(ids), ids))
                 keys = [k for k, (ids, _) in have.items() if ids == common]
                 x = np.stack([have[k][1] for k in keys], axis=1)
-                reps = bootstrap_means(x, n_boot=self.n_boot, seed=self.seed)
+                clusters = image_clusters(common)
+                if clusters is None:
+                    reps = bootstrap_means(x, n_boot=self.n_boot, seed=self.seed)
+                else:  # crops of one photo are resampled together (results.image_clusters)
+                    k = int(clusters.max()) + 1
+                    sums = np.zeros((k, x.shape[1]))
+                    np.add.at(sums, clusters, x)
+                    sizes = np.bincount(clusters, minlength=k).astype(np.float64)
+                    reps = bootstrap_means(sums, n_boot=self.n_boot, seed=self.seed, sizes=sizes)
                 self._boot[metric] = (common, {k: reps[:, i] for i, k in enumerate(keys)})
         return self._boot[metric]
 
@@ -409,7 +430,7 @@ class GroupStats:
             if n_img is None:  # set-level metric: seed spread only
                 return Estimate(mean, sd, 1, math.nan, math.nan, math.nan, "no interval (1 seed)", None)
             row = next(r.metrics[metric] for r in unit.runs if finite(r.metrics.get(metric, {}).get("value")))
-            method = "within-run bootstrap over images (1 seed: seed variation not included)"
+            method = f"within-run bootstrap over {_units(images[0])} (1 seed: seed variation not included)"
             if finite(row.get("ci_low")) and finite(row.get("ci_high")):  # the run's own interval, kept as stored
                 se = float(row["stderr"]) if finite(row.get("stderr")) else math.nan
                 return Estimate(mean, sd, 1, se, float(row["ci_low"]), float(row["ci_high"]), method, n_img)
@@ -425,7 +446,7 @@ class GroupStats:
             _, reps = self._replicates(metric)
             if unit.key in reps:
                 image_var = float(np.var(reps[unit.key], ddof=1))
-                method = f"seed spread over {s} seeds + bootstrap over {n_img} images (t interval)"
+                method = f"seed spread over {s} seeds + bootstrap over {_units(images[0])} (t interval)"
         var = seed_var + image_var
         se = math.sqrt(var)
         half = t_quantile(welch_df([(seed_var, s)], var)) * se if var > 0 else 0.0

@@ -81,6 +81,26 @@ def truncate(path: Path, keep: int) -> None:
     path.write_bytes(data[:keep])
 
 
+def image_folder(ws: Path) -> None:
+    """imgs/: three small JPEGs (48x40, 44x36, 40x30: only the last is below --min-size 32) and a truncated one."""
+    import io
+
+    from PIL import Image
+
+    for i, size in enumerate(((48, 40), (44, 36), (40, 30))):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (40 * i, 90, 160)).save(buf, "JPEG")
+        write(ws / "imgs" / f"{i}.jpg", buf.getvalue())
+    write(ws / "imgs" / "broken.jpg", buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def stderr_has(*needles: str) -> Callable[[Path, str], None]:
+    def check(ws: Path, err: str) -> None:
+        for n in needles:
+            assert n in err, f"{n!r} not in stderr:\n{err}"
+    return check
+
+
 def live_lock(folder: Path) -> None:
     """A lock held by a live process on this host: this test process (so it is not stale)."""
     from gsqbench.locks import LOCK_NAME, Holder
@@ -134,6 +154,8 @@ def payload_never_ran(ws: Path, err: str) -> None:
 
 
 R = "results/demo/vq-s0"
+EVAL_IMGS = ["eval", "ckpt", "--data", "image-folder:imgs", "--resolution", "16", "--metrics", "pixel", "--out", "ev",
+             "--no-progress"]
 CASES: list[Case] = [
     # --- suite files (no torch needed)
     Case("unknown key", lambda ws: ["run", "suite.yaml"], r"unknown config key 'shared\.train\.lrr'; did you mean 'lr'",
@@ -217,6 +239,16 @@ CASES: list[Case] = [
     Case("eval: truncated weights", lambda ws: ["eval", "ckpt", "--out", "ev"],
          r"ckpt/model\.safetensors: sha256 differs from model\.json",
          setup=lambda ws: truncate(ws / "ckpt" / "model.safetensors", 100)),
+    # --- corrupt and small images (README "Corrupt and small images")
+    Case("eval: truncated JPEG under --strict-data", lambda ws: [*EVAL_IMGS, "--strict-data"],
+         r"data\.path: cannot decode image '\S*imgs/broken\.jpg' \(.+\); remove or replace the file",
+         setup=image_folder),
+    Case("eval: truncated JPEG is skipped with a count", lambda ws: EVAL_IMGS, code=0, setup=image_folder,
+         check=stderr_has("skipped 1 image(s) that could not be read (first: broken.jpg")),
+    Case("eval: --min-size refuses a small image", lambda ws: [*EVAL_IMGS, "--min-size", "32"],
+         r"--min-size 32: image 'imgs/2\.jpg' is 40x30, its shorter side is below 32; remove it", setup=image_folder),
+    Case("data check: an unreadable file is exit 1", lambda ws: ["data", "check", "imgs", "--no-progress"], code=1,
+         setup=image_folder, check=lambda ws, err: None),
     # --- import
     Case("import: pickle payload (same message)", lambda ws: ["import", "evil.pt", "--out", "imp"],
          r"refusing to load evil\.pt: it contains executable pickle content \(posix\.system\); only tensor checkpoints "

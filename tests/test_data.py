@@ -193,6 +193,31 @@ def test_image_folder_corrupt_file_skipped_with_count_or_refused(tmp_path, caplo
     assert "\n" not in msg and "broken.jpg" in msg
 
 
+def test_extra_crops_of_an_image_folder_follow_the_same_policy(tmp_path):
+    """crops_per_image on an image folder: a broken file is unreadable in every crop (never raised by read), the
+    manifest records the file once, and the extra crops of a good file are seeded random S x S crops of it."""
+    from gsqbench.manifest import load_manifest
+
+    _write_folder(tmp_path)
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    ds = data.build_dataset("image-folder", path=tmp_path, resolution=8, crop="gsq", crops_per_image=3)
+    base_ids = [i for i in ds.ids if "#crop" not in i]
+    assert len(ds) == 3 * len(base_ids) and ds.ids[len(base_ids)] == base_ids[0] + "#crop1"
+    broken = [ds.read(k) for k, i in enumerate(ds.ids) if i.startswith("a/broken.jpg")]
+    assert len(broken) == 3 and all(s.image is None and s.problem == "unreadable" for s in broken)
+    good = ds.read(len(base_ids) + 1)
+    assert good.image.shape == (3, 8, 8) and good.image.dtype == torch.uint8
+    assert torch.equal(good.image, ds.read(len(base_ids) + 1).image)  # seeded
+    ds.record_read_results([(s.image_id, s.error) for s in broken])
+    m = load_manifest(tmp_path)
+    assert [p for p, _ in m.bad()] == ["a/broken.jpg"]
+    again = data.build_dataset("image-folder", path=tmp_path, resolution=8, crop="gsq", crops_per_image=3)
+    assert not any(i.startswith("a/broken.jpg") for i in again.ids) and len(again) == len(ds) - 3
+    strict = data.build_dataset("image-folder", path=tmp_path, resolution=8, crop="gsq", crops_per_image=2,
+                                min_size=1000)
+    assert strict.read(len(strict) - 1).problem == "too-small"  # an extra crop honours --min-size too
+
+
 def test_image_folder_missing_and_empty_dirs(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(UserError) as err:

@@ -214,3 +214,34 @@ def test_a_diverged_variant_is_shown_as_such_and_fails_the_gate(tmp_path, capsys
     out = capsys.readouterr().out
     assert "FAIL flaky psnr: 1 of 2 seeds diverged: seed 1 diverged at step 7 (loss_rec)" in out
     assert "note: flaky: 1 of 2 seeds diverged" in out
+
+
+def test_crops_of_one_photo_are_resampled_together(tmp_path):
+    """16 crops of 6 photos are 6 samples, not 96: the per-run standard error is the standard error of the 6 photo
+    means (closed form), and a paired difference that varies by photo gets the interval of a bootstrap over photos
+    (oracle: a plain photo-index bootstrap written here). The naive per-crop interval would be ~4x narrower."""
+    from gsqbench.metrics.base import mean_with_interval
+
+    rng = np.random.default_rng(11)
+    photos, crops = 6, 16
+    ids = [f"p{k}" if j == 0 else f"p{k}#crop{j}" for j in range(crops) for k in range(photos)]
+    photo = np.repeat(rng.normal(0.0, 3.0, photos)[None, :], crops, axis=0).ravel()  # crop-major like MultiCrop
+    delta = np.repeat(rng.normal(0.3, 1.0, photos)[None, :], crops, axis=0).ravel()
+    b = 24.0 + photo + rng.normal(0.0, 0.1, photos * crops)
+    a = b + delta
+    photo_means = a.reshape(crops, photos).mean(axis=0)
+    mv = mean_with_interval(a, "psnr", "higher", ids=ids)
+    assert mv.value == pytest.approx(a.mean(), rel=1e-12) and mv.n == photos * crops
+    assert mv.stderr == pytest.approx(photo_means.std(ddof=1) / math.sqrt(photos), rel=1e-9)
+    naive = mean_with_interval(a, "psnr", "higher")
+    assert mv.stderr > 3 * naive.stderr and mv.ci_high - mv.ci_low > 3 * (naive.ci_high - naive.ci_low)
+    for subject, values in (("a", a), ("b", b)):
+        write_run(tmp_path, subject, 0, per_image={"psnr": values}, ids=ids)
+    stats = _stats(tmp_path)
+    d = stats.difference(_unit(stats, "a"), _unit(stats, "b"), "psnr")
+    d_photo = (a - b).reshape(crops, photos).mean(axis=0)
+    idx = np.random.default_rng(999).integers(0, photos, size=(4000, photos))
+    o_lo, o_hi = np.percentile(d_photo[idx].mean(axis=1), [2.5, 97.5])
+    assert d.value == pytest.approx(delta.mean(), abs=1e-9)
+    assert (d.ci_high - d.ci_low) == pytest.approx(o_hi - o_lo, rel=0.15)
+    assert "6 photos (96 crops" in stats.cell(_unit(stats, "a"), "psnr").estimate.method

@@ -166,12 +166,16 @@ class Metric:
 BOOT_BLOCK_ELEMENTS = 1 << 20
 
 
-def bootstrap_means(arr: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_means(arr: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                    sizes: Optional[np.ndarray] = None) -> np.ndarray:
     """Means of `n_boot` seeded resamples (with replacement) of `arr`, in O(N) memory.
 
     The resample indices are drawn block by block of rows from one `default_rng(seed)` stream: numpy's Generator
     yields the same integers whether a (B, N) array is drawn at once or in row blocks, so the means are exactly
     those of the full B×N index matrix (which needs 8·B·N bytes: 400 MB at N = 50,000) at a fraction of the memory.
+
+    With `sizes` the rows are clusters (e.g. the crops of one photo): `arr` holds each cluster's value sum and
+    `sizes` its image count, and a replicate is the resampled sums over the resampled counts (a cluster bootstrap).
     """
     n = int(arr.size)
     rng = np.random.default_rng(seed)
@@ -179,19 +183,37 @@ def bootstrap_means(arr: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.nd
     out = np.empty(n_boot, dtype=np.float64)
     for start in range(0, n_boot, rows):
         stop = min(n_boot, start + rows)
-        out[start:stop] = arr[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        out[start:stop] = arr[idx].mean(axis=1) if sizes is None else arr[idx].sum(axis=1) / sizes[idx].sum(axis=1)
     return out
 
 
 def mean_with_interval(
-    values: Sequence[float], name: str, direction: Direction, *, n_boot: int = 1000, seed: int = 0
+    values: Sequence[float], name: str, direction: Direction, *, ids: Optional[Sequence[str]] = None,
+    n_boot: int = 1000, seed: int = 0
 ) -> MetricValue:
-    """Mean of per-image values with its standard error and a seeded percentile-bootstrap 95 % interval."""
+    """Mean of per-image values with its standard error and a seeded percentile-bootstrap 95 % interval.
+
+    With `ids` holding several crops of one image (`<id>#crop<j>`, data.crops_per_image) the crops are not
+    independent samples: the standard error is the cluster-robust one and the bootstrap resamples whole images
+    (gsqbench.results.image_clusters), so 16 crops of 5 photos carry the uncertainty of 5 photos, not of 80."""
+    from gsqbench.results import image_clusters
+
     arr = np.asarray(values, dtype=np.float64)
     n = int(arr.size)
     if n == 0:
         return MetricValue.missing(name, "no images evaluated", direction)
     mean = float(arr.mean())
-    stderr = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    lo, hi = np.percentile(bootstrap_means(arr, n_boot, seed), [2.5, 97.5])
+    clusters = image_clusters(ids) if ids is not None and len(ids) == n else None
+    if clusters is None:
+        stderr = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        replicates = bootstrap_means(arr, n_boot, seed)
+    else:
+        k = int(clusters.max()) + 1
+        sums = np.bincount(clusters, weights=arr, minlength=k)
+        sizes = np.bincount(clusters, minlength=k).astype(np.float64)
+        resid = sums - mean * sizes  # the ratio estimator's cluster residuals (equal sizes: std of cluster means)
+        stderr = float(math.sqrt(k / (k - 1) * float(np.sum(resid * resid))) / n) if k > 1 else float("nan")
+        replicates = bootstrap_means(sums, n_boot, seed, sizes=sizes)
+    lo, hi = np.percentile(replicates, [2.5, 97.5])
     return MetricValue(name, mean, stderr, float(lo), float(hi), direction, n)

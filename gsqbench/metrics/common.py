@@ -174,4 +174,4 @@ class PerImageMetric(Metric):
     def compute(self) -> list[MetricValue]:
         if self._unavailable is not None:
             return [MetricValue.missing(k, self._unavailable, self.outputs[k]) for k in self.keys]
-        return [mean_with_interval(self._values[k], k, self.outputs[k]) for k in self.keys]
+        return [mean_with_interval(self._values[k], k, self.outputs[k], ids=self._ids) for k in self.keys]

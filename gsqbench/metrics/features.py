@@ -27,6 +27,7 @@ import torch
 from gsqbench import distributed
 from gsqbench.errors import UserError
 from gsqbench.io import atomic_write_bytes, atomic_write_json
+from gsqbench.metrics.base import Metric
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,45 @@ class FeatureStore:
             self.root.rmdir()
         except OSError:
             pass
+
+
+class PairedFeatureMetric(Metric):
+    """A metric over the features of every (real, reconstruction) pair, kept in a FeatureStore during the pass and
+    used after it (KID, precision/recall). Subclasses set `model` (None: unavailable), `store`, `pair_name` and
+    implement `_features(images_u8) -> (B, d)`; the pass, resumable state and clean-up are shared here."""
+
+    pair_name = "features"
+    model: Any = None
+    store: Optional[FeatureStore] = None
+
+    def _features(self, images_u8: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
+        from gsqbench.metrics.common import check_image_pair
+
+        if self.model is None:
+            return
+        check_image_pair(real_u8, fake_u8, what=self.pair_name)
+        self.store.add("real", image_ids, self._features(real_u8))
+        self.store.add("fake", image_ids, self._features(fake_u8))
+
+    def sync(self) -> None:
+        if self.store is not None:
+            self.store.sync()
+
+    def state_dict(self) -> dict:
+        """Streaming state for a resumed evaluation: the feature chunks written so far (plain lists)."""
+        return {"store": self.store.state_dict()} if self.store is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.store is not None:
+            self.store.load_state_dict(state["store"])
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.remove()
 
 
 def store_root(out_dir: Optional[Path], key: str, keep: bool) -> Optional[Path]:

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from gsqbench.errors import UserError
-from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
-from gsqbench.metrics.common import SharedExtractor, check_image_pair, exact_fp32, resolve_weights
-from gsqbench.metrics.features import FeatureStore, compute_on_main, store_root
+from gsqbench.metrics.base import Facts, MetricContext, MetricValue
+from gsqbench.metrics.common import SharedExtractor, exact_fp32, resolve_weights
+from gsqbench.metrics.features import FeatureStore, PairedFeatureMetric, compute_on_main, store_root
 from gsqbench.metrics.fid import EXTRACTOR, RESIZE_MODE, WEIGHT_NAME, inception_extractor_fields, shared_inception
 from gsqbench.registry import register_metric
 
@@ -73,11 +73,12 @@ def kid_subsets(fake: np.ndarray, real: np.ndarray, subsets: int = SUBSETS, subs
 
 
 @register_metric(KEY)
-class KIDMetric(Metric):
+class KIDMetric(PairedFeatureMetric):
     """KID of reconstructions vs originals on Inception pool features, over subsets as torch-fidelity (opt-in).
 
     Unbiased MMD² with the polynomial kernel (x·y/d + 1)³; see the module docstring."""
 
+    pair_name = "KID"
     family, card_group = "kid", "kid"
     outputs = {KEY: "lower"}
     weights = (WEIGHT_NAME,)
@@ -119,26 +120,6 @@ class KIDMetric(Metric):
         with exact_fp32():  # a SharedExtractor moves the batch itself (and may hand back rFID's forward of it)
             return self.model(images_u8 if isinstance(self.model, SharedExtractor) else images_u8.to(self.device))[0]
 
-    @torch.no_grad()
-    def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
-        if self.model is None:
-            return
-        check_image_pair(real_u8, fake_u8, what="KID")
-        self.store.add("real", image_ids, self._features(real_u8))
-        self.store.add("fake", image_ids, self._features(fake_u8))
-
-    def sync(self) -> None:
-        if self.store is not None:
-            self.store.sync()
-
-    def state_dict(self) -> dict:
-        """Streaming state for a resumed evaluation: the feature chunks written so far (plain lists)."""
-        return {"store": self.store.state_dict()} if self.store is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.store is not None:
-            self.store.load_state_dict(state["store"])
-
     def compute(self) -> list[MetricValue]:
         if self.model is None:
             return [MetricValue.missing(KEY, self._unavailable, "lower")]
@@ -156,10 +137,6 @@ class KIDMetric(Metric):
             return None, None, None, n
         mmds = kid_subsets(fake, real, self.subsets, m, self.seed, self.device)
         return float(np.mean(mmds)), float(np.std(mmds)), m, int(len(fake))
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.remove()
 
     def card(self) -> dict:
         import torch_fidelity

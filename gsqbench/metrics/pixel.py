@@ -87,7 +87,7 @@ class PSNRMetric(PerImageMetric):
                 "psnr_cap_db": self.cap_db, "psnr_capped_images": self.capped_images()}
 
     def compute(self) -> list[MetricValue]:
-        mean = mean_with_interval(self._values["psnr"], "psnr", "higher")
+        mean = mean_with_interval(self._values["psnr"], "psnr", "higher", ids=self._ids)
         total_count = sum(self._values["_count"])
         if total_count == 0:
             return [mean, MetricValue.missing("psnr_pooled", "no images evaluated", "higher")]

@@ -16,16 +16,16 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from gsqbench.errors import UserError
 from gsqbench.io import sha256_file
-from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
-from gsqbench.metrics.common import check_image_pair, exact_fp32, resolve_weights, shared_object
-from gsqbench.metrics.features import FeatureStore, compute_on_main, store_root
+from gsqbench.metrics.base import Facts, MetricContext, MetricValue
+from gsqbench.metrics.common import exact_fp32, resolve_weights, shared_object
+from gsqbench.metrics.features import FeatureStore, PairedFeatureMetric, compute_on_main, store_root
 from gsqbench.registry import register_metric
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,12 @@ def _block(feats: np.ndarray, start: int, size: int, device: torch.device | str)
 
 
 @register_metric("prc@vgg16")
-class PrecisionRecallMetric(Metric):
+class PrecisionRecallMetric(PairedFeatureMetric):
     """Improved precision and recall (k = 3) of reconstructions on VGG16 fc2 features, as torch-fidelity (opt-in).
 
     precision: fake samples inside the real k-NN manifold; recall: real samples inside the fake one."""
 
+    pair_name = "precision/recall"
     family, card_group = "prc", "prc"
     outputs = {"precision@vgg16": "higher", "recall@vgg16": "higher"}
     weights = (WEIGHT_NAME,)
@@ -161,26 +162,6 @@ class PrecisionRecallMetric(Metric):
         with exact_fp32():
             return self.model(images_u8.to(self.device))[0]
 
-    @torch.no_grad()
-    def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
-        if self.model is None:
-            return
-        check_image_pair(real_u8, fake_u8, what="precision/recall")
-        self.store.add("real", image_ids, self._features(real_u8))
-        self.store.add("fake", image_ids, self._features(fake_u8))
-
-    def sync(self) -> None:
-        if self.store is not None:
-            self.store.sync()
-
-    def state_dict(self) -> dict:
-        """Streaming state for a resumed evaluation: the feature chunks written so far (plain lists)."""
-        return {"store": self.store.state_dict()} if self.store is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.store is not None:
-            self.store.load_state_dict(state["store"])
-
     def compute(self) -> list[MetricValue]:
         if self.model is None:
             return [MetricValue.missing(k, self._unavailable, d) for k, d in self.outputs.items()]
@@ -200,10 +181,6 @@ class PrecisionRecallMetric(Metric):
             return None, None, n
         precision, recall = precision_recall(fake, real, self.k, self.device, self.block)
         return precision, recall, n
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.remove()
 
     def card(self) -> dict:
         import torch_fidelity

@@ -172,25 +172,9 @@ class Unlisted:
 
 def run_folders(*roots: str | Path) -> list[Path]:
     """Every folder under `roots` (or a root itself) holding a results or training file, sorted, de-duplicated."""
-    from gsqbench.errors import UserError
+    from gsqbench.results import find_run_dirs
 
-    found: set[Path] = set()
-    for root in roots:
-        root = Path(root)
-        if not root.exists():
-            raise UserError(f"results path '{root}' does not exist")
-        if root.is_file():
-            if root.name != "metrics.csv":
-                raise UserError(f"results path '{root}' is a file; give a results directory or a metrics.csv")
-            found.add(root.parent.resolve())
-            continue
-        for marker in _RUN_MARKERS:
-            pattern = marker.split("/")
-            for p in root.rglob(pattern[-1]):
-                folder = p.parent if len(pattern) == 1 else p.parent.parent
-                if len(pattern) == 1 or p.parent.name == pattern[0]:
-                    found.add(folder.resolve())
-    return sorted(found)
+    return find_run_dirs(*roots, markers=_RUN_MARKERS)
 
 
 def _train_progress(run_dir: Path) -> str:
