@@ -122,9 +122,9 @@ def conversion_group(mode: str) -> dict[str, Any]:
     return {"uint8_rule": "trunc-compat" if compat else "round-half-even",
             "model_input": "ToTensor+Normalize(0.5,0.5) fp32" if compat else "u8/127.5-1 fp32",
             "clamp": [-1, 1], "converted_once": True,
-            # the metric contract is uint8-only: in gsq-compat PSNR/SSIM/LPIPS see the truncated uint8,
-            # where the official code fed them float [0, 1] (a documented deviation)
-            "metric_inputs": "uint8 (trunc-compat; official: float for PSNR/SSIM/LPIPS)" if compat else "uint8"}
+            # as the official evaluation: PSNR/SSIM/LPIPS read the float pair the truncated uint8 is cut from
+            "metric_inputs": ("PSNR/SSIM/LPIPS: official float [0,1] (real fp32, fake bf16); others: uint8 "
+                              "(trunc-compat)") if compat else "uint8"}
 
 
 def build_card(

@@ -152,6 +152,9 @@ class EvalSpec:
     save_recon: Optional[Literal["npz", "png"]] = None  # export reconstructions and originals under <run>/export
     # nearest-code lookup the evaluation pins for quantizers that have one; None = the mode's (exact / official bf16)
     lookup: Optional[Literal["exact", "fp32-expanded", "bf16"]] = None
+    # gsq-compat SSIM averaging: the valid interior (torchmetrics <= 1.4.1) or the full reflect-padded map
+    # (torchmetrics >= 1.4.2); None = valid. gsqbench mode pins valid (metrics-protocol.md §4, §14)
+    ssim_border: Optional[Literal["valid", "reflect-full"]] = None
 
     @property
     def lookup_mode(self) -> str:
@@ -160,6 +163,12 @@ class EvalSpec:
         if self.lookup is not None:
             return self.lookup
         return "bf16" if self.mode == "gsq-compat" else "exact"
+
+    @property
+    def ssim_border_mode(self) -> str:
+        """The SSIM averaging the evaluation uses: `ssim_border` when given, else the valid interior (the pinned
+        protocol; in gsq-compat torchmetrics <= 1.4.1, one of the two behaviours the official code may have had)."""
+        return self.ssim_border or "valid"
 
 
 @dataclass(frozen=True)
@@ -418,12 +427,16 @@ def fairness_view(shared: SharedSpec, effective: Optional[Effective] = None) -> 
 
     `effective` None hashes the spec's intent (marked unresolved). `eval.precision` and `eval.lookup` null are
     hashed as the values they mean (the mode's: bf16 / bf16 lookup for gsq-compat, fp32 / exact otherwise).
+    `eval.ssim_border` is hashed only when it is not the valid interior (null and `valid` mean the same SSIM; runs
+    made before the field existed keep their hash).
     """
     eff = effective if effective is not None else Effective.intent(shared)
     view = spec_to_dict(shared)
     if view["eval"]["precision"] is None:
         view["eval"]["precision"] = "bf16" if shared.eval.mode == "gsq-compat" else "fp32"
     view["eval"]["lookup"] = shared.eval.lookup_mode  # null means the mode's lookup: hash what it means
+    if shared.eval.ssim_border_mode == "valid":
+        view["eval"].pop("ssim_border")
     for key in [*RESULT_FREE_FIELDS, *no_effect_fields(shared, eff)]:
         _pop_path(view, key)
     if eff.backbone is not None:

@@ -5,8 +5,9 @@ by its own `create(ctx)`; after the pass each value gets its class's measurabili
 assembled by gsqbench.card.build_card. Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
 x = u8/127.5 − 1 → encode (timed) → decode (timed) → clamp → uint8 once (round-half-even; or the official
 truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model) →
-every metric's `update`. Under torch.distributed each rank evaluates its own shard (each image exactly once, no
-padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-process run.
+every metric's `update` with the pair its `input` names (`gsq-compat` also hands PSNR/SSIM/LPIPS the official
+float pair the truncated uint8 is cut from). Under torch.distributed each rank evaluates its own shard (each image
+exactly once, no padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-process run.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from gsqbench.errors import UserError, did_you_mean
 from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.catalogue import check_required_weights, metric_catalogue, resolve_metric_names
 from gsqbench.metrics.cost import CostMeter
+from gsqbench.metrics.official import official_fake01, official_real01, truncate_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,12 @@ class EvalSettings(EvalSpec):
                 raise UserError(f"--require: unknown metric '{key}'{did_you_mean(key, keys)}")
         for net in self.lpips_nets:
             _check_choice("lpips_nets", net, ("alex", "vgg"))
+        _check_choice("ssim_border", self.ssim_border, (None, "valid", "reflect-full"))
+        if self.ssim_border_mode != "valid" and self.mode != "gsq-compat":
+            # the gsqbench protocol pins the valid interior (metrics-protocol.md §4); the choice exists because
+            # the official torchmetrics version is unknown (§14)
+            raise UserError(f"eval.ssim_border: '{self.ssim_border}' is only valid with mode gsq-compat; the gsqbench "
+                            "protocol pins SSIM to the valid interior")
         if self.lookup is not None:
             from gsqbench.lookup import check_lookup_precision
 
@@ -140,14 +148,12 @@ def compat_real_uint8(x: Tensor) -> Tensor:
 
     Fed the Normalize output, this reproduces the official loss of one level at every value 1–63.
     """
-    x01 = (x.float().clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
-    return (x01 * 255).to(torch.uint8)  # float → uint8 casts truncate toward zero
+    return truncate_to_uint8(official_real01(x))
 
 
 def compat_fake_uint8(x_hat: Tensor) -> Tensor:
     """Official fake side: the same truncation on the bf16 decoder output, every step rounded in bf16."""
-    x01 = (x_hat.to(torch.bfloat16).clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0.0, 1.0)
-    return (x01 * 255).to(torch.uint8)
+    return truncate_to_uint8(official_fake01(x_hat))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,10 +331,24 @@ def _real_side(real_u8: Tensor, mode: str) -> Tensor:
     return compat_real_uint8(compat_model_input(real_u8)) if mode == "gsq-compat" else real_u8
 
 
-def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each metric input kind the mode produces → its (real, fake) pair; every side converted once (§1).
+
+    gsq-compat: the official float pair (real fp32, fake bf16 in [0, 1]) for PSNR/SSIM/LPIPS, and its truncation
+    to uint8 for every other metric (FID, IS, ...), as the official evaluation does."""
     if mode == "gsq-compat":
-        return compat_real_uint8(x_in), compat_fake_uint8(x_hat)
-    return real_u8, to_uint8(x_hat)
+        real01, fake01 = official_real01(x_in), official_fake01(x_hat)
+        return {"uint8": (truncate_to_uint8(real01), truncate_to_uint8(fake01)), "official-float": (real01, fake01)}
+    return {"uint8": (real_u8, to_uint8(x_hat))}
+
+
+def _check_inputs(metrics: Sequence[Metric], mode: str) -> None:
+    """Every metric reads a pair this mode produces (the official float pair exists in gsq-compat only)."""
+    for metric in metrics:
+        wanted = getattr(metric, "input", "uint8")
+        if wanted != "uint8" and not (wanted == "official-float" and mode == "gsq-compat"):
+            raise UserError(f"metric {type(metric).__name__}: input '{wanted}' is not produced in mode '{mode}' "
+                            "(official-float exists in gsq-compat only)")
 
 
 def _model_step(tokenizer: nn.Module, x: Tensor, settings: EvalSettings, meter: CostMeter, device: torch.device):
@@ -411,10 +431,11 @@ def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx
     with _timed(state, "model", device):
         qout, x_hat = _model_step(tokenizer, x, settings, meter, device)
     with _timed(state, "convert", device):
-        real_eval, fake_eval = _convert(real_u8, x_hat, x, settings.mode)
+        pairs = _convert(real_u8, x_hat, x, settings.mode)
+    real_eval, fake_eval = pairs["uint8"]  # what samples and exports keep
     for metric in metrics:
         with _timed(state, f"metric:{type(metric).__name__}", device):
-            metric.update(real_eval, fake_eval, ids, qout)
+            metric.update(*pairs[getattr(metric, "input", "uint8")], ids, qout)
     state.ids += ids
     state.tokens_per_image = int(qout.indices.shape[1] * qout.indices.shape[2])
     if state.exporter is not None:
@@ -650,6 +671,7 @@ def evaluate(
         reference = _reference_fields(dataset, settings) if _needs_reference(settings) else None
         metrics = build_metrics(settings, device, tokenizer, reference, meter, out)
     metrics = list(metrics)
+    _check_inputs(metrics, settings.mode)
     # the image export keeps no saveable state: with --save-recon the evaluation runs without checkpoints
     checkpoint = EvalCheckpoint(out, 0 if exporter is not None else settings.checkpoint_every, metrics,
                                 lambda: _fingerprint_fields(tokenizer, dataset, settings, metrics))

@@ -31,6 +31,8 @@ def _hashed_json(shared) -> str:
     view["gan"] = {"discriminator": "none"}
     view["eval"]["precision"] = view["eval"]["precision"] or "fp32"
     view["eval"]["lookup"] = view["eval"]["lookup"] or "exact"  # gsqbench mode's nearest-code lookup
+    if view["eval"]["ssim_border"] in (None, "valid"):  # the default SSIM border is not hashed (old hashes kept)
+        del view["eval"]["ssim_border"]
     view["effective"] = {"perceptual": "off", "perceptual_trunk_sha256": None, "discriminator": "none",
                          "backbone": None, "backbone_sha256": None, "precision": shared.train.precision,
                          "resolved": False}
@@ -244,3 +246,19 @@ def test_loading_a_suite_imports_no_later_stage():
             "assert 'gsqbench.registry' not in sys.modules, 'registry imported'")
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True)
+
+
+def test_ssim_border_is_a_gsq_compat_choice_hashed_only_when_not_valid(tmp_path):
+    """The default SSIM border (null = valid) keeps every existing fairness hash; reflect-full (torchmetrics >= 1.4.2)
+    gets its own, and only gsq-compat may ask for it (the gsqbench protocol pins the valid interior)."""
+    compat = ["eval.mode=gsq-compat"]
+    base = expand_runs(load_suite(_write(tmp_path, _raw()), compat))[0].fairness_hash
+    valid = load_suite(_write(tmp_path, _raw()), [*compat, "eval.ssim_border=valid"])
+    assert expand_runs(valid)[0].fairness_hash == base
+    full = load_suite(_write(tmp_path, _raw()), [*compat, "eval.ssim_border=reflect-full"])
+    validate_suite(full)
+    assert expand_runs(full)[0].fairness_hash != base
+    with pytest.raises(UserError, match=r"eval.ssim_border: 'reflect-full' is only valid with mode gsq-compat"):
+        validate_suite(load_suite(_write(tmp_path, _raw()), ["eval.ssim_border=reflect-full"]))
+    with pytest.raises(UserError, match=r"ssim_border"):
+        load_suite(_write(tmp_path, _raw()), [*compat, "eval.ssim_border=full"])

@@ -144,7 +144,8 @@ def test_two_runs_with_different_specs_on_one_folder_and_a_killed_holder(tmp_pat
     """A trains; B (another spec, same folder) is refused with one line naming A; A is killed with SIGKILL while
     holding the lock; A run again takes the stale lock over, resumes from its checkpoint and finishes. Only A's
     spec is in the folder, and B never wrote a byte."""
-    from gsqbench.config import expand_runs, load_suite
+    from gsqbench.config import load_suite
+    from gsqbench.effective import expand_runs  # the effective-spec hash run.json records
 
     a, b = _suite(tmp_path / "a.yaml", 1e-3), _suite(tmp_path / "b.yaml", 2e-3)
     run_dir = tmp_path / "results" / "t" / "gsq-s0"

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup", default=None, metavar="MODE",
                         help="nearest-code lookup for GSQ/VQ: exact | fp32-expanded | bf16 (default: exact; bf16 in "
                              "gsq-compat). A different mode gets its own card hash and a code_agreement with exact")
+    parser.add_argument("--ssim-border", default=None, metavar="BORDER",
+                        help="gsq-compat SSIM averaging, the official torchmetrics version being unknown: valid "
+                             "(interior, torchmetrics <= 1.4.1; default) | reflect-full (whole reflect-padded map; "
+                             ">= 1.4.2). Recorded in the card (ssim_border); gsqbench mode pins valid")
     parser.add_argument("--metrics", action="append", default=[], metavar="NAME",
                         help="metric family (pixel, lpips, fid, codebook, cost; opt-in: rfd, kid, prc) or key; "
                         "repeatable (default: all but the opt-in ones)")
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     spec = EvalSpec(mode=args.mode, batch_size=args.batch_size, samples=args.samples, metrics=tuple(args.metrics),
                     require=tuple(args.require), fid_reference_stats=args.fid_reference_stats,
                     fid_cache_dir=args.fid_cache_dir, save_recon=args.save_recon, keep_features=args.keep_features,
-                    lookup=args.lookup)
+                    lookup=args.lookup, ssim_border=args.ssim_border)
     result = evaluate_checkpoint(Path(args.checkpoint), data, spec, out_dir=run_dir, device=args.device,
                                  seed=args.seed, num_workers=args.num_workers, progress=not args.no_progress,
                                  weights=args.weights, force=args.force)

@@ -1,4 +1,4 @@
-"""The streaming metric contract: every metric sees the same uint8 (real, fake) pairs, once.
+"""The streaming metric contract: every metric sees the same (real, fake) pairs, converted once.
 
 A metric is a class registered with `@gsqbench.registry.register_metric(name)` (docs/contracts.md "Metrics"). It
 declares, as class attributes, what the rest of gsqbench needs to know without running it:
@@ -11,8 +11,10 @@ declares, as class attributes, what the rest of gsqbench needs to know without r
 - `comparable(key, facts)`: when a value is comparable at all (e.g. enough tokens for usage, enough images for
   FID); `None` means comparable, a string says why not.
 `create(ctx)` builds the instance for one evaluation (or returns None when it does not apply, e.g. codebook metrics
-without a quantizer). Per batch `update`, across DDP ranks `sync` (no-op on one process), then `compute()` returns
-MetricValue rows. Per-image metrics report the mean over images with a standard error and a bootstrap 95 %
+without a quantizer). An instance's `input` says which pair its `update(real, fake, ...)` receives (`METRIC_INPUTS`):
+the uint8 pair every metric gets by default, or, in `gsq-compat` only, the official float pair (metrics-protocol.md
+§1, §14; gsqbench.metrics.official) that the truncated uint8 of that mode is itself cut from. Per batch `update`,
+across DDP ranks `sync` (no-op on one process), then `compute()` returns MetricValue rows. Per-image metrics report the mean over images with a standard error and a bootstrap 95 %
 interval (metrics-protocol.md §3–§5, §10).
 
 Resumable evaluation: `state_dict()` returns the streaming state after some batches (tensors, numbers, strings,
@@ -38,6 +40,11 @@ if TYPE_CHECKING:
     import torch
 
 Direction = Literal["lower", "higher", "none"]
+MetricInput = Literal["uint8", "official-float"]
+#: the (real, fake) pairs an evaluation hands its metrics: `uint8` (b, 3, H, W), both sides through one converter
+#: (round-half-even, or the official truncation in gsq-compat); `official-float` (gsq-compat only) the float [0, 1]
+#: images the official evaluation feeds PSNR/SSIM/LPIPS: real fp32, fake bf16, never quantised
+METRIC_INPUTS: tuple[str, ...] = ("uint8", "official-float")
 
 
 @dataclass
@@ -104,6 +111,7 @@ class Metric:
     # runs when `eval.metrics` is empty; False: only when its family, name or a key is named (or required), for
     # costly extras (a ViT-L/14 pass, features kept on disk) that would otherwise change every default card
     selected_by_default: ClassVar[bool] = True
+    input: MetricInput = "uint8"  # which (real, fake) pair `update` receives; instances may set it in `create`
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -121,6 +129,7 @@ class Metric:
         return None
 
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:  # pragma: no cover - abstract
+        """One batch: the (real, fake) pair of this metric's `input` kind, the image ids, the quantizer output."""
         raise NotImplementedError
 
     def sync(self) -> None:

@@ -1,7 +1,8 @@
 """Plumbing shared by the metric implementations: uint8 input checks, exact-fp32 numerics, weight resolution and
 per-image (id, value) bookkeeping with the DDP gather of metrics-protocol.md §10.
 
-Every metric receives the same uint8 (real, fake) pair (§1); this module is where that contract is checked once.
+Every metric receives the same uint8 (real, fake) pair (§1) unless it reads the official float pair of `gsq-compat`
+(`pixel_input`); this module is where the uint8 contract is checked once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from gsqbench import distributed
 from gsqbench.errors import UserError
-from gsqbench.metrics.base import Metric, MetricValue, mean_with_interval
+from gsqbench.metrics.base import Metric, MetricContext, MetricInput, MetricValue, mean_with_interval
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ def check_image_pair(real: torch.Tensor, fake: torch.Tensor, *, what: str = "ima
             raise UserError(f"{what} {side}: shape {tuple(t.shape)}; expected (b, 3, H, W)")
     if real.shape != fake.shape:
         raise UserError(f"{what}: real shape {tuple(real.shape)} != fake shape {tuple(fake.shape)}")
+
+
+def pixel_input(ctx: MetricContext) -> MetricInput:
+    """The pair PSNR, SSIM and LPIPS read: the official float images in `gsq-compat` (the official evaluation never
+    quantises them, gsq-reference.md §6), the uint8 pair otherwise (metrics-protocol.md §1)."""
+    return "official-float" if getattr(ctx.settings, "mode", "gsqbench") == "gsq-compat" else "uint8"
 
 
 @contextlib.contextmanager

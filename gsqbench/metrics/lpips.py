@@ -4,6 +4,12 @@ The v0.1 linear heads ship inside the lpips wheel. The ImageNet trunk comes from
 (`alexnet-owt-7be5be79.pth` / `vgg16-397923af.pth`, torchvision's state dicts) loaded with weights_only=True
 into `lpips.LPIPS(..., pnet_rand=True)`, so nothing is ever downloaded. Input is u8/127.5 − 1 in [−1, 1]
 (never [0, 1], peer bug §13 #6); fp32 with TF32 off.
+
+In `gsq-compat` (`input = "official-float"`) it computes what the official evaluation computes: torchmetrics'
+LPIPS (the same v0.1 network) on clamp(2x − 1, −1, 1) of the official float pair (the real side fp32, the fake side
+rounded in bf16; the scaling layer's fp32 buffers promote both to fp32), under bf16 autocast of the evaluation
+device (gsq-reference.md §6). Autocast's op lists differ by device (CUDA runs the feature normalisation's pow and
+sum in fp32, CPU in bf16), so CPU values differ from CUDA ones in about the third significant digit.
 """
 from __future__ import annotations
 
@@ -16,8 +22,9 @@ import torch
 
 from gsqbench.errors import UserError
 from gsqbench.io import sha256_file
-from gsqbench.metrics.base import MetricContext
-from gsqbench.metrics.common import PerImageMetric, check_image_pair, exact_fp32, resolve_weights
+from gsqbench.metrics import official
+from gsqbench.metrics.base import MetricContext, MetricInput
+from gsqbench.metrics.common import PerImageMetric, check_image_pair, exact_fp32, pixel_input, resolve_weights
 from gsqbench.registry import register_metric
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,12 @@ def u8_to_lpips_input(images_u8: torch.Tensor) -> torch.Tensor:
     x = images_u8.to(torch.float32) / 127.5 - 1.0
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0, "LPIPS input left [-1, 1]"
     return x
+
+
+def official_lpips_inputs(real01: torch.Tensor, fake01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """flex_gen's LPIPS inputs: clamp(2x − 1, −1, 1) of the official pair, each in its own dtype (fp32, bf16)."""
+    official.check_official_pair(real01, fake01, "LPIPS")
+    return (2 * real01 - 1).clamp(-1.0, 1.0), (2 * fake01 - 1).clamp(-1.0, 1.0)
 
 
 def trunk_state_dict_to_lpips(model: torch.nn.Module, trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,11 +120,14 @@ class LPIPSMetric(PerImageMetric):
         *,
         weights_path: Optional[str | Path] = None,
         required: bool = False,
+        inputs: MetricInput = "uint8",
     ) -> None:
         net = net or type(self).net
         if net not in NETS:
             raise UserError(f"LPIPS net: '{net}' is not valid; expected one of {', '.join(NETS)}")
-        self.net = net
+        if inputs not in ("uint8", "official-float"):
+            raise UserError(f"LPIPS input: '{inputs}' is not valid; expected uint8 or official-float")
+        self.net, self.input = net, inputs
         self.outputs = {f"lpips@{net}": "lower"}
         super().__init__()
         self.device = torch.device(device)
@@ -125,11 +141,14 @@ class LPIPSMetric(PerImageMetric):
     def create(cls, ctx: MetricContext) -> Optional["LPIPSMetric"]:
         if cls.net not in ctx.settings.lpips_nets:
             return None
-        return cls(cls.net, ctx.device, required=ctx.requires_any(tuple(cls.outputs)))
+        return cls(cls.net, ctx.device, required=ctx.requires_any(tuple(cls.outputs)), inputs=pixel_input(ctx))
 
     @torch.no_grad()
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
         if self.model is None:
+            return
+        if self.input == "official-float":
+            self._append(image_ids, {self.keys[0]: self._official(real_u8, fake_u8)})
             return
         check_image_pair(real_u8, fake_u8, what="LPIPS")
         with exact_fp32():
@@ -138,11 +157,21 @@ class LPIPSMetric(PerImageMetric):
             values = self.model(real, fake, normalize=False).reshape(-1)  # (b,) spatial mean, sum over layers
         self._append(image_ids, {self.keys[0]: values})
 
+    def _official(self, real01: torch.Tensor, fake01: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS as the official evaluation computes it (module docstring), (b,) in float32."""
+        real, fake = official_lpips_inputs(real01.to(self.device), fake01.to(self.device))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return self.model(real, fake, normalize=False).reshape(-1).float()
+
     def card(self) -> dict:
         trunk_sha = sha256_file(self.trunk_path) if self.trunk_path is not None else None
-        return {f"lpips_{self.net}_version": "0.1", f"lpips_{self.net}_input_range": "[-1, 1]",
-                f"lpips_{self.net}_trunk_sha256": trunk_sha, f"lpips_{self.net}_heads_sha256": HEADS_SHA256[self.net],
-                f"lpips_{self.net}_spatial_reduction": "mean", f"lpips_{self.net}_dtype": "float32, tf32 off"}
+        fields = {f"lpips_{self.net}_version": "0.1", f"lpips_{self.net}_input_range": "[-1, 1]",
+                  f"lpips_{self.net}_trunk_sha256": trunk_sha, f"lpips_{self.net}_heads_sha256": HEADS_SHA256[self.net],
+                  f"lpips_{self.net}_spatial_reduction": "mean", f"lpips_{self.net}_dtype": "float32, tf32 off"}
+        if self.input == "official-float":  # gsq-compat only: gsqbench cards (and their hashes) stay as they were
+            fields.update({f"lpips_{self.net}_inputs": "clamp(2x-1) of the official float pair: real fp32, fake bf16",
+                           f"lpips_{self.net}_dtype": "bf16 autocast of the evaluation device (official: CUDA)"})
+        return fields
 
 
 @register_metric("lpips@alex")

@@ -6,6 +6,10 @@ SSIM: Wang et al. 2004 with a Gaussian window σ 1.5 (11 taps), K1 0.01, K2 0.03
 covariance, per channel then mean over channels, averaged over the valid interior (oracle: skimage
 `structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`), or over the full
 reflect-padded map (`ssim_border="reflect-full"`, torchmetrics ≥ 1.4.2 behaviour).
+
+In `gsq-compat` both metrics read the official float pair instead (`input = "official-float"`: real fp32, fake
+bf16 in [0, 1], never quantised) and compute what the official evaluation computes on it, data range 1 and the
+official dtypes (gsqbench.metrics.official; metrics-protocol.md §14). Their card groups then say so.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from gsqbench.errors import UserError
-from gsqbench.metrics.base import MetricValue, mean_with_interval
-from gsqbench.metrics.common import PerImageMetric, check_image_pair
+from gsqbench.metrics import official
+from gsqbench.metrics.base import METRIC_INPUTS, MetricContext, MetricInput, MetricValue, mean_with_interval
+from gsqbench.metrics.common import PerImageMetric, check_image_pair, pixel_input
 from gsqbench.registry import register_metric
 
 PSNR_CAP_DB = 100.0
@@ -58,24 +63,36 @@ class PSNRMetric(PerImageMetric):
     """PSNR on uint8 RGB: the mean of per-image values with an interval, and the official pooled PSNR.
 
     `psnr` (mean of per-image PSNR ± CI, higher is better) and `psnr_pooled` (the official GSQ definition
-    10·log10(255²/(ΣSE/Σn)), higher is better), metrics-protocol.md §3. By Jensen psnr ≥ psnr_pooled."""
+    10·log10(255²/(ΣSE/Σn)), higher is better), metrics-protocol.md §3. By Jensen psnr ≥ psnr_pooled.
+    With `inputs="official-float"` (gsq-compat) both are computed on the official float pair with data range 1:
+    `psnr_pooled` is then the official torchmetrics `PeakSignalNoiseRatio(data_range=1.0)` value."""
 
     family, card_group = "pixel", "psnr"
     outputs = {"psnr": "higher", "psnr_pooled": "higher"}
     # exact integer SE and pixel counts travel with each image (exact in float64 below 2^53), so the pooled value
-    # covers exactly the gathered images on any world size
+    # covers exactly the gathered images on any world size (float64 sums of the float pair in gsq-compat)
     columns = ("psnr", "_se", "_count")
 
-    def __init__(self, cap_db: float = PSNR_CAP_DB) -> None:
+    def __init__(self, cap_db: float = PSNR_CAP_DB, inputs: MetricInput = "uint8") -> None:
         if not cap_db > 0:
             raise UserError(f"psnr_cap_db: {cap_db!r}; expected a positive number of dB (default 100)")
+        _check_input(inputs)
         super().__init__()
         self.cap_db = float(cap_db)
+        self.input = inputs
+        self.data_range = 1.0 if inputs == "official-float" else 255.0
+
+    @classmethod
+    def create(cls, ctx: MetricContext) -> "PSNRMetric":
+        return cls(inputs=pixel_input(ctx))
 
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
-        se = squared_error_sums(real_u8, fake_u8)
+        if self.input == "official-float":
+            se = official.official_squared_error_sums(real_u8, fake_u8)
+        else:
+            se = squared_error_sums(real_u8, fake_u8)
         count = real_u8[0].numel()
-        psnr = psnr_from_mse(se.to(torch.float64) / count, self.cap_db)
+        psnr = psnr_from_mse(se.to(torch.float64) / count, self.cap_db, self.data_range)
         self._append(image_ids, {"psnr": psnr, "_se": se, "_count": torch.full_like(se, count)})
 
     def capped_images(self) -> int:
@@ -83,8 +100,13 @@ class PSNRMetric(PerImageMetric):
         return sum(1 for v in self._values["psnr"] if v >= self.cap_db)
 
     def card(self) -> dict:
-        return {"psnr_aggregations": ["mean-per-image", "pooled"], "psnr_data_range": 255, "psnr_color_space": "RGB",
-                "psnr_cap_db": self.cap_db, "psnr_capped_images": self.capped_images()}
+        fields = {"psnr_aggregations": ["mean-per-image", "pooled"], "psnr_data_range": 255,
+                  "psnr_color_space": "RGB", "psnr_cap_db": self.cap_db, "psnr_capped_images": self.capped_images()}
+        if self.input == "official-float":  # gsq-compat only: gsqbench cards (and their hashes) stay as they were
+            fields.update(psnr_data_range=1.0, psnr_inputs=official.OFFICIAL_INPUTS,
+                          psnr_arithmetic="SE of fake bf16 - real fp32 summed in float64 (official: fp32 sums "
+                                          "under bf16 autocast); psnr_pooled = torchmetrics PSNR(data_range=1.0)")
+        return fields
 
     def compute(self) -> list[MetricValue]:
         mean = mean_with_interval(self._values["psnr"], "psnr", "higher", ids=self._ids)
@@ -92,8 +114,13 @@ class PSNRMetric(PerImageMetric):
         if total_count == 0:
             return [mean, MetricValue.missing("psnr_pooled", "no images evaluated", "higher")]
         pooled_mse = torch.tensor(sum(self._values["_se"]) / total_count, dtype=torch.float64)
-        pooled = float(psnr_from_mse(pooled_mse, self.cap_db))
+        pooled = float(psnr_from_mse(pooled_mse, self.cap_db, self.data_range))
         return [mean, MetricValue("psnr_pooled", pooled, direction="higher", n=len(self._ids))]
+
+
+def _check_input(inputs: str) -> None:
+    if inputs not in METRIC_INPUTS:
+        raise UserError(f"metric input: '{inputs}' is not valid; expected one of {', '.join(METRIC_INPUTS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,29 +219,49 @@ def ssim_per_image(
 class SSIMMetric(PerImageMetric):
     """SSIM (Wang et al. 2004; Gaussian 11/1.5, valid interior, uint8 range): mean of per-image values ± CI.
 
-    Pinned in metrics-protocol.md §4; higher is better; values in [−1, 1] (never ×100)."""
+    Pinned in metrics-protocol.md §4; higher is better; values in [−1, 1] (never ×100). `border` picks the
+    averaging (`ssim_border`). With `inputs="official-float"` (gsq-compat) it is the official torchmetrics
+    `StructuralSimilarityIndexMeasure(data_range=1.0)` on the official float pair, with the official dtypes
+    (gsqbench.metrics.official); `border` then selects the torchmetrics version's averaging."""
 
     family, card_group = "pixel", "ssim"
     outputs = {"ssim": "higher"}
 
-    def __init__(self, border: SsimBorder = "valid", dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, border: SsimBorder = "valid", dtype: torch.dtype = torch.float64,
+                 inputs: MetricInput = "uint8") -> None:
         if border not in SSIM_BORDERS:
             raise UserError(f"ssim_border: '{border}' is not valid; expected one of {', '.join(SSIM_BORDERS)}")
         if dtype not in (torch.float64, torch.float32):
             raise UserError(f"ssim_dtype: {dtype} is not allowed; expected torch.float64 or torch.float32")
+        _check_input(inputs)
+        if inputs == "official-float" and dtype != torch.float64:
+            raise UserError("ssim_dtype: the official SSIM has its own dtypes; leave ssim_dtype at float64")
         super().__init__()
-        self.border, self.dtype = border, dtype
+        self.border, self.dtype, self.input = border, dtype, inputs
+
+    @classmethod
+    def create(cls, ctx: MetricContext) -> "SSIMMetric":
+        border = getattr(ctx.settings, "ssim_border_mode", "valid")
+        return cls(border=border, inputs=pixel_input(ctx))
 
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
-        check_image_pair(real_u8, fake_u8, what="SSIM")
         with torch.no_grad():
-            values = ssim_per_image(real_u8, fake_u8, border=self.border, dtype=self.dtype)
+            if self.input == "official-float":
+                values = official.official_ssim_per_image(real_u8, fake_u8, self.border)
+            else:
+                check_image_pair(real_u8, fake_u8, what="SSIM")
+                values = ssim_per_image(real_u8, fake_u8, border=self.border, dtype=self.dtype)
         self._append(image_ids, {"ssim": values})
 
     def card(self) -> dict:
         taps = gaussian_taps()
-        return {"ssim_window": f"gaussian-{taps.numel()}", "ssim_sigma": SSIM_SIGMA, "ssim_truncate": SSIM_TRUNCATE,
-                "ssim_k1": SSIM_K1, "ssim_k2": SSIM_K2, "ssim_data_range": 255, "ssim_covariance": "population",
-                "ssim_border": self.border, "ssim_dtype": str(self.dtype).replace("torch.", ""),
-                "ssim_channels": "per-RGB-channel, mean", "ssim_aggregation": "mean-per-image"}
-
+        fields = {"ssim_window": f"gaussian-{taps.numel()}", "ssim_sigma": SSIM_SIGMA,
+                  "ssim_truncate": SSIM_TRUNCATE, "ssim_k1": SSIM_K1, "ssim_k2": SSIM_K2, "ssim_data_range": 255,
+                  "ssim_covariance": "population", "ssim_border": self.border,
+                  "ssim_dtype": str(self.dtype).replace("torch.", ""), "ssim_channels": "per-RGB-channel, mean",
+                  "ssim_aggregation": "mean-per-image"}
+        if self.input == "official-float":  # gsq-compat only: gsqbench cards (and their hashes) stay as they were
+            fields.update(ssim_data_range=1.0, ssim_dtype="official-mixed-bf16", ssim_inputs=official.OFFICIAL_INPUTS,
+                          ssim_arithmetic=official.SSIM_ARITHMETIC,
+                          ssim_border_reference=official.BORDER_REFERENCE[self.border])
+        return fields
