@@ -7,16 +7,14 @@
    same batches: tokenizer forward, torch-fidelity Inception forward on real and reconstructed images, LPIPS
    forward. The difference is the harness overhead (conversions, per-image bookkeeping, PSNR/SSIM, codes, I/O).
    Installed weights are used when present; otherwise random-init stand-ins with the official layouts are
-   registered through the weights manifest override in a temporary home (same cost, meaningless values).
+   registered through the weights manifest override in a temporary home (same cost, meaningless values;
+   benchmarks/_standins.py).
 
     python benchmarks/metrics.py [--device cuda] [--repeats 3] [--json out.json] [--images 16]
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,9 +25,6 @@ import torch
 
 import _common as C
 from _common import Row
-
-WEIGHTS = {"inception-fid": "inception-random.pt", "alexnet": "alexnet-random.pth", "vgg16": "vgg16-random.pth"}
-
 
 # ------------------------------------------------------------------------------------------------------ SSIM
 
@@ -74,61 +69,23 @@ def bench_ssim(n: int, size: int, device: torch.device, repeats: int) -> tuple[l
 # ----------------------------------------------------------------------------------------- weights stand-ins
 
 
-def _random_inception_state() -> dict[str, torch.Tensor]:
-    """torch-fidelity's InceptionV3 at its random init, built without its weight download."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pt"
-        torch.save({}, empty)
-        original = FeatureExtractorInceptionV3.load_state_dict
-        FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # keep the init
-        try:
-            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                feature_extractor_weights_path=str(empty))
-        finally:
-            FeatureExtractorInceptionV3.load_state_dict = original
-    return model.state_dict()
-
-
-def _random_trunk(net: str) -> dict[str, torch.Tensor]:
-    import torchvision
-
-    features = torchvision.models.alexnet().features if net == "alexnet" else torchvision.models.vgg16().features
-    return {f"features.{k}": v for k, v in features.state_dict().items()}
-
-
 def ensure_weights(nets: tuple[str, ...], home: Path) -> bool:
     """Use installed weights if all are verified; else install random stand-ins under `home`. True = real."""
-    from gsqbench import weights
+    import _standins
 
-    needed = ["inception-fid"] + [{"alex": "alexnet", "vgg": "vgg16"}[n] for n in nets]
-    try:
-        for name in needed:
-            weights.weight_path(name)
-        return True
-    except weights.WeightsUnavailable:
-        pass
-    torch.manual_seed(0)
-    home.mkdir(parents=True, exist_ok=True)
-    manifest = {}
-    for name in needed:
-        path = home / WEIGHTS[name]
-        torch.save(_random_inception_state() if name == "inception-fid" else _random_trunk(name), path)
-        manifest[name] = {"filename": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    os.environ["GSQBENCH_HOME"] = str(home / "home")
-    os.environ["TORCH_HOME"] = str(home / "torch")
-    os.environ["GSQBENCH_WEIGHTS_MANIFEST"] = json.dumps(manifest)
-    for name in needed:
-        weights.import_file(home / WEIGHTS[name], name)
-    return False
+    return _standins.ensure(("inception-fid",) + tuple({"alex": "alexnet", "vgg": "vgg16"}[n] for n in nets), home)
 
 
 # ---------------------------------------------------------------------------------------- evaluation pass
 
 
+TINY_TOKENIZER = ({"preset": "tiny-f8", "latent_dim": 8}, {"name": "gsq", "dim": 8, "codebook_size": 64, "groups": 2})
+
+
 def bench_eval(n_images: int, batch: int, nets: tuple[str, ...], device: torch.device, repeats: int,
-               tmp: Path) -> tuple[list[Row], dict[str, Any]]:
+               tmp: Path, size: int = 64, tokenizer: tuple[dict, dict] = TINY_TOKENIZER, warmup: int = 1
+               ) -> tuple[list[Row], dict[str, Any]]:
+    """evaluate() round-robin against its bare parts; `tokenizer` = (model spec, quantizer spec), random init."""
     from gsqbench.data import build_dataset
     from gsqbench.evaluate import EvalSettings, evaluate, to_model_input
     from gsqbench.metrics.fid import build_inception
@@ -138,11 +95,10 @@ def bench_eval(n_images: int, batch: int, nets: tuple[str, ...], device: torch.d
 
     real_weights = ensure_weights(nets, tmp / "weights")
     torch.manual_seed(0)
-    tok = build_tokenizer({"preset": "tiny-f8", "latent_dim": 8},
-                          {"name": "gsq", "dim": 8, "codebook_size": 64, "groups": 2}).to(device).eval()
-    data = build_dataset("synthetic", resolution=64, n=n_images)
+    tok = build_tokenizer(*tokenizer).to(device).eval()
+    data = build_dataset("synthetic", resolution=size, n=n_images)
     settings = EvalSettings(batch_size=batch, samples=0, lpips_nets=nets, progress=False)
-    case = f"eval pass {n_images} images 64x64, batch {batch}"
+    case = f"eval pass {n_images} images {size}x{size}, batch {batch}"
 
     batches = [torch.stack([data[i][1] for i in range(s, min(n_images, s + batch))]).to(device)
                for s in range(0, n_images, batch)]
@@ -178,7 +134,8 @@ def bench_eval(n_images: int, batch: int, nets: tuple[str, ...], device: torch.d
     rows = C.run_interleaved(case, [("evaluate() whole pass", whole_pass),
                                     ("bare: tokenizer forward", model_part),
                                     ("bare: Inception forward (real+fake)", inception_part),
-                                    (f"bare: LPIPS forward ({'+'.join(nets)})", lpips_part)], device, repeats)
+                                    (f"bare: LPIPS forward ({'+'.join(nets)})", lpips_part)], device, repeats,
+                                warmup=warmup)
     parts = rows[1:]
     bare = sum(p.median for p in parts)
     rows.append(Row(case, "bare parts, sum of medians", [bare], None))

@@ -187,7 +187,15 @@ def fits(case: LookupCase, impl: str, device: torch.device) -> tuple[bool, float
     return need < 0.8 * C.available_memory_bytes(device), need / 2**30
 
 
-def bench_lookup(case: LookupCase, device: torch.device, repeats: int) -> list[Row]:
+def module_impl(mode: str) -> str:
+    return EXPANDED if mode == "fp32-expanded" else f"gsq fwd+bwd {mode}"
+
+
+def bench_lookup(case: LookupCase, device: torch.device, repeats: int, *,
+                 modes: tuple[str, ...] = ("exact", "fp32-expanded"), vq: bool = True) -> list[Row]:
+    """The straightforward full matrix (reference, where it fits), our module in each lookup `mode` (`exact` as
+    a training step and with a fixed codebook) timed round-robin, the bare searches, and vector-quantize-pytorch
+    (`vq`)."""
     rows = []
     ok, gb = fits(case, "straightforward", device)
     if ok:
@@ -196,17 +204,24 @@ def bench_lookup(case: LookupCase, device: torch.device, repeats: int) -> list[R
     else:
         rows.append(C.skipped(case.name, "straightforward full matrix", f"needs ~{gb:.0f} GB, does not fit",
                               reference=True))
-    # round-robin, so that a load change on a shared machine hits the three alike and their ratios hold
-    group = C.run_interleaved(case.name, [(EXACT_TRAIN, ours_module(case, device, "exact")),
-                                          (EXACT_EVAL, ours_module(case, device, "exact", train=False)),
-                                          (EXPANDED, ours_module(case, device, "fp32-expanded"))], device, repeats)
+    impls: list[tuple[str, Callable[[], None]]] = []
+    for mode in modes:
+        if mode == "exact":
+            impls += [(EXACT_TRAIN, ours_module(case, device, "exact")),
+                      (EXACT_EVAL, ours_module(case, device, "exact", train=False))]
+        else:
+            impls.append((module_impl(mode), ours_module(case, device, mode)))
+    # round-robin, so that a load change on a shared machine hits the module rows alike and their ratios hold
+    group = C.run_interleaved(case.name, impls, device, repeats)
     for row in group:
         row.reference = False  # the case's reference is the straightforward lookup
     rows += group
-    rows.append(C.run_row(case.name, "search only, exact", ours_search(case, device, "exact"), device, repeats))
-    if case.rows <= 1 << 14:  # the fp32-expanded search alone is most of its module row; not repeated when slow
-        rows.append(C.run_row(case.name, "search only, fp32-expanded", ours_search(case, device, "fp32-expanded"),
-                              device, repeats))
+    for mode in modes:  # the bare search; the CPU fp32 searches are most of their module row: not repeated if slow
+        if mode == "exact" or device.type != "cpu" or case.rows <= 1 << 14:
+            rows.append(C.run_row(case.name, f"search only, {mode}", ours_search(case, device, mode), device,
+                                  repeats))
+    if not vq:
+        return rows
     ok, gb = fits(case, "vq-pytorch", device)
     if ok:
         rows.append(C.run_row(case.name, "vector-quantize-pytorch cosine", vq_pytorch(case, device), device,

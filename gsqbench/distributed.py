@@ -2,18 +2,28 @@
 helpers, and the reductions metrics-protocol.md §10 prescribes (sum float64 / int64, gather (id, value) pairs).
 
 Backend: NCCL when CUDA is available, gloo otherwise (CPU tests run 2 gloo processes). Every helper is a no-op
-(returns its input) when torch.distributed is not initialised, so single-process code needs no branches.
+(returns its input) when torch.distributed is not initialised, so single-process code needs no branches. A process
+started by torchrun is distributed even alone (`--nproc_per_node 1`: the NCCL/DDP path of a multi-GPU run on one
+GPU); a plain `python` process is not.
+
+`wrap` is the one place modules become DistributedDataParallel. `find_unused_parameters=True` makes DDP traverse
+the autograd graph after every forward to find parameters that will get no gradient (and torch warns when it finds
+none), so it is turned on only for modules that need it: `has_unused_parameters` decides with one dry
+forward/backward on a copy (no built-in tokenizer or discriminator needs it; a plugin with, say, an eval-only
+parameter does, and would otherwise stop DDP at its second step).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from gsqbench.errors import UserError
 
@@ -40,15 +50,21 @@ def _wants_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets TORCHELASTIC_RUN_ID in every worker it starts."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
 def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1). Returns whether DDP is active.
+    """Initialise the process group when launched by torchrun (any world size) or with WORLD_SIZE > 1 set by a
+    launcher. Returns whether DDP is active.
 
     NCCL when the run computes on CUDA (`device` cuda…, or auto with a GPU), gloo otherwise. Sets the CUDA device to
     LOCAL_RANK first, so NCCL and every later `.cuda()` use the right GPU. Idempotent.
     """
     if is_distributed():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not launched_by_torchrun():
         return False
     use_cuda = _wants_cuda(device) and torch.cuda.is_available()
     if use_cuda:
@@ -79,6 +95,40 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu":
         raise UserError(f"--device {device!r} is not valid; expected auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
+
+
+def wrap(module: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+    """`module` as DistributedDataParallel on `device` (unchanged when not distributed)."""
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return DDP(module, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def has_unused_parameters(module: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], what: str = "") -> bool:
+    """Whether some trainable parameter of `module` gets no gradient from `loss_of(copy)`: one dry forward and
+    backward on a deep copy, so the module, its buffers (e.g. VQ-EMA statistics) and every RNG stream are left
+    as they were. All ranks must build DDP alike, so the verdict is OR-ed over ranks. A module that cannot be
+    copied is assumed to need the search (the safe setting)."""
+    try:
+        probe = copy.deepcopy(module)
+    except Exception as exc:  # e.g. an attribute that does not deep-copy: keep the safe setting
+        log.info("DDP %s: cannot copy the module for the unused-parameter check (%s); find_unused_parameters on",
+                 what, exc)
+        unused = ["?"]
+    else:
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            loss_of(probe).backward()
+        unused = [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+        del probe
+    flag = bool(all_reduce_max(torch.tensor([1.0 if unused else 0.0])).item())
+    log.info("DDP %s: find_unused_parameters=%s (parameters without a gradient in a dry step: %s)", what, flag,
+             ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "") if unused else "none on this rank")
+    return flag
 
 
 def shutdown() -> None:

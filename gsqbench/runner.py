@@ -357,7 +357,7 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
     validate_suite(suite, only)
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: expected a positive integer")
-    if jobs > 1 and ddp.world_size() > 1:
+    if jobs > 1 and (ddp.world_size() > 1 or ddp.launched_by_torchrun()):  # a torchrun of one process too
         raise UserError("--jobs: not with torchrun (each rank already takes its share of every run); use --jobs 1")
     runs = expand_runs(suite, only)
     if require:  # fail before hours of training, not after

@@ -306,8 +306,11 @@ def model_spec(run: RunSpec) -> dict[str, Any]:
     return {"preset": m.preset, "latent_dim": m.latent_dim, **m.options}
 
 
-def build_trainer(run: RunSpec, dataset: Any, device: torch.device) -> Trainer:
-    """Model, EMA, optimisers, scheduler, discriminator, loss helpers and data stream for one run."""
+def build_trainer(run: RunSpec, dataset: Any, device: torch.device, find_unused: Optional[bool] = None) -> Trainer:
+    """Model, EMA, optimisers, scheduler, discriminator, loss helpers and data stream for one run.
+
+    find_unused: DDP's find_unused_parameters; None = on only for a module that needs it (a dry step decides,
+    gsqbench.distributed.has_unused_parameters); benchmarks force it to compare."""
     from gsqbench.models.tokenizer import build_tokenizer
 
     t, g = run.shared.train, run.shared.gan
@@ -317,12 +320,13 @@ def build_trainer(run: RunSpec, dataset: Any, device: torch.device) -> Trainer:
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     opt = build_optimizer(list(model.named_parameters()), t.lr, t.betas, t.weight_decay, t.eps, t.no_decay_norm_bias)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
-    ddp_model = _wrap_ddp(model, device)
+    ddp_model = _wrap_ddp(model, device, _generator_probe(run, device), find_unused, "generator")
     disc = _make_discriminator(g, eff)
     trainer = Trainer(run=run, device=device, model=model, ddp_model=ddp_model, opt=opt, sched=sched, ema=ema)
     if disc is not None:
         disc = disc.to(device)
-        trainer.disc, trainer.ddp_disc = disc, _wrap_ddp(disc, device)
+        trainer.disc, trainer.ddp_disc = disc, _wrap_ddp(disc, device, _disc_probe(run, device), find_unused,
+                                                          "discriminator")
         trainer.opt_d = build_optimizer(list(disc.named_parameters()), g.lr, g.betas, g.weight_decay, t.eps,
                                         t.no_decay_norm_bias)
         if not getattr(disc, "augments_inside", False):  # DINO augments inside; PatchGAN needs it here
@@ -346,14 +350,40 @@ def build_trainer(run: RunSpec, dataset: Any, device: torch.device) -> Trainer:
     return trainer
 
 
-def _wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    if ddp.world_size() <= 1:
+def _wrap_ddp(module: nn.Module, device: torch.device, probe: Callable[[nn.Module], Tensor],
+              find_unused: Optional[bool], what: str) -> nn.Module:
+    if not ddp.is_distributed():
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    # The official code always sets find_unused_parameters (an autograd-graph search after every forward); here
+    # only a module with parameters that get no gradient needs it: none of the built-ins (VQ-EMA's codebook does
+    # not require grad, FSQ/LFQ have no parameters, the DINO backbone is frozen), a plugin may.
+    if find_unused is None:
+        find_unused = ddp.has_unused_parameters(module, probe, what)
+    return ddp.wrap(module, device, find_unused)
 
-    ids = [device.index] if device.type == "cuda" else None
-    # find_unused_parameters like the official (FSQ/LFQ have no codebook; D-only paths skip some heads)
-    return DDP(module, device_ids=ids, find_unused_parameters=True)
+
+def _dry_images(run: RunSpec, device: torch.device, n: int) -> Tensor:
+    size = run.shared.data.train.size
+    return torch.rand(n, 3, size, size, device=device)  # [0, 1]
+
+
+def _generator_probe(run: RunSpec, device: torch.device) -> Callable[[nn.Module], Tensor]:
+    """Reconstruction + quantizer losses of one image: every generator parameter the G step can reach."""
+    def loss_of(model: nn.Module) -> Tensor:
+        bf16 = run.shared.train.precision == "bf16"
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = _dry_images(run, device, 1) * 2 - 1
+            x_hat, qout = model(x)
+            return (x_hat.float() - x).square().mean() + sum(qout.losses.values(), x.new_zeros(()))
+    return loss_of
+
+
+def _disc_probe(run: RunSpec, device: torch.device) -> Callable[[nn.Module], Tensor]:
+    def loss_of(disc: nn.Module) -> Tensor:
+        bf16 = run.shared.train.precision == "bf16"
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            return disc(_dry_images(run, device, 2)).float().mean()  # 2: BatchNorm needs > 1 value per channel
+    return loss_of
 
 
 # ----------------------------------------------------------------------------------------------- one step

@@ -1,11 +1,66 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, the `--device` option and the `cuda` marker.
+
+`--device DEV` (default cpu, or $GSQBENCH_TEST_DEVICE) runs the device-parametrisable tests (quantizer contract,
+exact-lookup ground truth, resume after kill) on DEV through the `device` fixture; `benchmarks/gpu.py` passes
+`--device cuda`. Tests marked `cuda` need a CUDA GPU: they are skipped, with the reason, where
+torch.cuda.is_available() is False. `--cuda-dry-run` runs them on the CPU instead (gloo for NCCL, CPU autocast,
+small sizes), so their code is exercised where no GPU is (`benchmarks/gpu.py --device cpu --tiny` does this in CI).
+"""
 from __future__ import annotations
 
+import os
 import sys
 import types
 
 import pytest
 import torch
+
+NO_CUDA_REASON = ("needs CUDA: torch.cuda.is_available() is False on this machine "
+                  "(benchmarks/gpu.py runs these tests on a GPU)")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default=os.environ.get("GSQBENCH_TEST_DEVICE", "cpu"),
+                     help="torch device of the device-parametrisable tests: cpu (default), cuda, cuda:N")
+    parser.addoption("--cuda-dry-run", action="store_true",
+                     help="run the tests marked `cuda` on the CPU (gloo instead of NCCL, small sizes) to prove "
+                          "their code runs where no GPU is")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    device = config.getoption("--device")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device {device}: torch.cuda.is_available() is False on this machine")
+        # deterministic cuBLAS for the bitwise resume comparison; read when the first cuBLAS handle is made
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device != "cpu":
+        raise pytest.UsageError(f"--device {device!r} is not valid; expected cpu, cuda or cuda:N")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available() or config.getoption("--cuda-dry-run"):
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The torch device named by `--device` (cpu unless a GPU run asks for cuda)."""
+    return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def cuda_device(request: pytest.FixtureRequest) -> torch.device:
+    """The device of the tests marked `cuda`: `--device` when it names a GPU, else cuda; cpu under --cuda-dry-run
+    on a machine without CUDA (those tests are skipped otherwise)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    chosen = request.config.getoption("--device")
+    return torch.device(chosen if chosen.startswith("cuda") else "cuda")
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ distance wins, as in torch.argmin). Cases: random unit latents at d ∈ {1, 2, 4
 fp32 expanded form is shown to fail the same check at d = 2, so the check can fail); near-ties constructed
 from integers, whose float64 distances are exact and differ by 1e-12 relative, plus exact ties; un-normalised
 latents (VQ, norm none, the paper's uniform init); bf16 autocast; NaN/inf/zero rows; the angular-index cache
-after an in-place codebook change; the training-only random tie-break among exact ties.
+after an in-place codebook change; the training-only random tie-break among exact ties. The lookups run on the
+session's `--device` (tests/conftest.py; benchmarks/gpu.py passes cuda: the accelerator search path); inputs
+are drawn and the ground truth computed on the CPU.
 """
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ def _unit(n: int, d: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=_gen(seed)), dim=1)
 
 
+def _on(device: torch.device, fn, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
+    """fn(*tensors moved to device, **kwargs), brought back to the CPU."""
+    return fn(*(t.to(device) for t in tensors), **kwargs).cpu()
+
+
 def _distances(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     """(rows, V) float64 distances, summed in index order (NaN/inf propagate as IEEE says)."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -48,13 +55,13 @@ def _truth(x: torch.Tensor, c: torch.Tensor, rows_per_chunk: int = 16) -> torch.
 
 # rows per d keep the brute force at ~2.7e8 float64 element operations each
 @pytest.mark.parametrize("d,n", [(1, 1024), (2, 512), (4, 192), (8, 96), (16, 48)])
-def test_exact_is_the_float64_nearest_code_on_unit_latents(d: int, n: int, one_thread) -> None:
+def test_exact_is_the_float64_nearest_code_on_unit_latents(d: int, n: int, one_thread, device) -> None:
     v = 262_144
     x, c = _unit(n, d, d), _unit(v, d, 100 + d)
     want = _truth(x, c)
-    assert torch.equal(nearest_code(x, c), want)  # exact is the default
+    assert torch.equal(_on(device, nearest_code, x, c), want)  # exact is the default
     if d == 2:  # the same check fails for the official expanded formula in fp32 (spec §2.3: ~7 % agree)
-        agree = (nearest_code(x, c, precision="fp32-expanded") == want).double().mean()
+        agree = (_on(device, nearest_code, x, c, precision="fp32-expanded") == want).double().mean()
         assert agree < 0.3
 
 
@@ -76,19 +83,19 @@ def _near_tie_codes(d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @pytest.mark.parametrize("d", [2, 4])
-def test_exact_resolves_constructed_near_ties_and_takes_the_lowest_of_exact_ties(d: int) -> None:
+def test_exact_resolves_constructed_near_ties_and_takes_the_lowest_of_exact_ties(d: int, device) -> None:
     x, c, want = _near_tie_codes(d)
     dist = _distances(x.double().numpy(), c.double().numpy())[0]
     assert dist[40] / dist[120] - 1 == pytest.approx(1e-12, rel=1e-3) and dist[120] == dist[200]
     assert int(_truth(x, c)[0]) == want
-    assert int(nearest_code(x, c)[0]) == want
+    assert int(_on(device, nearest_code, x, c)[0]) == want
     # 300 rows at other radii: at d = 2 the angular path (1 row takes the general one), same answers
     many = x.expand(300, d) * torch.linspace(0.5, 2.0, 300)[:, None]
-    assert torch.equal(nearest_code(many, c), _truth(many, c))
+    assert torch.equal(_on(device, nearest_code, many, c), _truth(many, c))
 
 
 @pytest.mark.parametrize("d", [2, 4, 8])
-def test_exact_vq_on_unnormalised_latents(d: int) -> None:
+def test_exact_vq_on_unnormalised_latents(d: int, device) -> None:
     # the paper's VQ baseline: uniform init U(±1/V) codes around 0, raw latents (norm none); and N(0, 1) codes
     q = build_quantizer({"name": "vq", "dim": 2 * d, "codebook_size": 16_384, "groups": 2}).eval()
     z = torch.randn(2, 2 * d, 6, 6, generator=_gen(d)) * 3.0
@@ -96,18 +103,22 @@ def test_exact_vq_on_unnormalised_latents(d: int) -> None:
     for codebook in (q.codebook.weight.detach().clone(), torch.randn(16_384, d, generator=_gen(50 + d))):
         with torch.no_grad():
             q.codebook.weight.copy_(codebook)
-        assert torch.equal(q(z).indices.flatten(), _truth(rows, codebook))
+        got = q.to(device)(z.to(device)).indices.flatten().cpu()
+        q.cpu()
+        assert torch.equal(got, _truth(rows, codebook))
 
 
-def test_exact_indices_do_not_change_under_bf16_autocast() -> None:
+def test_exact_indices_do_not_change_under_bf16_autocast(device) -> None:
     for cfg in ({"name": "gsq", "dim": 4, "codebook_size": 65_536, "groups": 2},
                 {"name": "vq", "dim": 4, "codebook_size": 4_096}):
         torch.manual_seed(0)
         q = build_quantizer(cfg).eval()
         z = torch.randn(2, 4, 8, 8, generator=_gen(3))
-        plain = q(z).indices
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            auto = q(z).indices
+        qd, zd = q.to(device), z.to(device)
+        plain = qd(zd).indices.cpu()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            auto = qd(zd).indices.cpu()
+        q.cpu()
         assert torch.equal(plain, auto)
         norm = F.normalize if cfg["name"] == "gsq" else (lambda t, dim: t)
         d = q.code_dim
@@ -115,7 +126,7 @@ def test_exact_indices_do_not_change_under_bf16_autocast() -> None:
         assert torch.equal(plain.flatten(), _truth(rows, norm(q.codebook.weight.detach(), dim=1)))
 
 
-def test_non_finite_and_zero_rows_follow_argmin_of_the_float64_distances() -> None:
+def test_non_finite_and_zero_rows_follow_argmin_of_the_float64_distances(device) -> None:
     c = _unit(5000, 2, 1)
     c[17] = 0.0  # a zero code: the nearest code of a zero row only if no code is shorter
     x = _unit(12, 2, 2)
@@ -125,32 +136,32 @@ def test_non_finite_and_zero_rows_follow_argmin_of_the_float64_distances() -> No
     x[4] = torch.tensor([3e19, 1.0])  # squares overflow fp32
     x[5] = torch.tensor([1e-30, -1e-30])  # squares underflow
     want = _truth(x, c)
-    assert torch.equal(nearest_code(x, c), want)
+    assert torch.equal(_on(device, nearest_code, x, c), want)
     assert int(want[1]) == 0 and int(want[3]) == 17
     c[300, 1] = float("nan")  # a NaN code: every row's distance to it is NaN, and NaN wins in argmin
-    assert torch.equal(nearest_code(x, c), _truth(x, c))
+    assert torch.equal(_on(device, nearest_code, x, c), _truth(x, c))
     c[300] = torch.tensor([float("inf"), 0.0])  # an infinite code is never nearest for finite rows
-    assert torch.equal(nearest_code(x, c), _truth(x, c))
+    assert torch.equal(_on(device, nearest_code, x, c), _truth(x, c))
 
 
-def test_angular_cache_follows_in_place_codebook_changes() -> None:
-    c = _unit(20_000, 2, 4)
+def test_angular_cache_follows_in_place_codebook_changes(device) -> None:
+    c = _unit(20_000, 2, 4).to(device)
     x = _unit(300, 2, 5)
-    assert torch.equal(nearest_code(x, c), _truth(x, c))
+    assert torch.equal(nearest_code(x.to(device), c).cpu(), _truth(x, c.cpu()))
     c.data[:, 0] *= -1.0  # in place, through .data: same storage, no version bump
-    assert torch.equal(nearest_code(x, c), _truth(x, c))
+    assert torch.equal(nearest_code(x.to(device), c).cpu(), _truth(x, c.cpu()))
 
 
-def test_random_tie_break_is_uniform_among_exact_float64_ties() -> None:
+def test_random_tie_break_is_uniform_among_exact_float64_ties(device) -> None:
     # d = 1 with l2: every code is ±1, so a positive row ties with every +1 code
     c = torch.where(torch.rand(5000, 1, generator=_gen(6)) < 0.5, -1.0, 1.0)
     x = torch.ones(4000, 1)
-    got = sample_code(x, c, mode="random", generator=_gen(7))
+    got = _on(device, sample_code, x, c, mode="random", generator=_gen(7))  # exact: CPU generator on any device
     plus = (c[:, 0] > 0).nonzero().squeeze(1)
     assert bool((c[got, 0] > 0).all())
     counts = torch.bincount(got, minlength=5000)[plus].double()
     assert counts.numel() > 2000 and got.unique().numel() > 0.5 * plus.numel()  # ~1.6 expected hits per code
-    assert int(nearest_code(x, c)[0]) == int(plus[0])  # deterministic lookup: the lowest index
+    assert int(_on(device, nearest_code, x, c)[0]) == int(plus[0])  # deterministic lookup: the lowest index
 
 
 @pytest.mark.parametrize("name", ["gsq", "vq"])
@@ -176,13 +187,13 @@ def test_exact_through_the_accelerator_search_path(d: int, monkeypatch) -> None:
     assert torch.equal(nearest_code(x, c), _truth(x, c))
 
 
-def test_thousands_of_duplicate_codes_first_and_random_tie_break() -> None:
+def test_thousands_of_duplicate_codes_first_and_random_tie_break(device) -> None:
     # 3,000 copies of one code (d = 3: the general path, every copy a candidate of every row near it)
     base = _unit(2000, 3, 21)
     dup = base[0].expand(3000, 3)
     c = torch.cat([base[1:1001], dup, base[1001:]])  # the copies are codes 1000..3999
     x = torch.cat([dup[:500], F.normalize(dup[:500] + 1e-3 * torch.randn(500, 3, generator=_gen(22)), dim=1)])
-    assert torch.equal(nearest_code(x, c), _truth(x, c))
-    assert int(nearest_code(x[:1], c)[0]) == 1000
-    picks = sample_code(dup[:2000].contiguous(), c, mode="random", generator=_gen(23))
+    assert torch.equal(_on(device, nearest_code, x, c), _truth(x, c))
+    assert int(_on(device, nearest_code, x[:1], c)[0]) == 1000
+    picks = _on(device, sample_code, dup[:2000].contiguous(), c, mode="random", generator=_gen(23))
     assert bool(((picks >= 1000) & (picks < 4000)).all()) and picks.unique().numel() > 1000  # ~1,460 expected

@@ -2,7 +2,8 @@
 
 Each quantizer supplies its own small config via `example_config()`, so a new file dropped into
 `tokenizers/` or a `--plugins` directory is checked with no other edit. `check_quantizer_contract`
-is also called by tests/test_plugins.py on a plugin written at test time.
+is also called by tests/test_plugins.py on a plugin written at test time. Every check runs on the `--device` of
+the session (tests/conftest.py; benchmarks/gpu.py passes cuda), autocast on that device's type.
 """
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ from gsqbench.registry import QUANTIZERS, discover_quantizers
 NAMES = discover_quantizers().names()
 
 
-def _build(name: str, seed: int, cfg: dict | None = None) -> torch.nn.Module:
-    torch.manual_seed(seed)
+def _build(name: str, seed: int, cfg: dict | None = None, device: torch.device | str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(seed)  # built on the CPU, so the init is the same on every device
     cls = QUANTIZERS.get(name)
-    return QUANTIZERS.build(name, cls.example_config() if cfg is None else cfg)
+    return QUANTIZERS.build(name, cls.example_config() if cfg is None else cfg).to(device)
 
 
-def _latent(q: torch.nn.Module, b: int = 3, h: int = 4, w: int = 5, seed: int = 1) -> torch.Tensor:
+def _latent(q: torch.nn.Module, b: int = 3, h: int = 4, w: int = 5, seed: int = 1,
+            device: torch.device | str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, q.dim, h, w, generator=g)
+    return torch.randn(b, q.dim, h, w, generator=g).to(device)
 
 
 def _allowed_dtypes(z: torch.Tensor) -> tuple[torch.dtype, ...]:
@@ -75,7 +77,7 @@ def check_state_dict_round_trip(name: str, cfg: dict | None, q: torch.nn.Module,
     torch.save(q.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    fresh = _build(name, seed=12345, cfg=cfg)
+    fresh = _build(name, seed=12345, cfg=cfg, device=z.device)
     fresh.load_state_dict(state, strict=True)
     q.eval()
     fresh.eval()
@@ -86,7 +88,7 @@ def check_state_dict_round_trip(name: str, cfg: dict | None, q: torch.nn.Module,
 
 def check_bf16_autocast(q: torch.nn.Module, z: torch.Tensor) -> None:
     q.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(z.device.type, dtype=torch.bfloat16):
         for inp in (z, z.to(torch.bfloat16)):
             out = q(inp)
             assert out.z_q.dtype in _allowed_dtypes(inp) and torch.isfinite(out.z_q.float()).all()
@@ -94,13 +96,13 @@ def check_bf16_autocast(q: torch.nn.Module, z: torch.Tensor) -> None:
             assert int(out.indices.max()) < q.codebook_size
 
 
-def check_quantizer_contract(name: str, cfg: dict | None = None) -> None:
+def check_quantizer_contract(name: str, cfg: dict | None = None, device: torch.device | str = "cpu") -> None:
     """Every contract check on the registered quantizer `name` with `cfg` (default: its example_config)."""
-    q = _build(name, seed=0, cfg=cfg)
+    q = _build(name, seed=0, cfg=cfg, device=device)
     for attr in ("dim", "codebook_size", "groups"):
         assert isinstance(getattr(q, attr), int) and getattr(q, attr) >= 1, attr
     assert math.log2(q.codebook_size) >= 0
-    z = _latent(q)
+    z = _latent(q, device=device)
     q.train()
     check_shapes_and_losses(q, z)
     check_gradient(q, z)
@@ -112,8 +114,8 @@ def check_quantizer_contract(name: str, cfg: dict | None = None) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_contract(name: str) -> None:
-    check_quantizer_contract(name)
+def test_contract(name: str, device: torch.device) -> None:
+    check_quantizer_contract(name, device=device)
 
 
 # family options that change the code path get the same contract
@@ -130,8 +132,8 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("name,cfg", VARIANTS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VARIANTS)])
-def test_contract_variants(name: str, cfg: dict) -> None:
-    check_quantizer_contract(name, cfg)
+def test_contract_variants(name: str, cfg: dict, device: torch.device) -> None:
+    check_quantizer_contract(name, cfg, device)
 
 
 def test_builtin_families_registered() -> None:

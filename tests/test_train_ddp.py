@@ -83,3 +83,61 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         # sanity: these are trained states (EMA lags the weights), and a wrong rank slice would be caught
         assert any((one["model"][k] - one["ema"][k]).abs().max() > 100 * TOL for k in one["model"]
                    if one["model"][k].is_floating_point())
+
+
+def _gan_run():
+    raw = {
+        "suite": "ddp-unused",
+        "shared": {"model": {"preset": "tiny-f8", "latent_dim": 8},
+                   "data": {"train": {"kind": "synthetic", "size": 16, "limit": 4}},
+                   "train": {"steps": 2, "batch_size": 2, "precision": "fp32", "ema_decay": 0.0},
+                   "gan": {"discriminator": "patchgan", "options": {"num_filters": 8, "num_layers": 2}}},
+        "subjects": [{"name": "vq-ema", "quantizer": {"name": "vq", "dim": 8, "codebook_size": 16, "ema": True}}],
+        "seeds": [0],
+    }
+    return expand_runs(suite_from_dict(raw))[0]
+
+
+def test_find_unused_parameters_only_for_modules_that_need_it(monkeypatch):
+    """One process launched as torchrun launches it (gloo, world size 1, so DDP is on): the built-ins need no
+    unused-parameter search (VQ-EMA's codebook does not require grad; PatchGAN uses every parameter); a module
+    with a parameter the loss never reaches gets it, and DDP without it stops at the second step (so the dry
+    check is what keeps such a plugin trainable). The dry step leaves the RNG and the EMA buffers untouched."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gsqbench import distributed as ddp
+    from gsqbench.train import _generator_probe, _wrap_ddp, build_trainer
+
+    env = {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run = _gan_run()
+    data = open_dataset(run.shared.data.train)
+    cpu = torch.device("cpu")
+    assert ddp.init_from_env("cpu", timeout_s=60)
+    try:
+        tr = build_trainer(run, data, cpu)
+        assert isinstance(tr.ddp_model, DDP) and isinstance(tr.ddp_disc, DDP)
+        assert not tr.ddp_model.find_unused_parameters and not tr.ddp_disc.find_unused_parameters
+        assert build_trainer(run, data, cpu, find_unused=True).ddp_model.find_unused_parameters
+
+        rng, buffers = torch.get_rng_state(), {k: v.clone() for k, v in tr.model.named_buffers()}
+        model = tr.model
+        model.eval_only_scale = torch.nn.Parameter(torch.ones(1))  # e.g. a plugin's parameter used only in eval
+        probe = _generator_probe(run, cpu)
+        assert ddp.has_unused_parameters(model, probe, "test")
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+
+        def two_steps(wrapped):
+            for _ in range(2):
+                x = torch.rand(2, 3, 16, 16) * 2 - 1
+                x_hat, qout = wrapped(x)
+                ((x_hat - x).square().mean() + sum(qout.losses.values())).backward()
+
+        two_steps(_wrap_ddp(model, cpu, probe, None, "generator"))  # detected: the search is on, both steps run
+        with pytest.raises(RuntimeError):
+            two_steps(_wrap_ddp(model, cpu, probe, False, "generator"))
+    finally:
+        ddp.shutdown()

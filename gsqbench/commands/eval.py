@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an unreadable image is an error instead of skipped with a count")
     parser.add_argument("--min-size", type=int, default=None, metavar="PX",
                         help="refuse images whose shorter side is below PX pixels (else counted in the card)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice). With --num-workers W on a CPU, "
+                             "cores - W leaves the decoding workers their cores")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -127,7 +130,10 @@ def check_paths(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gsqbench.commands.run import apply_threads
+
     run_dir = check_paths(args)
+    apply_threads(args)
 
     from gsqbench import distributed as ddp
     from gsqbench.config import EvalSpec

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--run {rid!r}: no such run in suite {suite.suite!r}{did_you_mean(rid, ids)}")
     check_suite_paths(args, [r for r in runs if not args.run_ids or r.run_id in args.run_ids])
 
+    from gsqbench import distributed as ddp
     from gsqbench import effective
     from gsqbench.runner import earlier_divergence, open_dataset, refusal_message, write_diverged
     from gsqbench.train import Diverged, train_run
@@ -42,28 +43,32 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     suite = validate_suite(suite, args.only or None)
     runs = [r for r in effective.expand_runs(suite, args.only or None) if not args.run_ids or r.run_id in args.run_ids]
-    diverged = []
-    for run in runs:
-        if run.loaded:  # {name, load: PATH}: evaluated as released by `gsqbench run`, never trained
-            print(f"{run.run_id}: loaded subject ({run.load}), not trained")
-            continue
-        run_dir = run_dir_for(args.results, suite.suite, run.run_id)
-        earlier = earlier_divergence(run, run_dir)
-        if earlier is not None:
-            print(f"gsqbench: {refusal_message(run, run_dir, earlier)}", file=sys.stderr)
-            diverged.append(run.run_id)
-            continue
-        dataset = open_dataset(run.shared.data.train, strict=args.strict_data, role="train")
-        try:
-            res = train_run(run, run_dir, dataset, device=args.device, progress=not args.no_progress)
-        except Diverged as exc:
-            write_diverged(run, run_dir, exc, args.device)
-            print(f"gsqbench: {run.run_id}: diverged at step {exc.step}: {exc.term} = {exc.value}", file=sys.stderr)
-            diverged.append(run.run_id)
-            continue
-        print(f"{run.run_id}: {res.steps} steps, {res.images_per_s:.1f} images/s, {res.time_s:.1f} s"
-              + (f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""))
-    if diverged:
-        print(f"gsqbench: {len(diverged)} run(s) diverged: {', '.join(diverged)}", file=sys.stderr)
-        return 1
+    try:
+        diverged = []
+        for run in runs:
+            if run.loaded:  # {name, load: PATH}: evaluated as released by `gsqbench run`, never trained
+                print(f"{run.run_id}: loaded subject ({run.load}), not trained")
+                continue
+            run_dir = run_dir_for(args.results, suite.suite, run.run_id)
+            earlier = earlier_divergence(run, run_dir)
+            if earlier is not None:
+                print(f"gsqbench: {refusal_message(run, run_dir, earlier)}", file=sys.stderr)
+                diverged.append(run.run_id)
+                continue
+            dataset = open_dataset(run.shared.data.train, strict=args.strict_data, role="train")
+            try:
+                res = train_run(run, run_dir, dataset, device=args.device, progress=not args.no_progress)
+            except Diverged as exc:
+                write_diverged(run, run_dir, exc, args.device)
+                print(f"gsqbench: {run.run_id}: diverged at step {exc.step}: {exc.term} = {exc.value}",
+                      file=sys.stderr)
+                diverged.append(run.run_id)
+                continue
+            print(f"{run.run_id}: {res.steps} steps, {res.images_per_s:.1f} images/s, {res.time_s:.1f} s"
+                  + (f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""))
+        if diverged:
+            print(f"gsqbench: {len(diverged)} run(s) diverged: {', '.join(diverged)}", file=sys.stderr)
+            return 1
+    finally:
+        ddp.shutdown()  # under torchrun: end the process group before exit (torch warns about one left open)
     return 0
