@@ -5,7 +5,8 @@ runtime, plus the groups the computed metrics describe themselves with: psnr, ss
 comparable only when their `card_hash` agrees: the SHA-256 of the canonical JSON (sorted keys, no whitespace)
 of the card *minus* run-specific fields (which checkpoint, measured values, device, versions, world size, batch
 size, seed, date). `weights_conformant` is part of the hash, so random stand-in weights never compare with
-official ones, and so is the mode, so `gsq-compat` rows never compare with `gsqbench` rows.
+official ones, and so is the mode, so `gsq-compat` rows never compare with `gsqbench` rows; a compatibility mode's
+card also carries a `compat` group listing every way it differs from the pinned protocol (gsqbench.modes).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ RUN_SPECIFIC: tuple[str, ...] = (
     "card_hash",
     "model.checkpoint_sha256", "model.step", "model.tokenizer_spec_hash", "model.fairness_hash",
     "model.code_agreement",
+    "model.loaded",  # a loaded subject's own facts (source, kind, weights it holds, file): which subject, not protocol
     "model.lookup_precision",  # what this subject ran (None without a codebook search); `model.lookup` is hashed
     "codebook.tokens_counted", "codebook.codebook_V", "codebook.codebook_G",
     "codebook.tokens_per_group",  # the subject's size, measured T
@@ -118,13 +120,24 @@ def dataset_fields(dataset: Any) -> dict[str, Any]:
 
 
 def conversion_group(mode: str) -> dict[str, Any]:
-    compat = mode == "gsq-compat"
-    return {"uint8_rule": "trunc-compat" if compat else "round-half-even",
-            "model_input": "ToTensor+Normalize(0.5,0.5) fp32" if compat else "u8/127.5-1 fp32",
+    """The card's conversion group of an eval mode (gsqbench.modes: one table entry per mode)."""
+    from gsqbench.modes import check_mode
+
+    m = check_mode(mode, "eval.mode")
+    return {"uint8_rule": m.card_uint8_rule, "model_input": m.card_model_input,
             "clamp": [-1, 1], "converted_once": True,
-            # as the official evaluation: PSNR/SSIM/LPIPS read the float pair the truncated uint8 is cut from
-            "metric_inputs": ("PSNR/SSIM/LPIPS: official float [0,1] (real fp32, fake bf16); others: uint8 "
-                              "(trunc-compat)") if compat else "uint8"}
+            # gsq-compat: as the official evaluation, PSNR/SSIM/LPIPS read the float pair the truncated uint8 is
+            # cut from; each mode's text is in its gsqbench.modes entry
+            "metric_inputs": m.card_metric_inputs}
+
+
+def compat_group(mode: str) -> dict[str, Any] | None:
+    """The card's `compat` group: what a compatibility mode reproduces and every way it differs from the pinned
+    protocol (hashed, so a changed mode definition gets a new card hash); None for the pinned `gsqbench` mode."""
+    from gsqbench.modes import check_mode
+
+    m = check_mode(mode, "eval.mode")
+    return m.compat_card() if m.is_compat else None
 
 
 def build_card(
@@ -151,6 +164,9 @@ def build_card(
         "model": dict(model),
         "precision": dict(precision),
     }
+    compat = compat_group(mode)
+    if compat is not None:
+        card["compat"] = compat
     for metric in metrics:
         for group, fields in metric.card_fields().items():
             card.setdefault(group, {}).update(fields)

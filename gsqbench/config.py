@@ -40,6 +40,7 @@ import yaml
 
 from gsqbench.errors import UserError, did_you_mean
 from gsqbench.io import read_text_utf8, safe_name
+from gsqbench.modes import MODES, PINNED, check_mode, get_mode
 
 
 # ----------------------------------------------------------------------------------------------- spec dataclasses
@@ -138,7 +139,7 @@ class EvalSpec:
     keys that must not come out unavailable. Names are checked against the metric registry by validate_suite.
     """
 
-    mode: Literal["gsqbench", "gsq-compat"] = "gsqbench"
+    mode: str = PINNED  # a mode of gsqbench.modes.MODES (checked when the suite is parsed)
     weights: Literal["ema", "raw"] = "ema"
     batch_size: int = 16
     samples: int = 8  # first k (real, recon) pairs saved as PNG under samples/
@@ -158,11 +159,18 @@ class EvalSpec:
 
     @property
     def lookup_mode(self) -> str:
-        """The nearest-code lookup the evaluation pins: `lookup` when given, else the exact nearest code (gsqbench
-        mode) or the official bf16-autocast lookup (gsq-compat)."""
+        """The nearest-code lookup the evaluation pins: `lookup` when given, else the mode's (gsqbench.modes): the
+        exact nearest code in gsqbench mode, the official bf16-autocast lookup in gsq-compat, ..."""
         if self.lookup is not None:
             return self.lookup
-        return "bf16" if self.mode == "gsq-compat" else "exact"
+        return get_mode(self.mode).lookup if self.mode in MODES else "exact"
+
+    @property
+    def precision_mode(self) -> str:
+        """The model precision: `precision` when given, else the mode's (fp32; bf16 in gsq-compat)."""
+        if self.precision is not None:
+            return self.precision
+        return get_mode(self.mode).precision if self.mode in MODES else "fp32"
 
     @property
     def ssim_border_mode(self) -> str:
@@ -185,8 +193,15 @@ class SharedSpec:
 
 @dataclass(frozen=True)
 class Subject:
+    """A subject is trained from its `quantizer` block, or `load`ed: a published release file, an official GSQ
+    release folder or a gsqbench checkpoint, evaluated (never trained) with the suite's eval settings. A loaded
+    subject may add evaluation `modes` (e.g. its own compatibility mode): one more run per mode, each with its own
+    fairness and card hash."""
+
     name: str
-    quantizer: dict[str, Any]  # {"name": "gsq", **kwargs}
+    quantizer: dict[str, Any] = field(default_factory=dict)  # {"name": "gsq", **kwargs}; empty when loaded
+    load: Optional[str] = None
+    modes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -250,6 +265,12 @@ class RunSpec:
     fairness_hash: str
     regress: dict[str, Any] = field(default_factory=dict)  # the suite's regress tolerances, stored with each run
     effective: Optional[Effective] = None  # None: not resolved (config.expand_runs without a resolver)
+    load: Optional[str] = None  # a loaded subject: the checkpoint / release evaluated instead of training
+    release_sha256: Optional[str] = None  # its file's SHA-256 (None: not resolved)
+
+    @property
+    def loaded(self) -> bool:
+        return self.load is not None
 
     @property
     def used(self) -> Effective:
@@ -258,10 +279,17 @@ class RunSpec:
 
     def spec_json(self) -> dict[str, Any]:
         """The resolved spec as run.json stores it (regress reads `spec.regress`)."""
-        return {"shared": spec_to_dict(self.shared), "quantizer": dict(self.quantizer), "regress": dict(self.regress)}
+        out = {"shared": spec_to_dict(self.shared), "quantizer": dict(self.quantizer), "regress": dict(self.regress)}
+        if self.loaded:
+            out.update(load=self.load, release_sha256=self.release_sha256)
+        return out
 
     def effective_json(self) -> dict[str, Any]:
         """run.json `effective`: the values used, each fallback, the fields without effect and the result-free ones."""
+        if self.loaded:
+            return {"values": {"subject": "loaded", "release_sha256": self.release_sha256},
+                    "resolved": self.release_sha256 is not None, "fallbacks": [],
+                    "no_effect": loaded_no_effect_fields(), "result_free": dict(RESULT_FREE_FIELDS)}
         eff = self.used
         return {"values": {k: v for k, v in spec_to_dict(eff).items() if k not in ("fallbacks", "resolved")},
                 "resolved": eff.resolved, "fallbacks": list(eff.fallbacks),
@@ -432,8 +460,7 @@ def fairness_view(shared: SharedSpec, effective: Optional[Effective] = None) -> 
     """
     eff = effective if effective is not None else Effective.intent(shared)
     view = spec_to_dict(shared)
-    if view["eval"]["precision"] is None:
-        view["eval"]["precision"] = "bf16" if shared.eval.mode == "gsq-compat" else "fp32"
+    view["eval"]["precision"] = shared.eval.precision_mode  # null means the mode's precision: hash what it means
     view["eval"]["lookup"] = shared.eval.lookup_mode  # null means the mode's lookup: hash what it means
     if shared.eval.ssim_border_mode == "valid":
         view["eval"].pop("ssim_border")
@@ -448,8 +475,41 @@ def fairness_view(shared: SharedSpec, effective: Optional[Effective] = None) -> 
 
 def fairness_hash(shared: SharedSpec, effective: Optional[Effective] = None) -> str:
     """SHA-256 of the canonical JSON of `fairness_view` (no quantizer, seed or names)."""
-    canonical = json.dumps(fairness_view(shared, effective), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _sha256_json(fairness_view(shared, effective))
+
+
+def _sha256_json(view: dict[str, Any]) -> str:
+    canonical = json.dumps(view, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+#: the shared sections a loaded subject never reads: it is evaluated, not trained
+_TRAINING_SECTIONS = ("model", "train", "loss", "gan", "data.train")
+_LOADED_WHY = "loaded subject: evaluated, not trained"
+
+
+def loaded_no_effect_fields() -> dict[str, str]:
+    """What a loaded subject's run never reads (dotted key → why): every training section, and eval.weights (the
+    checkpoint says which weights it holds; the card records them)."""
+    return {**{key: _LOADED_WHY for key in _TRAINING_SECTIONS},
+            "eval.weights": "loaded subject: the checkpoint holds its own weights (recorded in the card)"}
+
+
+def loaded_fairness_view(shared: SharedSpec, release_sha256: Optional[str]) -> dict[str, Any]:
+    """The fairness view of a loaded subject's run: that it was loaded and from which file (SHA-256), plus the
+    evaluation settings (eval, data.eval; the mode's defaults hashed as the values they mean). Nothing of the
+    training recipe: it was not trained here. None as the SHA-256 is the unresolved intent (marked so)."""
+    full = fairness_view(shared, Effective.intent(shared))
+    view = {"eval": full["eval"], "data": {"eval": full["data"]["eval"]}}
+    view["eval"].pop("weights", None)
+    view["subject"] = {"source": "loaded", "release_sha256": release_sha256}
+    if release_sha256 is None:
+        view["subject"]["resolved"] = False
+    return view
+
+
+def loaded_fairness_hash(shared: SharedSpec, release_sha256: Optional[str]) -> str:
+    return _sha256_json(loaded_fairness_view(shared, release_sha256))
 
 
 # ----------------------------------------------------------------------------------------------- overrides
@@ -651,28 +711,55 @@ def _refuse_removed_keys(shared: Any) -> None:
                         "seeded permutation per epoch; delete the key")
 
 
+_SUBJECT_KEYS = ("name", "quantizer", "load", "modes")
+
+
 def _parse_subjects(raw: Any) -> tuple[Subject, ...]:
     if not isinstance(raw, list) or not raw:
         raise UserError(f"config key 'subjects': {raw!r} is not valid; expected a non-empty list of "
-                        "{name, quantizer: {name, ...}}")
+                        "{name, quantizer: {name, ...}} or {name, load: PATH}")
     subjects, seen = [], set()
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise UserError(f"config key 'subjects[{i}]': {item!r} is not a mapping")
         for key in item:
             _refuse_shared_in_subject(key, item[key])
-            if key not in ("name", "quantizer"):
-                raise UserError(f"unknown config key 'subjects[{i}].{key}'{did_you_mean(str(key), ['name', 'quantizer'])}")
+            if key not in _SUBJECT_KEYS:
+                raise UserError(f"unknown config key 'subjects[{i}].{key}'{did_you_mean(str(key), _SUBJECT_KEYS)}")
         name, q = item.get("name"), item.get("quantizer")
         if not isinstance(name, str) or not name:
             raise UserError(f"config key 'subjects[{i}].name': {name!r} is not valid; expected a non-empty string")
         if name in seen:
             raise UserError(f"config key 'subjects[{i}].name': duplicate subject name {name!r}")
-        if not isinstance(q, dict) or not isinstance(q.get("name"), str):
-            raise UserError(f"config key 'subjects[{i}].quantizer': {q!r} is not valid; expected {{name: gsq|vq|lfq|fsq, ...}}")
         seen.add(name)
+        if "load" in item:
+            subjects.append(_loaded_subject(i, name, item))
+            continue
+        if "modes" in item:
+            raise UserError(f"config key 'subjects[{i}].modes': only a loaded subject ({{name, load: PATH}}) takes "
+                            "extra evaluation modes")
+        if not isinstance(q, dict) or not isinstance(q.get("name"), str):
+            raise UserError(f"config key 'subjects[{i}].quantizer': {q!r} is not valid; expected {{name: gsq|vq|lfq|fsq, ...}}"
+                            " (or give 'load: PATH' to evaluate a checkpoint or published release)")
         subjects.append(Subject(name=name, quantizer=dict(q)))
     return tuple(subjects)
+
+
+def _loaded_subject(i: int, name: str, item: dict) -> Subject:
+    """{name, load: PATH, modes: [...]}: evaluated, not trained; a quantizer block would never be read."""
+    if "quantizer" in item:
+        raise UserError(f"config key 'subjects[{i}]': give either 'quantizer' (a subject to train) or 'load' (a "
+                        "checkpoint to evaluate), not both")
+    load = item["load"]
+    if not isinstance(load, str) or not load.strip():
+        raise UserError(f"config key 'subjects[{i}].load': {load!r} is not valid; expected the path of a published "
+                        "release file, an official GSQ release folder or a gsqbench checkpoint")
+    modes = _coerce(item.get("modes") or [], tuple[str, ...], f"subjects[{i}].modes")
+    for j, mode in enumerate(modes):
+        check_mode(mode, f"config key 'subjects[{i}].modes[{j}]'")
+    if len(set(modes)) != len(modes):
+        raise UserError(f"config key 'subjects[{i}].modes': {list(modes)!r} names a mode twice")
+    return Subject(name=name, load=load, modes=modes)
 
 
 def _refuse_shared_in_subject(key: str, value: Any) -> None:
@@ -746,6 +833,11 @@ def _check_semantics(suite: Suite) -> None:
         raise UserError(f"config key 'shared.train.checkpoint_every': {t.checkpoint_every} is not valid; expected >= 1")
     if suite.shared.data.train.size < 8 or suite.shared.data.eval.size < 8:
         raise UserError("config key 'shared.data.*.size': image size must be >= 8")
+    check_mode(suite.shared.eval.mode, "config key 'shared.eval.mode'")
+    for i, subject in enumerate(suite.subjects):
+        if suite.shared.eval.mode in subject.modes:
+            raise UserError(f"config key 'subjects[{i}].modes': {suite.shared.eval.mode!r} is shared.eval.mode "
+                            "already (every subject is evaluated in it); list only the extra modes")
 
 
 # ----------------------------------------------------------------------------------------------- grid expansion
@@ -782,32 +874,75 @@ def run_id(subject: str, seed: int, point: dict[str, Any]) -> str:
     return safe_name(f"{subject}-s{seed}" + (f"-{label}" if label else ""))
 
 
+def _reaches_loaded(key: str) -> bool:
+    """Whether a grid key can change a loaded subject's run (only evaluation settings can)."""
+    parts = key.split(".")
+    parts = parts[1:] if parts[0] == "shared" else parts
+    return parts[0] == "eval" or parts[:2] == ["data", "eval"]
+
+
+def mode_shared(shared: SharedSpec, mode: str) -> SharedSpec:
+    """The shared spec of a loaded subject's extra `mode`: eval.mode replaced, eval.precision and eval.lookup left
+    to the mode, and the mode's crop protocol (if it prescribes one) for the evaluation images."""
+    crop = get_mode(mode).crop
+    data = shared.data if crop is None else dataclasses.replace(
+        shared.data, eval=dataclasses.replace(shared.data.eval, crop=crop))
+    return dataclasses.replace(shared, data=data, eval=dataclasses.replace(
+        shared.eval, mode=mode, precision=None, lookup=None))
+
+
+def _loaded_runs(suite: Suite, subject: Subject, digest: Optional[Callable[[str], str]]) -> list[RunSpec]:
+    """A loaded subject's runs: one per distinct evaluation setting of the grid and per mode (shared.eval.mode,
+    then `subject.modes`), with the suite's first seed (its weights do not depend on the seed)."""
+    sha = digest(subject.load) if digest is not None else None  # type: ignore[arg-type]
+    seed, runs, seen = suite.seeds[0], [], set()
+    for point in _grid_points(suite.grid):
+        base = _apply_shared_grid(suite.shared, point)
+        label = {k: v for k, v in point.items() if _reaches_loaded(k)}
+        for mode in (None, *subject.modes):
+            shared = base if mode is None else mode_shared(base, mode)
+            fhash = loaded_fairness_hash(shared, sha)
+            if fhash in seen:
+                continue
+            seen.add(fhash)
+            rid = run_id(subject.name, seed, label) + (f"-{safe_name(mode)}" if mode else "")
+            runs.append(RunSpec(run_id=rid, suite=suite.suite, subject=subject.name, seed=seed, grid=dict(label),
+                                shared=shared, quantizer={}, fairness_hash=fhash, regress=dict(suite.regress),
+                                load=subject.load, release_sha256=sha))
+    return runs
+
+
 def expand_runs(suite: Suite, only: list[str] | None = None,
-                resolve: Optional[Callable[[SharedSpec], Effective]] = None) -> list[RunSpec]:
+                resolve: Optional[Callable[[SharedSpec], Effective]] = None,
+                digest: Optional[Callable[[str], str]] = None) -> list[RunSpec]:
     """All runs: subjects × seeds × grid points, with resolved shared spec and fairness hash each.
 
     `resolve` (gsqbench.effective.resolve; what training callers pass, via gsqbench.effective.expand_runs) looks up
     what each shared spec will actually use; without it the hash covers the spec's intent, marked unresolved.
+    `digest` (gsqbench.effective.release_sha256) gives a loaded subject's file SHA-256, which its fairness hash
+    records (`loaded_fairness_view`); loaded subjects run once per evaluation setting (`_loaded_runs`).
     """
     names = [s.name for s in suite.subjects]
     for name in only or []:
         if name not in names:
             raise UserError(f"--only {name!r}: no such subject{did_you_mean(name, names)}")
     runs = []
-    for point in _grid_points(suite.grid):
+    trained = [s for s in suite.subjects if s.load is None and (not only or s.name in only)]
+    for point in _grid_points(suite.grid) if trained else []:
         shared = _apply_shared_grid(suite.shared, point)
         eff = resolve(shared) if resolve is not None else None
         fhash = fairness_hash(shared, eff)
         q_over = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("quantizer.")}
-        for subject in suite.subjects:
-            if only and subject.name not in only:
-                continue
+        for subject in trained:
             for seed in suite.seeds:
                 runs.append(RunSpec(
                     run_id=run_id(subject.name, seed, point), suite=suite.suite, subject=subject.name, seed=seed,
                     grid=dict(point), shared=shared, quantizer={**subject.quantizer, **q_over}, fairness_hash=fhash,
                     regress=dict(suite.regress), effective=eff,
                 ))
+    for subject in suite.subjects:
+        if subject.load is not None and (not only or subject.name in only):
+            runs += _loaded_runs(suite, subject, digest)
     ids = [r.run_id for r in runs]
     dup = next((i for i in ids if ids.count(i) > 1), None)
     if dup:

@@ -10,6 +10,11 @@ Crop protocols (on PIL images, decoded to RGB first):
   shorter side is S (sizes rounded), crop at floor offsets (H − S)//2, (W − S)//2.
 - `train`: the official training transform (timm `create_transform(is_training=True, no_aug=True)`): PIL
   bilinear resize of the shorter side to S, centre crop S. No random crop, no flip.
+- `torchvision`: torchvision `Resize(S)` + `CenterCrop(S)` on PIL images, the eval transform of Open-MAGVIT2
+  (magvit2-compat); the same operations as `train`, named for what it reproduces.
+- `torchvision-bicubic`: `Resize(S, BICUBIC, antialias=True)` + `CenterCrop(S)` (1d-tokenizer; maskgit-compat).
+- `albumentations`: `SmallestMaxSize(S)` (cv2 INTER_LINEAR: bilinear, half-pixel centres, no antialiasing,
+  restated in float and rounded) + `CenterCrop(S)` at floor offsets (taming's validation data; taming-compat).
 
 Kinds:
 - `sample-photos`: real colour photographs bundled in installed wheels (scikit-image's `skimage/data/` files
@@ -67,7 +72,7 @@ from gsqbench.results import CROP_ID_MARK, original_image_id
 log = logging.getLogger(__name__)
 
 DATASET_KINDS = ("sample-photos", "image-folder", "synthetic")
-CROP_PROTOCOLS = ("gsq", "adm", "train")
+CROP_PROTOCOLS = ("gsq", "adm", "train", "torchvision", "torchvision-bicubic", "albumentations")
 SPLITS = ("train", "eval")
 GSQ_CROP_PCT = 0.875
 DEFAULT_VIRTUAL_TRAIN_SIZE = 1024
@@ -81,6 +86,13 @@ CROP_CARDS: dict[str, dict] = {
             "crop_offsets": "(H-S)//2"},
     "train": {"crop_pct": 1.0, "resize": "PIL bilinear (antialiased), shorter side S",
               "crop_offsets": "int(round((H-S)/2))"},
+    "torchvision": {"crop_pct": 1.0, "resize": "torchvision Resize(S): PIL bilinear (antialiased), shorter side S",
+                    "crop_offsets": "int(round((H-S)/2))"},
+    "torchvision-bicubic": {"crop_pct": 1.0, "resize": "torchvision Resize(S, BICUBIC, antialias): PIL bicubic, "
+                                                         "shorter side S", "crop_offsets": "int(round((H-S)/2))"},
+    "albumentations": {"crop_pct": 1.0, "resize": "SmallestMaxSize(S): bilinear, half-pixel centres, no antialiasing "
+                                                  "(float, rounded half-even), sizes round(S*side/short)",
+                       "crop_offsets": "(H-S)//2"},
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,6 +153,26 @@ def crop_train(img: Image.Image, size: int) -> Image.Image:
     return resized.crop(center_crop_box(*resized.size, size, "round"))
 
 
+def crop_torchvision_bicubic(img: Image.Image, size: int) -> Image.Image:
+    resized = _resize_short_side(img, size, Image.BICUBIC)
+    return resized.crop(center_crop_box(*resized.size, size, "round"))
+
+
+def crop_albumentations(img: Image.Image, size: int) -> Image.Image:
+    """albumentations SmallestMaxSize(S) + CenterCrop(S) (taming's validation data): cv2 INTER_LINEAR, i.e. bilinear
+    with half-pixel centres and no antialiasing, restated in float (cv2 rounds fixed-point weights: ±1 level)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = (size, int(round(h * scale))) if w <= h else (int(round(w * scale)), size)
+    if (new_w, new_h) != (w, h):
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)[None].double()
+        y = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                            antialias=False)
+        arr = torch.round(y[0]).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr, "RGB")
+    return img.crop(center_crop_box(*img.size, size, "floor"))
+
+
 def crop_adm(img: Image.Image, size: int) -> Image.Image:
     while min(img.size) >= 2 * size:
         img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
@@ -149,7 +181,8 @@ def crop_adm(img: Image.Image, size: int) -> Image.Image:
     return img.crop(center_crop_box(*img.size, size, "floor"))
 
 
-_CROPS = {"gsq": crop_gsq, "adm": crop_adm, "train": crop_train}
+_CROPS = {"gsq": crop_gsq, "adm": crop_adm, "train": crop_train, "torchvision": crop_train,
+          "torchvision-bicubic": crop_torchvision_bicubic, "albumentations": crop_albumentations}
 
 
 def pil_to_u8(img: Image.Image) -> Tensor:

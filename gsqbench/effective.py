@@ -5,10 +5,12 @@ the machine: the LPIPS-VGG loss is switched off when the VGG16 trunk is not inst
 fall back to a random backbone when allowed. `resolve(shared)` looks all of that up once (weight files present,
 their SHA-256) and returns a `config.Effective`; the fairness hash covers it (config.fairness_view), run.json
 stores it with one line per fallback, and the trainer builds exactly what it says (gsqbench.train.build_trainer),
-so two runs hash alike only when they trained alike. Nothing here touches the network.
+so two runs hash alike only when they trained alike. A loaded subject (evaluated, not trained) is identified by the
+SHA-256 of its file instead (`release_sha256`; config.loaded_fairness_view). Nothing here touches the network.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from gsqbench.config import Effective, RunSpec, SharedSpec, Suite
@@ -66,6 +68,28 @@ def resolve(shared: SharedSpec) -> Effective:
                      fallbacks=tuple(fallbacks), resolved=True, **disc)
 
 
+def release_file(path: str | Path) -> Path:
+    """The file whose bytes identify a loaded subject: the path itself, or inside a folder the gsqbench weights
+    (`model.safetensors`) or the official GSQ release's `checkpoint.pt`; a one-line UserError otherwise."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for name in ("model.safetensors", "checkpoint.pt"):
+        if (p / name).is_file():
+            return p / name
+    what = "does not exist" if not p.exists() else "holds no model.safetensors or checkpoint.pt"
+    raise UserError(f"loaded subject '{path}' {what}; expected a published release file, an official GSQ release "
+                    "folder or a gsqbench checkpoint folder")
+
+
+def release_sha256(path: str) -> str:
+    """SHA-256 of a loaded subject's file (`release_file`): what its fairness hash records."""
+    from gsqbench.io import sha256_file
+
+    return sha256_file(release_file(path))
+
+
 def expand_runs(suite: Suite, only: list[str] | None = None) -> list[RunSpec]:
-    """config.expand_runs with every run's effective spec resolved: what training callers use."""
-    return _expand_runs(suite, only, resolve=resolve)
+    """config.expand_runs with every run's effective spec resolved (and every loaded subject's file hashed): what
+    training and evaluating callers use."""
+    return _expand_runs(suite, only, resolve=resolve, digest=release_sha256)

@@ -4,10 +4,12 @@ The metrics are the registered classes (gsqbench.metrics.catalogue) that `EvalSe
 by its own `create(ctx)`; after the pass each value gets its class's measurability verdict and the protocol card is
 assembled by gsqbench.card.build_card. Follows metrics-protocol.md §1 (uint8 rule), §9 (model state), §10 (sharding) and §14 (gsq-compat). Per batch:
 x = u8/127.5 − 1 → encode (timed) → decode (timed) → clamp → uint8 once (round-half-even; or the official
-truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model) →
-every metric's `update` with the pair its `input` names (`gsq-compat` also hands PSNR/SSIM/LPIPS the official
-float pair the truncated uint8 is cut from). Under torch.distributed each rank evaluates its own shard (each image
-exactly once, no padding), metrics `sync()`, and rank 0 gets the full result, equal to a single-process run.
+truncation rules in `gsq-compat`, incl. the real-side Normalize round trip and bf16 autocast for the model; or a
+published tokenizer's compatibility mode, gsqbench.modes + gsqbench.compat) → every metric's `update` with the pair
+its `input` names (`gsq-compat` also hands PSNR/SSIM/LPIPS the official float pair the truncated uint8 is cut from;
+a mode whose Inception reads never-rounded floats hands rFID the `float01` pair). Under torch.distributed each rank
+evaluates its own shard (each image exactly once, no padding), metrics `sync()`, and rank 0 gets the full result,
+equal to a single-process run.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gsqbench import compat
 from gsqbench import distributed as ddp
 from gsqbench.card import build_card, conversion_group, dataset_fields, id_list_hash
 from gsqbench.config import EvalSpec
@@ -34,6 +37,7 @@ from gsqbench.metrics.base import Facts, Metric, MetricContext, MetricValue
 from gsqbench.metrics.catalogue import check_required_weights, metric_catalogue, resolve_metric_names
 from gsqbench.metrics.cost import CostMeter
 from gsqbench.metrics.official import official_fake01, official_real01, truncate_to_uint8
+from gsqbench.modes import check_mode, get_mode
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class EvalSettings(EvalSpec):
     checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, ("gsqbench", "gsq-compat"))
+        check_mode(self.mode, "eval.mode")
         _check_choice("precision", self.precision, (None, "fp32", "bf16"))
         _check_choice("weights", self.weights, ("ema", "raw"))
         for name, low in (("batch_size", 1), ("samples", 0), ("num_workers", 0), ("checkpoint_every", 0)):
@@ -91,7 +95,7 @@ class EvalSettings(EvalSpec):
 
     @property
     def model_precision(self) -> str:
-        return self.precision or ("bf16" if self.mode == "gsq-compat" else "fp32")
+        return self.precision_mode
 
     def metric_classes(self) -> list[type[Metric]]:
         """The metric classes to run: those selected by default when `metrics` is empty, else those named; plus those
@@ -261,8 +265,9 @@ def _refuses(dataset: Any, sample: Sample) -> bool:
 
 
 @contextlib.contextmanager
-def pinned_model(tokenizer: nn.Module, lookup: str) -> Iterator[None]:
-    """Asserts eval mode; pins the nearest-code lookup and TF32 off for the block; restores everything afterwards.
+def pinned_model(tokenizer: nn.Module, lookup: str, allow_tf32: bool = False) -> Iterator[None]:
+    """Asserts eval mode; pins the nearest-code lookup and TF32 (off unless a compatibility mode reproduces an
+    upstream that enabled it) for the block; restores everything afterwards.
 
     What every pass over a model that produces results uses (the evaluation, `gsqbench encode`)."""
     training = [name for name, m in tokenizer.named_modules() if m.training]
@@ -271,7 +276,7 @@ def pinned_model(tokenizer: nn.Module, lookup: str) -> Iterator[None]:
     quantizer = getattr(tokenizer, "quantizer", None)
     old_lookup = quantizer.lookup_precision if quantizer is not None else None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
     if old_lookup is not None:
         quantizer.lookup_precision = lookup
     try:
@@ -327,28 +332,50 @@ def _timed(state: _PassState, key: str, device: torch.device) -> Iterator[None]:
 
 
 def _real_side(real_u8: Tensor, mode: str) -> Tensor:
-    """The real images every metric sees: as read, or the official Normalize round trip in gsq-compat."""
-    return compat_real_uint8(compat_model_input(real_u8)) if mode == "gsq-compat" else real_u8
+    """The real images every metric sees: as read, or the official Normalize round trip in gsq-compat, or the
+    compatibility mode's own rule (gsqbench.compat)."""
+    if mode == "gsq-compat":
+        return compat_real_uint8(compat_model_input(real_u8))
+    return compat.real_uint8(mode, real_u8) if mode != "gsqbench" else real_u8
+
+
+def _model_input(real_u8: Tensor, mode: str) -> Tensor:
+    if mode == "gsq-compat":
+        return compat_model_input(real_u8)
+    return compat.model_input(mode, real_u8) if mode != "gsqbench" else to_model_input(real_u8)
 
 
 def _convert(real_u8: Tensor, x_hat: Tensor, x_in: Tensor, mode: str) -> dict[str, tuple[Tensor, Tensor]]:
     """Each metric input kind the mode produces → its (real, fake) pair; every side converted once (§1).
 
     gsq-compat: the official float pair (real fp32, fake bf16 in [0, 1]) for PSNR/SSIM/LPIPS, and its truncation
-    to uint8 for every other metric (FID, IS, ...), as the official evaluation does."""
+    to uint8 for every other metric (FID, IS, ...), as the official evaluation does. A published tokenizer's
+    compatibility mode: its own rules (gsqbench.compat), with the never-rounded `float01` pair for rFID where its
+    Inception reads floats."""
     if mode == "gsq-compat":
         real01, fake01 = official_real01(x_in), official_fake01(x_hat)
         return {"uint8": (truncate_to_uint8(real01), truncate_to_uint8(fake01)), "official-float": (real01, fake01)}
+    if mode != "gsqbench":
+        return compat.convert(mode, real_u8, x_hat, x_in)
     return {"uint8": (real_u8, to_uint8(x_hat))}
 
 
+def _produced_inputs(mode: str) -> set[str]:
+    if mode == "gsq-compat":
+        return {"uint8", "official-float"}
+    return {"uint8", "float01"} if get_mode(mode).fid_input == "float01" else {"uint8"}
+
+
 def _check_inputs(metrics: Sequence[Metric], mode: str) -> None:
-    """Every metric reads a pair this mode produces (the official float pair exists in gsq-compat only)."""
+    """Every metric reads a pair this mode produces (the official float pair exists in gsq-compat only, the
+    float01 pair in a mode whose Inception reads floats)."""
+    kinds = _produced_inputs(mode)
     for metric in metrics:
         wanted = getattr(metric, "input", "uint8")
-        if wanted != "uint8" and not (wanted == "official-float" and mode == "gsq-compat"):
+        if wanted not in kinds:
             raise UserError(f"metric {type(metric).__name__}: input '{wanted}' is not produced in mode '{mode}' "
-                            "(official-float exists in gsq-compat only)")
+                            f"(official-float exists in gsq-compat only, float01 in modes whose rFID reads floats; "
+                            f"this mode produces {', '.join(sorted(kinds))})")
 
 
 def _model_step(tokenizer: nn.Module, x: Tensor, settings: EvalSettings, meter: CostMeter, device: torch.device):
@@ -427,7 +454,7 @@ def _run_pass(tokenizer: nn.Module, dataset: Any, settings: EvalSettings, metric
 
 def _one_batch(tokenizer, settings, metrics, device, out_dir, meter, state, gidx, ids, real_u8) -> None:
     with _timed(state, "convert", device):
-        x = compat_model_input(real_u8) if settings.mode == "gsq-compat" else to_model_input(real_u8)
+        x = _model_input(real_u8, settings.mode)
     with _timed(state, "model", device):
         qout, x_hat = _model_step(tokenizer, x, settings, meter, device)
     with _timed(state, "convert", device):
@@ -609,7 +636,7 @@ def _card(tokenizer: nn.Module, settings: EvalSettings, metrics: Sequence[Metric
              "lookup_precision": settings.lookup_mode if has_lookup else None, **dict(model_info)}
     precision = {"model": settings.model_precision,
                  "autocast": "bf16" if settings.model_precision == "bf16" else None,
-                 "tf32": False, "device": str(device),
+                 "tf32": get_mode(settings.mode).tf32, "device": str(device),
                  "driver": torch.version.cuda if device.type == "cuda" else None}
     runtime = {"versions": _versions(), "world_size": ddp.world_size(), "batch_size": settings.batch_size,
                "seed": settings.seed, "num_workers": state.num_workers, "resumed_at_image": state.resumed_at_image}
@@ -677,7 +704,7 @@ def evaluate(
                                 lambda: _fingerprint_fields(tokenizer, dataset, settings, metrics))
     state = _PassState(exporter=exporter)
     try:
-        with torch.no_grad(), pinned_model(tokenizer, settings.lookup_mode):
+        with torch.no_grad(), pinned_model(tokenizer, settings.lookup_mode, get_mode(settings.mode).tf32):
             restored = checkpoint.restore(metrics)
             if restored is not None:
                 state = _PassState.from_dict(restored)

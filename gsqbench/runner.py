@@ -9,7 +9,10 @@ or gradient norm, gsqbench.train.Diverged) is written with `status: diverged` an
 it unchanged is refused (it would diverge again), a changed spec trains it afresh. `jobs > 1` runs independent runs
 side by side in separate processes, each with the same thread count, so results stay bit-identical to `jobs = 1`.
 `evaluate_checkpoint` is the library form of `gsqbench eval`: load a checkpoint (ours or an official release),
-evaluate it on a dataset, write the same results layout.
+evaluate it on a dataset, write the same results layout. A suite subject `{name, load: PATH}` (a published release,
+an official GSQ release or a gsqbench checkpoint) goes through `run_loaded`: evaluated with the suite's settings,
+never trained; its fairness hash records that it was loaded and the file's SHA-256 (config.loaded_fairness_view), and
+it ranks beside other subjects only under the same protocol card (report.data.group_runs).
 """
 from __future__ import annotations
 
@@ -91,7 +94,9 @@ def is_finished(run: RunSpec, run_dir: Path) -> bool:
     """True when run.json says done and the checkpoint exists; a finished run of ANOTHER spec is refused."""
     from gsqbench.results import STATUS_DONE, read_run_info
 
-    if not (run_dir / "run.json").exists() or not (run_dir / "checkpoint" / "model.safetensors").exists():
+    if not (run_dir / "run.json").exists():
+        return False
+    if not run.loaded and not (run_dir / "checkpoint" / "model.safetensors").exists():
         return False
     try:
         info = read_run_info(run_dir)
@@ -198,6 +203,9 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
     from gsqbench.train import Diverged, train_metrics, train_run
 
     label = label or run.run_id
+    if run.loaded:
+        return run_loaded(run, run_dir, device=device, strict_data=strict_data, require=require, progress=progress,
+                          label=label, min_size=min_size)
     train_ds = open_dataset(run.shared.data.train, strict=strict_data, role="train")
     eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval", min_size=min_size)
     try:
@@ -232,6 +240,76 @@ def run_one(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, requ
         }
         write_run(run_dir, info, metrics, per_image=ev.per_image, code_counts=ev.code_counts, samples=saved)
     return Outcome({m.name: m.value for m in metrics})
+
+
+def check_mode_fits(mode_name: str, meta: dict[str, Any], where: str) -> None:
+    """A compatibility mode reproducing one tokenizer's protocol (gsqbench.modes `tokenizer`) is refused for a
+    checkpoint of another kind, and one that requires EMA weights for a checkpoint holding raw ones."""
+    from gsqbench.modes import check_mode
+
+    mode = check_mode(mode_name, "eval.mode")
+    kind = meta.get("kind") if meta.get("source") == "published-release" else None
+    if mode.tokenizer is not None and kind != mode.tokenizer:
+        what = f"a {kind} release" if kind else "not a published release"
+        raise UserError(f"{where}: eval.mode {mode.name!r} reproduces the {mode.tokenizer} protocol; this checkpoint "
+                        f"is {what} (use --mode gsqbench, or the mode of its own kind)")
+    if mode.weights is not None and meta.get("weights") not in (None, mode.weights):
+        raise UserError(f"{where}: eval.mode {mode.name!r} evaluates {mode.weights} weights, as its upstream does; this "
+                        f"checkpoint holds {meta.get('weights')} weights (import the release with --weights "
+                        f"{mode.weights})")
+
+
+def loaded_info(path: str | Path, meta: dict[str, Any], sha256: Optional[str]) -> dict[str, Any]:
+    """run.json `loaded`: where a loaded subject came from (its file's SHA-256 is what its fairness hash records)."""
+    source = meta.get("source", "gsqbench")
+    kind = meta.get("kind") or {"official-gsq": "gsq-official"}.get(source)
+    return {"path": str(path), "sha256": sha256, "source": source, "kind": kind,
+            "architecture": meta.get("architecture"), "weights": meta.get("weights"),
+            "release_sha256": meta.get("checkpoint_sha256")}
+
+
+def loaded_model_info(ckpt: Path, meta: dict[str, Any], sha256: Optional[str]) -> dict[str, Any]:
+    """Card model fields of a loaded subject: evaluated as released (`weights: as-released` is hashed, so every loaded
+    subject shares one card under one protocol); which weights and which file it was (`model.loaded`) is run-specific,
+    like the checkpoint hash of a trained run."""
+    info = checkpoint_model_info(ckpt, meta)
+    info.pop("source", None)
+    return {**info, "weights": "as-released", "loaded": loaded_info(ckpt, meta, sha256)}
+
+
+def run_loaded(run: RunSpec, run_dir: Path, *, device: str, strict_data: bool, require: Sequence[str],
+               progress: bool, label: str, min_size: Optional[int] = None) -> Outcome:
+    """Evaluate a loaded subject (`{name, load: PATH}`): no training; the same evaluation and results writer as a
+    trained run and as `gsqbench eval`, with the suite's eval settings and the checkpoint's own weights."""
+    import torch
+
+    from gsqbench import distributed as ddp
+    from gsqbench.checkpoints import load_tokenizer
+    from gsqbench.evaluate import evaluate
+    from gsqbench.progress import fmt_seconds, stage
+    from gsqbench.results import provenance, write_run
+
+    ckpt = Path(run.load)  # type: ignore[arg-type]
+    tok, meta = load_tokenizer(ckpt)
+    check_mode_fits(run.shared.eval.mode, meta, f"subject '{run.subject}' ({ckpt})")
+    eval_ds = open_dataset(run.shared.data.eval, strict=strict_data, role="eval", min_size=min_size)
+    dev = ddp.resolve_device(device)
+    weights = meta["weights"] if meta.get("weights") in ("ema", "raw") else run.shared.eval.weights
+    settings = eval_settings(run, require, weights, progress, str(run_dir.parent / ".fid-cache"))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ev = evaluate(tok.eval().to(dev), eval_ds, settings, device=dev, out_dir=run_dir,
+                      model_info=loaded_model_info(ckpt, meta, run.release_sha256))
+    saved = sorted({i for part in ddp.all_gather_objects(ev.samples) for i in part})
+    if ddp.is_main():
+        stage("%s (loaded, not trained) evaluated %d images in %s", label, len(ev.per_image.get("image_id", [])),
+              fmt_seconds(time.perf_counter() - t0))
+        info = {**_run_info(run), "card": ev.card, "card_hash": ev.card_hash, "weights": weights,
+                "checkpoint_sha256": run.release_sha256, "loaded": loaded_info(ckpt, meta, run.release_sha256),
+                "provenance": provenance(device=str(dev), precision=ev.card["precision"]["model"],
+                                         world_size=ddp.world_size())}
+        write_run(run_dir, info, ev.metrics, per_image=ev.per_image, code_counts=ev.code_counts, samples=saved)
+    return Outcome({m.name: m.value for m in ev.metrics})
 
 
 def _checkpoint_sha256(run_dir: Path) -> Optional[str]:
@@ -276,7 +354,7 @@ def run_suite(suite: Suite, results_root: str | Path, only: Optional[list[str]] 
     from gsqbench.results import run_dir_for
     from gsqbench.validate import validate_suite
 
-    validate_suite(suite)
+    validate_suite(suite, only)
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: expected a positive integer")
     if jobs > 1 and (ddp.world_size() > 1 or ddp.launched_by_torchrun()):  # a torchrun of one process too
@@ -505,21 +583,31 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
     state = eval_dir_state(run_dir, force=force)  # reads only; every rank decides the same before any write
     settings = EvalSettings.from_spec(spec, seed=seed, num_workers=num_workers, progress=progress,
                                       weights=weights or spec.weights)
+    data = mode_data(data, settings.mode)
     distributed = ddp.init_from_env(device or "auto")
     dev = ddp.resolve_device(device or "auto")
     ckpt = Path(checkpoint)
     try:
         tok, meta = load_tokenizer(ckpt)  # bad input fails here, before the folder is created
+        check_mode_fits(settings.mode, {**meta, **({"weights": weights} if weights else {})}, str(ckpt))
         if weights is None and meta.get("weights") in ("ema", "raw"):
             settings = dataclasses.replace(settings, weights=meta["weights"])
         dataset = build_dataset(data.kind, path=data.path, split=data.split, resolution=data.resolution,
                                 crop=data.crop, n=data.n, seed=data.seed, crops_per_image=data.crops_per_image,
                                 strict=data.strict, min_size=data.min_size)
+        fairness, loaded = meta.get("fairness_hash"), None
+        if meta.get("source", "gsqbench") != "gsqbench":  # a release: its hash records that it was loaded, and the file
+            from gsqbench.config import loaded_fairness_hash
+            from gsqbench.effective import release_sha256
+
+            sha = release_sha256(str(ckpt))
+            fairness, loaded = loaded_fairness_hash(eval_shared(spec, data), sha), loaded_info(ckpt, meta, sha)
         with ddp.rank0_lock(run_dir, f"gsqbench eval {ckpt}"):
             if state == "new" and ddp.is_main():  # an eval folder keeps its marker; a forced one gets none
                 mark_eval_dir(run_dir, ckpt)
             result = evaluate(tok.eval().to(dev), dataset, settings, device=dev, out_dir=run_dir,
-                              model_info=checkpoint_model_info(ckpt, meta))
+                              model_info=checkpoint_model_info(ckpt, meta) if loaded is None
+                              else loaded_model_info(ckpt, meta, loaded["sha256"]))
             saved = sorted({i for part in ddp.all_gather_objects(result.samples) for i in part})
             if ddp.is_main():
                 info = {
@@ -527,9 +615,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
                     "subject": safe_name(str(meta.get("official_name") or meta.get("run_id") or ckpt.name)),
                     "seed": seed, "grid": {}, "spec": {"checkpoint": str(ckpt), "model": meta.get("model_spec"),
                                                        "quantizer": meta.get("quantizer_spec"), "data": data.label()},
-                    "fairness_hash": meta.get("fairness_hash"), "card": result.card, "card_hash": result.card_hash,
+                    "fairness_hash": fairness, "card": result.card, "card_hash": result.card_hash,
                     "provenance": provenance(device=str(dev), precision=result.card["precision"]["model"],
                                              world_size=ddp.world_size()),
+                    **({"loaded": loaded} if loaded else {}),
                 }
                 write_run(run_dir, info, result.metrics, per_image=result.per_image, code_counts=result.code_counts,
                           samples=saved)
@@ -537,6 +626,31 @@ def evaluate_checkpoint(checkpoint: str | Path, data: DataChoice, spec: EvalSpec
         if distributed:
             ddp.shutdown()
     return result
+
+
+def mode_data(data: DataChoice, mode: str) -> DataChoice:
+    """`data` with the crop protocol a compatibility mode prescribes (gsqbench.modes); a different crop given
+    explicitly is a one-line UserError (the mode would not reproduce its upstream)."""
+    import dataclasses
+
+    from gsqbench.modes import check_mode
+
+    crop = check_mode(mode, "eval.mode").crop
+    if crop is None or data.crop == crop:
+        return data
+    if data.crop is not None:
+        raise UserError(f"--crop {data.crop}: eval.mode {mode!r} evaluates {crop!r} crops (its upstream's); leave "
+                        f"--crop out or pass --crop {crop}")
+    return dataclasses.replace(data, crop=crop)
+
+
+def eval_shared(spec: EvalSpec, data: DataChoice) -> Any:
+    """The shared spec of a single-checkpoint evaluation (its eval settings and images), for its fairness view."""
+    from gsqbench.config import DataSpec, SharedSpec
+
+    source = DataSource(kind=data.kind, path=data.path, size=data.resolution, crop=data.crop or "gsq", limit=data.n,
+                        seed=data.seed, strict=data.strict, crops_per_image=data.crops_per_image)
+    return SharedSpec(data=DataSpec(eval=source), eval=spec)
 
 
 # ----------------------------------------------------------------------------------------------- reference statistics
@@ -554,6 +668,12 @@ def reference_stats(data: DataChoice, out: str | Path, *, mode: str = "gsqbench"
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {str(out)!r} is a directory; expected a .npz file path")
+    from gsqbench.modes import check_mode
+
+    if check_mode(mode, "--mode").fid_input != "uint8":
+        raise UserError(f"--mode {mode}: its rFID reads float images and computes the real statistics in the same "
+                        "pass; there are no reference statistics to precompute")
+    data = mode_data(data, mode)
     settings = EvalSettings(mode=mode, batch_size=batch_size, metrics=("fid",), num_workers=num_workers,
                             progress=progress, samples=0)
     distributed = ddp.init_from_env(device or "auto")

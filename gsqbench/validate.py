@@ -5,7 +5,9 @@
 - the regress tolerances (gsqbench.regress.parse_tolerance);
 - the backbone preset and its overrides (gsqbench.models.tokenizer.resolve_model_config);
 - the eval spec: metric names against the metric registry (gsqbench.evaluate.EvalSettings);
-- the discriminator name and options against the discriminator registry.
+- the discriminator name and options against the discriminator registry;
+- loaded subjects (`load: PATH`): the file or folder exists; the eval mode fits each run (a tokenizer's compat
+  mode only for subjects loaded from its releases; a mode's crop protocol for its evaluation images).
 The runner and the `run`/`train` commands call it; tests that build suites directly call it too.
 """
 from __future__ import annotations
@@ -65,15 +67,39 @@ def validate_shared(shared: SharedSpec) -> None:
     validate_discriminator(shared)
 
 
+def validate_mode(run: RunSpec) -> None:
+    """The run's eval mode fits it: a mode reproducing one tokenizer's protocol (gsqbench.modes `tokenizer`) is for
+    subjects loaded from that tokenizer's releases (checked against the release kind when it is read), never for
+    a trained subject; a mode that prescribes a crop protocol gets evaluation images of that crop."""
+    from gsqbench.modes import check_mode
+
+    mode = check_mode(run.shared.eval.mode, "config key 'shared.eval.mode'")
+    if mode.tokenizer is not None and not run.loaded:
+        raise UserError(f"config key 'shared.eval.mode': {mode.name!r} reproduces the {mode.tokenizer} protocol and "
+                        f"applies to subjects loaded from {mode.tokenizer} releases; subject '{run.subject}' is "
+                        "trained (use gsqbench or gsq-compat)")
+    crop = run.shared.data.eval.crop
+    if mode.crop is not None and crop != mode.crop:
+        raise UserError(f"config key 'shared.data.eval.crop': {crop!r} does not fit eval.mode {mode.name!r}, which "
+                        f"evaluates {mode.crop!r} crops; set shared.data.eval.crop: {mode.crop}")
+
+
 def validate_runs(runs: list[RunSpec]) -> None:
+    from gsqbench.effective import release_file
+
     for run in runs:
-        validate_quantizer_kwargs(run.quantizer, f"subject '{run.subject}' quantizer")
+        if run.loaded:
+            release_file(run.load)  # type: ignore[arg-type]
+        else:
+            validate_quantizer_kwargs(run.quantizer, f"subject '{run.subject}' quantizer")
+        validate_mode(run)
     for shared in {r.fairness_hash: r.shared for r in runs}.values():
         validate_shared(shared)
 
 
-def validate_suite(suite: Suite) -> Suite:
-    """All cross-stage checks of `suite` (see the module docstring); returns it unchanged."""
+def validate_suite(suite: Suite, only: list[str] | None = None) -> Suite:
+    """All cross-stage checks of `suite` (see the module docstring), of the runs of the `only` subjects when given
+    (a loaded subject left out need not exist); returns it unchanged."""
     validate_tolerances(suite.regress)
-    validate_runs(expand_runs(suite))
+    validate_runs(expand_runs(suite, only))
     return suite

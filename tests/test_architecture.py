@@ -19,11 +19,12 @@ PKG = REPO / "gsqbench"
 #: layer → module prefixes, lowest first. A module may import its own layer and the layers below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.locks", "gsqbench.progress", "gsqbench.config",
-              "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights", "gsqbench.effective")),
+              "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights", "gsqbench.effective",
+              "gsqbench.modes")),
     ("read-only views", ("gsqbench.regress", "gsqbench.report", "gsqbench.stats", "gsqbench.compare")),
     ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.lookup", "gsqbench.augment",
                  "gsqbench.manifest", "gsqbench.data", "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
-                 "gsqbench.importers", "gsqbench.export")),
+                 "gsqbench.importers", "gsqbench.export", "gsqbench.compat")),
     ("stages", ("gsqbench.evaluate", "gsqbench.eval_resume", "gsqbench.train", "gsqbench.tokens")),
     ("orchestration", ("gsqbench.validate", "gsqbench.runner")),
     ("interface", ("gsqbench.commands", "gsqbench.cli", "gsqbench.__main__")),
@@ -31,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 #: modules that never import torch, directly, lazily or through another gsqbench module
 NO_TORCH = ("gsqbench", "gsqbench.errors", "gsqbench.io", "gsqbench.locks", "gsqbench.progress", "gsqbench.config",
             "gsqbench.card", "gsqbench.results", "gsqbench.registry", "gsqbench.weights", "gsqbench.effective",
-            "gsqbench.regress",
+            "gsqbench.modes", "gsqbench.regress",
             "gsqbench.report", "gsqbench.stats", "gsqbench.compare")
 
 
@@ -130,7 +131,9 @@ def test_report_regress_results_config_never_reach_torch(module: str) -> None:
 
 
 def test_config_is_a_leaf() -> None:
-    assert _gsqbench(direct_imports("gsqbench.config")) == ["gsqbench.errors", "gsqbench.io"]
+    # gsqbench.modes is the table of evaluation modes (data only, itself importing only gsqbench.errors)
+    assert _gsqbench(direct_imports("gsqbench.config")) == ["gsqbench.errors", "gsqbench.io", "gsqbench.modes"]
+    assert _gsqbench(direct_imports("gsqbench.modes")) == ["gsqbench.errors"]
 
 
 def test_models_never_import_evaluation_training_or_reporting() -> None:

@@ -668,8 +668,13 @@ def test_eval_runs_unchanged_on_a_release_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "psnr" in printed and "usage_pooled" in printed
     run = json.loads((out / "run.json").read_text())
-    assert run["card"]["model"]["source"] == "published-release"
-    assert run["card"]["model"]["checkpoint_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    # a loaded subject: evaluated as released; which file and kind it was is run-specific (not in the card hash)
+    assert run["card"]["model"]["weights"] == "as-released"
+    assert run["card"]["model"]["loaded"]["source"] == "published-release"
+    assert run["card"]["model"]["loaded"]["kind"] == "maskgit"
+    assert run["card"]["model"]["checkpoint_sha256"] == sha
+    assert run["loaded"]["sha256"] == sha and run["fairness_hash"]
 
 
 def test_model_json_architecture_errors_are_one_line(tmp_path, capsys):

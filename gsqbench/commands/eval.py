@@ -10,22 +10,30 @@ import math
 from pathlib import Path
 from typing import Any
 
-HELP = "evaluate a checkpoint (gsqbench dir or official GSQ release) on an image set: rFID, IS, PSNR, SSIM, LPIPS, usage"
+HELP = ("evaluate a checkpoint (gsqbench dir, official GSQ release, or a published release file) on an image set: "
+        "rFID, IS, PSNR, SSIM, LPIPS, usage")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="gsqbench checkpoint dir or official release folder")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="gsqbench checkpoint dir, official GSQ release folder, or a published release file "
+                             "(LlamaGen, Open-MAGVIT2, MaskGIT VQGAN, taming VQGAN)")
     parser.add_argument("--data", default="sample-photos", metavar="KIND[:PATH]",
                         help="sample-photos | synthetic | image-folder:PATH (default sample-photos)")
     parser.add_argument("--resolution", type=int, default=256, help="eval image size S (default 256)")
-    parser.add_argument("--crop", default=None, help="crop protocol gsq | adm | train (default gsq)")
+    parser.add_argument("--crop", default=None,
+                        help="crop protocol gsq | adm | train | torchvision | torchvision-bicubic | albumentations "
+                             "(default gsq, or the compatibility mode's)")
     parser.add_argument("--n", type=int, default=None, help="number of images (default all)")
     parser.add_argument("--crops-per-image", type=int, default=1, metavar="C",
                         help="evaluate C crops of each image: the crop protocol's plus C-1 seeded random crops "
                              "(more tokens for codebook usage; default 1)")
     parser.add_argument("--split", default="eval", help="dataset split (default eval)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--mode", default="gsqbench", help="gsqbench (pinned protocol) | gsq-compat (official quirks)")
+    parser.add_argument("--mode", default="gsqbench",
+                        help="gsqbench (pinned protocol) | gsq-compat (official GSQ quirks) | a published tokenizer's "
+                             "own protocol: llamagen-compat, magvit2-compat, taming-compat, maskgit-compat "
+                             "(gsqbench list modes; each card lists what differs)")
     parser.add_argument("--lookup", default=None, metavar="MODE",
                         help="nearest-code lookup for GSQ/VQ: exact | fp32-expanded | bf16 (default: exact; bf16 in "
                              "gsq-compat). A different mode gets its own card hash and a code_agreement with exact")
@@ -101,8 +109,10 @@ def check_paths(args: argparse.Namespace) -> Path:
     from gsqbench.errors import UserError
     from gsqbench.io import check_input_dir, check_input_file, check_output_dir
     from gsqbench.locks import check_free
+    from gsqbench.modes import check_mode
     from gsqbench.results import default_eval_dir, eval_dir_state
 
+    check_mode(args.mode, "--mode")
     if not Path(args.checkpoint).exists():
         raise UserError(f"checkpoint '{args.checkpoint}' does not exist; expected a gsqbench checkpoint folder, an "
                         "official GSQ release folder or a release file")

@@ -1,4 +1,4 @@
-"""`gsqbench list {quantizers,metrics,discriminators,presets,weights,configs}`: what this installation can build and use.
+"""`gsqbench list {quantizers,metrics,discriminators,presets,weights,configs,modes}`: what this installation can build and use.
 
 Each listing reads one registry or module and degrades to "not available" when that module is absent,
 so the command works at every stage of the project.
@@ -9,8 +9,9 @@ import argparse
 import importlib
 from pathlib import Path
 
-HELP = "list registered quantizers, metrics, discriminators, model presets, known weight files or shipped configs"
-KINDS = ("quantizers", "metrics", "discriminators", "presets", "weights", "configs")
+HELP = ("list registered quantizers, metrics, discriminators, model presets, known weight files, shipped configs or "
+        "evaluation modes")
+KINDS = ("quantizers", "metrics", "discriminators", "presets", "weights", "configs", "modes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +90,13 @@ def list_configs() -> list[str]:
     return _rows(rows) or ["configs: none found"]
 
 
+def list_modes() -> list[str]:
+    """Each evaluation mode: the tokenizer it is for and whose protocol it reproduces (gsqbench.modes)."""
+    from gsqbench.modes import MODES
+
+    return _rows([(m.name, (f"[{m.tokenizer}] " if m.tokenizer else "") + m.reproduces) for m in MODES.values()])
+
+
 def _first_comment(path: Path) -> str:
     try:
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -103,7 +111,7 @@ def _first_comment(path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     listing = {"quantizers": list_quantizers, "metrics": list_metrics, "discriminators": list_discriminators,
-               "presets": list_presets, "weights": list_weights, "configs": list_configs}[args.kind]
+               "presets": list_presets, "weights": list_weights, "configs": list_configs, "modes": list_modes}[args.kind]
     for line in listing():
         print(line)
     return 0

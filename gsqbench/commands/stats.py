@@ -17,10 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="FOLDER", help="image folder (as data.kind image-folder)")
     parser.add_argument("--out", required=True, metavar="FILE", help="statistics file to write (.npz)")
     parser.add_argument("--resolution", type=int, default=256, help="image size S (default 256)")
-    parser.add_argument("--crop", default=None, help="crop protocol gsq | adm | train (default gsq)")
+    parser.add_argument("--crop", default=None, help="crop protocol gsq | adm | train | torchvision | "
+                        "torchvision-bicubic | albumentations (default gsq, or the mode's)")
     parser.add_argument("--n", type=int, default=None, help="number of images (default all)")
     parser.add_argument("--split", default="eval", help="dataset split recorded in the key (default eval)")
-    parser.add_argument("--mode", default="gsqbench", help="gsqbench | gsq-compat: the real-side conversion")
+    parser.add_argument("--mode", default="gsqbench", help="an eval mode (gsqbench list modes): the real-side "
+                        "conversion and crop the statistics are keyed by")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=None, help="decoding worker processes (default: auto)")
     parser.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available)")

@@ -41,11 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from gsqbench.validate import validate_suite
 
     apply_threads(args)
-    suite = validate_suite(suite)
+    suite = validate_suite(suite, args.only or None)
     runs = [r for r in effective.expand_runs(suite, args.only or None) if not args.run_ids or r.run_id in args.run_ids]
     try:
         diverged = []
         for run in runs:
+            if run.loaded:  # {name, load: PATH}: evaluated as released by `gsqbench run`, never trained
+                print(f"{run.run_id}: loaded subject ({run.load}), not trained")
+                continue
             run_dir = run_dir_for(args.results, suite.suite, run.run_id)
             earlier = earlier_divergence(run, run_dir)
             if earlier is not None:

@@ -159,6 +159,35 @@ def build_inception(
     return model.to(device).eval().requires_grad_(False)
 
 
+def inception_trunk(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch-fidelity's InceptionV3 layers after its input normalisation: (2048-d pool features, logits_unbiased).
+
+    The layer sequence of `FeatureExtractorInceptionV3.forward` from Conv2d_1a_3x3 on, for an input already resized
+    to 299 and scaled to [-1, 1] (tests/test_leaderboard.py checks it against torch-fidelity's own forward)."""
+    for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                 "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                 "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool"):
+        x = getattr(model, name)(x)
+    x = torch.flatten(x, 1)
+    return x.to(torch.float32), x.mm(model.fc.weight.T).to(torch.float32)
+
+
+class PytorchFidFrontEnd(torch.nn.Module):
+    """pytorch-fid's InceptionV3 input handling on float images in [0, 1] (Open-MAGVIT2's metrics/inception.py:
+    `F.interpolate(x, (299, 299), mode="bilinear", align_corners=False)`, then `2x − 1`), followed by the FID
+    Inception trunk (`inception_trunk`, the same 2015-12-05 FID weights). Nothing is rounded to uint8."""
+
+    RESIZE = "pytorch-fid: F.interpolate bilinear 299, align_corners False, float [0,1] input, then 2x-1"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.nn.functional.interpolate(x01.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return inception_trunk(self.model, 2 * x - 1)
+
+
 def shared_inception(shared: Optional[dict], weights_path: Path, device: torch.device,
                      feature_layer: str = "2048") -> SharedExtractor:
     """The evaluation's one Inception (features[layer], logits) extractor for these weights, built on first use."""
@@ -166,12 +195,29 @@ def shared_inception(shared: Optional[dict], weights_path: Path, device: torch.d
                          lambda: SharedExtractor(build_inception(weights_path, device, feature_layer), device))
 
 
-def inception_extractor_fields(weights_path: Path, feature_layer: str) -> dict:
+def shared_float_inception(shared: Optional[dict], weights_path: Path, device: torch.device) -> SharedExtractor:
+    """The evaluation's one pytorch-fid-style float extractor (on the same Inception network as `shared_inception`)."""
+    base = shared_inception(shared, weights_path, device)
+    return shared_object(shared, ("inception-float", str(weights_path), str(device)),
+                         lambda: SharedExtractor(PytorchFidFrontEnd(base.model), device))
+
+
+def inception_extractor_fields(weights_path: Path, feature_layer: str, float_input: bool = False) -> dict:
     """The extractor half of the §6 reference key (and of the card): what makes two feature sets comparable."""
     import torch_fidelity
 
     return {"extractor": EXTRACTOR, "weights_sha256": sha256_file(weights_path), "feature_layer": feature_layer,
-            "resize": RESIZE_MODE, "dtypes": DTYPES, "torch_fidelity": torch_fidelity.__version__}
+            "resize": PytorchFidFrontEnd.RESIZE if float_input else RESIZE_MODE, "dtypes": DTYPES,
+            "torch_fidelity": torch_fidelity.__version__}
+
+
+def _check_float_pair(real: torch.Tensor, fake: torch.Tensor) -> None:
+    for side, t in (("real", real), ("fake", fake)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim != 4 or t.shape[1] != 3:
+            raise UserError(f"FID (float input) {side}: expected float (b, 3, H, W) images in [0, 1], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if real.shape != fake.shape:
+        raise UserError(f"FID (float input): real shape {tuple(real.shape)} != fake shape {tuple(fake.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,9 +256,16 @@ class FIDMetric(Metric):
         is_seed: int = IS_SEED,
         extractor: Optional[Any] = None,
         shared: Optional[dict] = None,
+        float_input: bool = False,
     ) -> None:
         if feature_layer not in FEATURE_LAYERS:
             raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {_LAYERS}")
+        if float_input and (feature_layer != "2048" or reference_stats is not None or cache_dir is not None):
+            raise UserError("rFID on float images (magvit2-compat) computes the real statistics in the same pass from "
+                            "the 2048-d features; a reference statistics file, a cache or another layer is not used")
+        # `input`: the pair `update` receives (gsqbench.evaluate); float01 = the never-rounded float [0, 1] images
+        self.float_input = bool(float_input)
+        self.input = "float01" if float_input else "uint8"
         if int(is_splits) < 1:
             raise UserError(f"IS splits: {is_splits!r}; expected a positive integer (default {IS_SPLITS})")
         self.device = torch.device(device)
@@ -223,6 +276,8 @@ class FIDMetric(Metric):
             self.model = None
         elif extractor is not None:  # a caller may share one built extractor (same weights file)
             self.model = extractor
+        elif float_input:
+            self.model = shared_float_inception(shared, path, self.device)
         else:
             self.model = shared_inception(shared, path, self.device, feature_layer)
         dim = int(feature_layer)
@@ -240,7 +295,14 @@ class FIDMetric(Metric):
 
     @classmethod
     def create(cls, ctx: MetricContext) -> "FIDMetric":
+        from gsqbench.modes import get_mode
+
         s = ctx.settings
+        if get_mode(s.mode).fid_input == "float01":  # the same-pass statistics of the float images (modes.py)
+            if s.fid_reference_stats:
+                raise UserError(f"--fid-reference-stats: not used in eval.mode {s.mode!r}, which computes the real "
+                                "statistics of the float images in the same pass (as its upstream does)")
+            return cls(ctx.device, required=ctx.requires_any(tuple(cls.outputs)), shared=ctx.shared, float_input=True)
         return cls(ctx.device, required=ctx.requires_any(tuple(cls.outputs)), reference=ctx.fid_reference,
                    cache_dir=s.fid_cache_dir, reference_stats=s.fid_reference_stats, shared=ctx.shared)
 
@@ -266,7 +328,7 @@ class FIDMetric(Metric):
                                             "logits": LOGITS, "softmax_dtype": "float64"}}
 
     def _extractor_fields(self) -> dict:
-        return inception_extractor_fields(self.weights_path, self.feature_layer)
+        return inception_extractor_fields(self.weights_path, self.feature_layer, self.float_input)
 
     @property
     def key(self) -> Optional[dict]:
@@ -298,7 +360,10 @@ class FIDMetric(Metric):
     def update(self, real_u8, fake_u8, image_ids: Sequence[str], qout=None) -> None:
         if self.model is None:
             return
-        check_image_pair(real_u8, fake_u8, what="FID")
+        if self.float_input:
+            _check_float_pair(real_u8, fake_u8)
+        else:
+            check_image_pair(real_u8, fake_u8, what="FID")
         if len(image_ids) != fake_u8.shape[0]:
             raise UserError(f"FID: got {len(image_ids)} image ids for a batch of {fake_u8.shape[0]} images")
         if not self.uses_cached_reference:
@@ -401,4 +466,6 @@ class FIDMetric(Metric):
                 "fid_n_real": ref.n if ref is not None and ref.precomputed else int(self.real.n),
                 "fid_n_fake": int(self.fake.n), "is_splits": self.is_splits, "is_permutation_seed": self.is_seed,
                 "is_logits": LOGITS, "is_std_over_splits": self.is_std,
-                **({"fid_note": self.small_n_note()} if self.small_n_note() else {})}
+                **({"fid_note": self.small_n_note()} if self.small_n_note() else {}),
+                **({"fid_resize": PytorchFidFrontEnd.RESIZE, "fid_input": "float [0,1], never rounded"}
+                   if self.float_input else {})}

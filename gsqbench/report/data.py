@@ -78,16 +78,28 @@ def runs_from_frame(df: "pd.DataFrame") -> list[Run]:
     return runs
 
 
+#: the fairness key of a group of loaded subjects: each run's own hash records its file; the card decides
+LOADED_GROUP = "loaded"
+
+
+def is_loaded(run: Run) -> bool:
+    """A loaded subject (suite `load: PATH`, or `gsqbench eval` of a checkpoint gsqbench did not train)."""
+    return bool(run.info.get("loaded"))
+
+
 def group_runs(runs: Iterable[Run]) -> dict[str, list[Group]]:
     """suite → groups (by fairness hash, then card hash), in a stable order.
 
     A run that diverged was never evaluated, so it has no protocol card (card hash ""): it joins the group of its
     suite and fairness hash (it trained under the same spec), where it is shown as diverged, never ranked.
+    Loaded subjects (published releases, checkpoints evaluated as released) were not trained here: each one's
+    fairness hash records its own file, so they are grouped by protocol card alone (fairness key `LOADED_GROUP`),
+    and rank beside each other only under the same card hash.
     """
     suites: dict[str, dict[tuple[str, str], Group]] = {}
     ordered = sorted(runs, key=lambda r: (r.suite, r.fairness_hash, r.card_hash, r.subject, r.run_id))
     for run in [r for r in ordered if not _cardless_diverged(r)]:
-        key = (run.fairness_hash, run.card_hash)
+        key = (LOADED_GROUP if is_loaded(run) else run.fairness_hash, run.card_hash)
         suites.setdefault(run.suite, {}).setdefault(key, Group(run.suite, *key)).runs.append(run)
     for run in [r for r in ordered if _cardless_diverged(r)]:
         groups = suites.setdefault(run.suite, {})
@@ -107,7 +119,7 @@ def separation_reason(groups: Sequence[Group]) -> str | None:
     if len(groups) < 2:
         return None
     parts = []
-    fair = sorted({g.fairness_hash for g in groups})
+    fair = sorted({g.fairness_hash for g in groups if g.fairness_hash != LOADED_GROUP})
     cards = sorted({g.card_hash for g in groups})
     if len(fair) > 1:
         parts.append("fairness hashes differ: " + " vs ".join(f"{h[:8]}…" for h in fair))

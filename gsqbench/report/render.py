@@ -3,7 +3,8 @@
 `render_report(results_dirs, out_dir)` writes a self-contained folder: index.html, one page per suite, style.css and
 assets/ (plots and image panels), all linked relatively so it opens from disk without a server, CDN or JS.
 Rows are compared only within one (suite, fairness hash, protocol card hash) group; a suite mixing hashes gets one
-table per group and says why. Each table row is a subject (× grid point) aggregated over its seeds, with intervals
+table per group and says why; loaded subjects (published releases evaluated as released) are grouped by card alone,
+ranked in a leaderboard and set beside their published numbers (gsqbench/report/leaderboard.py). Each table row is a subject (× grid point) aggregated over its seeds, with intervals
 and ★/☆ marks from gsqbench.stats (metrics-protocol.md §15); per-seed rows stay one click away, and each suite's
 aggregated table is also written as CSV. `render_regress` and `render_compare` write the pages of `gsqbench regress
 -o` and `gsqbench compare -o`, which the index links. User-given names are escaped by jinja2 (autoescape on) and
@@ -143,6 +144,57 @@ def summary_table(stats: GroupStats) -> tuple[dict[str, Any], list[tuple[int, st
              "grid_columns": [t for _, t in grid_cols], "rows": rows,
              "column_notes": [notes.get(t, "") for _, t, _ in columns]}
     return table, sorted(((n, reason) for reason, n in footnotes.items()))
+
+
+def ranked_table(stats: GroupStats) -> dict[str, Any] | None:
+    """The leaderboard of one group of loaded subjects: rows ordered by the mean of the ranking metric
+    (report.leaderboard.rank_metric: rFID, else LPIPS, else PSNR), its 95 % interval shown, ★/☆ from
+    GroupStats.marks (paired, Holm-corrected), the other summary columns as in the summary table."""
+    from gsqbench.report import leaderboard as lb
+
+    metric = lb.rank_metric(stats)
+    if metric is None:
+        return None
+    key, title, kind = metric
+    footnotes: dict[str, int] = {}
+    columns = [c for c in SUMMARY_COLUMNS if c[0] != key and any(c[0] in r.metrics for u in stats.units for r in u.runs)]
+    rows = []
+    for pos, u in lb.ranked_units(stats, key):
+        c = stats.cell(u, key) if u.runs else None
+        marks, _ = stats.marks(key)
+        e = c.estimate if c is not None else None
+        interval = f"[{fmt_value(e.ci_low, kind)}, {fmt_value(e.ci_high, kind)}]" \
+            if e is not None and finite(e.ci_low) and finite(e.ci_high) else "–"
+        cells = []
+        for ckey, _t, ckind in columns:
+            cmarks, _ = stats.marks(ckey)
+            cells.append(_cell(stats.cell(u, ckey) if u.runs else None, ckind, cmarks.get(u.key), footnotes))
+        rows.append({"pos": pos if pos is not None else "–", "label": u.label,
+                     "kind": ", ".join(sorted({lb.loaded_kind(r) for r in u.runs if lb.loaded_kind(r)})) or "–",
+                     "rank": _cell(c, kind, marks.get(u.key), footnotes), "interval": interval, "cells": cells})
+    return {"metric": title, "key": key, "note": stats.marks(key)[1], "columns": [t for _, t, _ in columns],
+            "rows": rows, "footnotes": sorted(((n, reason) for reason, n in footnotes.items()))}
+
+
+def leaderboard_context(groups: Sequence[Group], group_stats: Sequence[GroupStats]) -> dict[str, Any] | None:
+    """The suite page's leaderboard: a ranked table per group of loaded subjects evaluated under the pinned protocol,
+    and per loaded subject the published vs reproduced (own protocol) vs gsqbench-protocol table; None when the
+    suite has no loaded subject."""
+    from gsqbench.report import leaderboard as lb
+
+    idx = lb.loaded_groups(groups)
+    if not idx:
+        return None
+    published = lb.load_published()
+    ranked = []
+    for i in idx:
+        if lb.group_mode(groups[i]) != lb.PINNED:
+            continue
+        table = ranked_table(group_stats[i])
+        if table is not None:
+            ranked.append({"group": i, "card_hash": groups[i].card_hash, **table})
+    return {"ranked": ranked, "label": published.label, "mark_words": MARK_WORDS,
+            "tables": lb.comparison_tables(groups, group_stats, published, fmt_value)}
 
 
 def _seeds_text(u: Unit) -> str:
@@ -592,6 +644,7 @@ def render_report(results_dirs: Sequence[str | os.PathLike], out_dir: str | os.P
         group_stats = [GroupStats(g.runs) for g in groups]
         csv_path = export_summary_csv(out, suite, groups, group_stats)
         ctx = {"title": title, "suite": suite, "reason": separation_reason(groups), "paper": paper_ctx,
+               "leaderboard": leaderboard_context(groups, group_stats),
                "unlisted": unlisted_rows(unlisted, out, suite),
                "summary_csv": csv_path.name,
                "groups": [_group_context(g, st, i, out, _slug(suite), k_samples, worst_k, with_plots)
