@@ -356,14 +356,17 @@ def format_table(comparison: "pd.DataFrame") -> str:
 
 # ----------------------------------------------------------------------------------------------- update
 def update_baseline(path: str | os.PathLike, current: "pd.DataFrame", baseline: "pd.DataFrame | None") -> Path:
-    """Accept the current rows: they replace baseline rows with the same key; other baseline rows stay."""
+    """Accept the current rows: a run present in the results replaces ALL its baseline rows (a metric it no longer
+    produces leaves the baseline, instead of failing every later check as `missing`); runs absent from the results
+    (e.g. `run --only`) keep theirs."""
     import pandas as pd
 
     keys = key_columns(baseline) if baseline is not None and len(baseline) else ["suite", "run", "metric"]
+    run_keys = [k for k in keys if k != "metric"]
     cur = current[list(METRIC_COLUMNS)]
     if baseline is not None and len(baseline):
-        cur_keys = set(map(tuple, cur[keys].astype(str).values.tolist()))
-        keep = ~baseline[keys].astype(str).apply(tuple, axis=1).isin(cur_keys)
+        cur_runs = set(map(tuple, cur[run_keys].astype(str).values.tolist()))
+        keep = ~baseline[run_keys].astype(str).apply(tuple, axis=1).isin(cur_runs)
         cur = pd.concat([baseline.loc[keep, list(METRIC_COLUMNS)], cur], ignore_index=True)
     cur = cur.sort_values(["suite", "run", "metric"], kind="stable")
     rows = []

@@ -229,6 +229,21 @@ def test_update_accepts_the_current_rows(tmp_path):
     assert main(["regress", str(results), "--baseline", str(fresh), "--update"]) == 0 and fresh.is_file()
 
 
+def test_update_drops_metrics_a_present_run_no_longer_produces(tmp_path):
+    """A metric the code no longer reports (e.g. code_agreement for exact-lookup runs) leaves the baseline on
+    --update for the runs that were rerun; otherwise every later check would fail with it `missing`."""
+    base = dict(BASE) | {"code_agreement": (1.0, "higher")}
+    baseline = _write_baseline(tmp_path / "base.csv", runs=("gsq-s0", "vq-s0"), metrics=base)
+    results = _write_results(tmp_path / "res", {k: v for k, (v, _) in BASE.items()}, runs=("gsq-s0",))
+    assert main(["regress", str(results), "--baseline", str(baseline), "--update"]) == 0
+    with baseline.open(newline="") as f:
+        rows = {(r["run"], r["metric"]) for r in csv.DictReader(f)}
+    assert ("gsq-s0", "code_agreement") not in rows and ("gsq-s0", "psnr") in rows
+    assert ("vq-s0", "code_agreement") in rows  # a run not in these results keeps all its rows
+    code, statuses = _regress(tmp_path, results, baseline, "--allow", "missing")
+    assert code == 0 and ("gsq-s0", "code_agreement") not in statuses
+
+
 def test_tolerance_overrides_cli_beats_suite_beats_default(tmp_path):
     values = {k: v for k, (v, _) in BASE.items()} | {"psnr": 23.8}  # 0.2 dB worse
     spec = {"regress": {"tolerances": {"psnr": 0.3}}}
