@@ -92,6 +92,29 @@ def fake_global(monkeypatch):
     return make
 
 
+@pytest.fixture
+def random_alexnet(tmp_path, monkeypatch):
+    """A random-init AlexNet trunk saved under the official file name and installed through the weight manager (a
+    manifest override with its SHA-256: non-conformant by design); returns the trunk's state dict."""
+    import hashlib
+    import json
+
+    import torchvision
+
+    from gsqbench import weights
+
+    monkeypatch.setenv("GSQBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    trunk = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
+    path = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(trunk, path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setenv("GSQBENCH_WEIGHTS_MANIFEST", json.dumps({"alexnet": {"filename": path.name, "sha256": sha}}))
+    weights.import_file(path, "alexnet")
+    return trunk
+
+
 @pytest.fixture(autouse=True)
 def _isolated_manifests(tmp_path_factory, monkeypatch):
     """Dataset manifests (gsqbench.manifest) go to a per-test folder, never the user's ~/.cache/gsqbench."""

@@ -358,28 +358,6 @@ def test_official_float_input_only_exists_in_compat_mode(photos):
 # LPIPS
 
 
-@pytest.fixture
-def random_alexnet(tmp_path, monkeypatch):
-    """A random-init AlexNet trunk installed through the manifest override (non-conformant by design)."""
-    import hashlib
-    import json
-
-    import torchvision
-
-    from gsqbench import weights
-
-    monkeypatch.setenv("GSQBENCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    torch.manual_seed(0)
-    trunk = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
-    path = tmp_path / "alexnet-owt-7be5be79.pth"
-    torch.save(trunk, path)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.setenv("GSQBENCH_WEIGHTS_MANIFEST", json.dumps({"alexnet": {"filename": path.name, "sha256": sha}}))
-    weights.import_file(path, "alexnet")
-    return trunk
-
-
 def test_compat_lpips_is_torchmetrics_lpips_on_the_official_floats(photos, random_alexnet):
     """Official LPIPS: torchmetrics' AlexNet LPIPS on clamp(2x − 1) of the float pair, under bf16 autocast."""
     from torchmetrics.functional.image.lpips import _LPIPS, _lpips_update

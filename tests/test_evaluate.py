@@ -9,7 +9,6 @@ kernels.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 
 import numpy as np
@@ -99,25 +98,6 @@ def no_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("GSQBENCH_HOME", str(tmp_path / "empty-home"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("GSQBENCH_WEIGHTS_MANIFEST", raising=False)
-
-
-@pytest.fixture
-def random_alexnet(tmp_path, monkeypatch):
-    """A random-init AlexNet trunk registered through the manifest override (non-conformant by design)."""
-    import torchvision
-
-    monkeypatch.setenv("GSQBENCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    torch.manual_seed(0)
-    trunk = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
-    path = tmp_path / "alex-random.pth"
-    torch.save(trunk, path)
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.setenv("GSQBENCH_WEIGHTS_MANIFEST", json.dumps({"alexnet": {"filename": path.name, "sha256": sha}}))
-    from gsqbench import weights
-
-    weights.import_file(path, "alexnet")
-    return trunk
 
 
 # ---------------------------------------------------------------------------------------------------------------
