@@ -233,7 +233,7 @@ def _status(row: Mapping[str, Any], tol: Tolerance, *, diverged: str = "",
     if row["_merge"] == "left_only":
         return "new", ""
     if diverged:
-        return "regressed", f"run {diverged}"
+        return "regressed", f"run {diverged}"  # starts with DIVERGED_REASON
     if row["_merge"] == "right_only":
         return "missing", "not in the results"
     cur = {c: row.get(f"{c}_c") for c, _ in _COMPAT_FIELDS}
@@ -299,6 +299,11 @@ def compare(current: "pd.DataFrame", baseline: "pd.DataFrame", *,
     return result.drop(columns="_rank").reset_index(drop=True)
 
 
+#: the reason of every row of a diverged run, and what to do about it (--update never accepts one)
+DIVERGED_REASON = "run diverged"
+DIVERGED_HINT = "rerun it with a spec that trains; --update never accepts a diverged run"
+
+
 def failing(allow: Iterable[str] = ()) -> tuple[str, ...]:
     """The statuses that fail the gate once `allow` (a subset of ALLOWABLE) is accepted."""
     bad = sorted(set(allow) - set(ALLOWABLE))
@@ -327,7 +332,8 @@ def failure_lines(comparison: "pd.DataFrame", allow: Iterable[str] = (), max_met
             more = f", … ({len(metrics)} metrics)" if len(metrics) > max_metrics else ""
             shown = ", ".join(metrics[:max_metrics]) + more
             parts.append(f"{run} [{shown}]")
-        lines.append(f"FAIL {status}: {'; '.join(parts)}: {' '.join(str(reason).split()) or status} ({hints[status]})")
+        hint = DIVERGED_HINT if str(reason).startswith(DIVERGED_REASON) else hints[status]
+        lines.append(f"FAIL {status}: {'; '.join(parts)}: {' '.join(str(reason).split()) or status} ({hint})")
     return lines
 
 
@@ -435,6 +441,18 @@ def regress(results_dirs: Iterable[str | os.PathLike], baseline_path: str | os.P
                          suite_tols=suite_tolerances_from_results(current), diverged=diverged_runs(current),
                          noise_aware=noise_aware)
     if update:
-        update_baseline(baseline_path, current, baseline)
-        log.info("baseline %s updated with %d rows", baseline_path, len(current))
+        accepted = _without_diverged_runs(current)
+        update_baseline(baseline_path, accepted, baseline)
+        log.info("baseline %s updated with %d rows", baseline_path, len(accepted))
     return comparison
+
+
+def _without_diverged_runs(current: "pd.DataFrame") -> "pd.DataFrame":
+    """The rows `--update` may accept: a diverged run is never a baseline (its baseline rows are kept as they are)."""
+    diverged = {key for key in diverged_runs(current) if "/" not in key[1]}  # (suite, run id)
+    if not diverged or "run" not in current.columns:
+        return current
+    log.warning("not accepted into the baseline: diverged run(s) %s (their baseline rows are kept)",
+                ", ".join(sorted(f"{suite}/{run}" for suite, run in diverged)))
+    keys = current[["suite", "run"]].astype(str).apply(tuple, axis=1)
+    return current[~keys.isin(diverged)]

@@ -165,6 +165,17 @@ def test_every_baseline_row_of_a_diverged_run_regresses(tmp_path, capsys):
         assert rows[("gsq-s0", metric)]["reason"] == "run diverged at step 120 (loss_rec = inf)"
     (line,) = _fail_lines(capsys.readouterr().out)
     assert line.startswith("FAIL regressed: demo/gsq-s0 [") and "diverged at step 120 (loss_rec = inf)" in line
+    assert "--update never accepts a diverged run" in line
+    # --update keeps the diverged run's baseline rows (a diverged run is never a baseline)
+    baseline = _write_baseline(tmp_path / "base2.csv")
+
+    def rows_of(path: Path) -> dict:
+        with path.open(newline="") as f:
+            return {(r["run"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)}
+
+    before = rows_of(baseline)
+    assert main(["regress", str(results), "--baseline", str(baseline), "--update", "--allow", "missing"]) == 1
+    assert rows_of(baseline) == before and ("gsq-s0", "train_time_s") not in before
 
 
 def test_not_comparable_values_are_shown_never_gated(tmp_path):

@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", metavar="RESULTS", help="results root(s) or run directories")
     parser.add_argument("--baseline", required=True, metavar="CSV", help="baseline CSV in the long metrics format")
     parser.add_argument("--update", action="store_true",
-                        help="accept the current results: write them into the baseline (created if absent)")
+                        help="accept the current results: each run in them replaces all its baseline rows (created if "
+                             "absent); a diverged run is never accepted (exit 1)")
     parser.add_argument("--tolerance", action="append", default=[], metavar="METRIC=VALUE",
                         help="override a tolerance: absolute (psnr=0.1) or relative (rfid=3%%); repeatable; "
                              "METRIC may be a full key (lpips@alex), its base (lpips) or family (usage)")
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gsqbench.io import check_input_file, check_output_dir
-    from gsqbench.regress import exit_code, failing, failure_lines, format_table, parse_cli_tolerances, regress
+    from gsqbench.regress import (DIVERGED_REASON, exit_code, failing, failure_lines, format_table,
+                                  parse_cli_tolerances, regress)
 
     if Path(args.baseline).exists():  # an absent one: regress() says to use --update
         check_input_file(args.baseline, "--baseline")
@@ -49,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"regress page: {render_regress(comparison, args.output, baseline=str(args.baseline))}")
     if args.update:
         print(f"baseline updated: {args.baseline}")
-        return 0
+        diverged = comparison[comparison["reason"].astype(str).str.startswith(DIVERGED_REASON)]
+        for line in failure_lines(diverged):  # never accepted: the update cannot make them pass
+            print(line)
+        return 1 if len(diverged) else 0
     for line in failure_lines(comparison, allow):
         print(line)
     code = exit_code(comparison, allow)
