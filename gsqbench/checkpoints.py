@@ -7,15 +7,13 @@ plain containers, so it always loads with `weights_only=True`.
 
 `load_tokenizer` also accepts an official GSQ release folder (`checkpoint.pt` + `config.yaml`), read by
 gsqbench.importers.gsq_official. Every load is strict; a mismatch is a one-line UserError listing the first
-missing/unexpected keys and shape mismatches; foreign `.pt` files are read with `torch.load(weights_only=True)` only.
+missing/unexpected keys and shape mismatches; foreign `.pt` files are read through gsqbench.tensorfile (weights_only=True, pickled code refused).
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import pickle
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +22,7 @@ from torch import Tensor, nn
 
 from gsqbench.errors import UserError
 from gsqbench.io import atomic_write_bytes, atomic_write_json, sha256_file
+from gsqbench.tensorfile import torch_load_tensors
 from gsqbench.models.tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,60 +68,6 @@ def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: st
     if problem:
         raise UserError(f"{source}: weights do not fit the model architecture ({problem})")
     module.load_state_dict(state, strict=True)
-
-
-def pickle_refusal(path: str | Path, names: list[str]) -> UserError:
-    """The one message for a file that carries pickled code references (every torch file reader uses it)."""
-    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return UserError(f"refusing to load {path}: it contains executable pickle content ({shown}); only tensor "
-                     "checkpoints are accepted")
-
-
-def unsafe_pickle_globals(path: str | Path) -> list[str] | None:
-    """Pickle globals in a torch file outside torch's weights-only allow-list, found by static disassembly (nothing
-    is executed). None when the file cannot be scanned (the legacy non-zip format, or not a torch file): it is then
-    loaded weights-only, whose unpickler refuses every global it does not allow."""
-    try:
-        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
-    except Exception:
-        return None
-
-
-def load_error_reason(exc: BaseException) -> str:
-    """A short cause from a torch.load error, without torch's advice to retry with weights_only=False."""
-    text = str(exc)
-    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-    if detail:
-        text = detail.group(1)
-    if "weights_only" in text:
-        text = "the weights-only unpickler rejected its content"
-    return " ".join(f"{type(exc).__name__}: {text}".split())[:200]
-
-
-def torch_load_tensors(path: str | Path, stand_ins: Mapping[str, type] | None = None) -> Any:
-    """`torch.load(weights_only=True)` of a file that must hold only tensors and plain containers.
-
-    The file is scanned first: a pickled reference to anything else (a function such as `posix.system`, a class)
-    is refused with one line before anything is unpickled; `stand_ins` maps the few globals a caller accepts
-    (gsqbench.importers.lightning's inert stand-ins) to the classes that replace them. A broken or foreign file
-    is a one-line UserError too. There is no fallback to `weights_only=False`.
-    """
-    stand_ins = dict(stand_ins or {})
-    unsafe = unsafe_pickle_globals(path)
-    refused = [name for name in unsafe or [] if name not in stand_ins]
-    if refused:
-        raise pickle_refusal(path, refused)
-    allowed = [(stand_ins[name], name) for name in unsafe or []]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:  # a global the static scan could not see (legacy format): refused the same way
-            raise pickle_refusal(path, [found.group(1)]) from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
-    except Exception as exc:  # zip/EOF/runtime errors: a truncated or foreign file
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
 
 
 # ---------------------------------------------------------------------------------------- own format

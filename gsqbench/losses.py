@@ -196,12 +196,9 @@ def vgg_features_to_lpips(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _read_vgg_trunk(path: str | Path, expected: set[str]) -> dict[str, Tensor]:
     """torchvision VGG16 file → lpips `net.*` tensors; UserError naming the file if it is not one."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable / not a tensor-only file
-        raise UserError(f"VGG16 trunk file {path}: cannot load ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
-    if not isinstance(state, dict):
-        raise UserError(f"VGG16 trunk file {path}: expected a state dict, got {type(state).__name__}")
+    from gsqbench.tensorfile import load_state_file
+
+    state = load_state_file(path, "VGG16 trunk file")  # pickled objects are refused, never unpickled
     mapped = vgg_features_to_lpips(state)
     if set(mapped) != expected:
         missing = sorted(expected - set(mapped))[:3]

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "gsqbench.modes")),
     ("read-only views", ("gsqbench.regress", "gsqbench.report", "gsqbench.stats", "gsqbench.compare")),
     ("compute", ("gsqbench.distributed", "gsqbench.quantizer", "gsqbench.lookup", "gsqbench.augment",
-                 "gsqbench.manifest", "gsqbench.data", "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
+                 "gsqbench.manifest", "gsqbench.tensorfile", "gsqbench.data", "gsqbench.losses", "gsqbench.models", "gsqbench.metrics", "gsqbench.checkpoints",
                  "gsqbench.importers", "gsqbench.export", "gsqbench.compat")),
     ("stages", ("gsqbench.evaluate", "gsqbench.eval_resume", "gsqbench.train", "gsqbench.tokens")),
     ("orchestration", ("gsqbench.validate", "gsqbench.runner")),

@@ -7,6 +7,7 @@ same trunk tensors copied in here by parameter order (independent of our key map
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import lpips
@@ -115,8 +116,18 @@ def test_missing_weights_make_metric_unavailable_or_fail_when_required(tmp_path,
 def test_bad_trunk_files_refused(tmp_path):
     garbage = tmp_path / "alexnet-owt-7be5be79.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot load"):
+    with pytest.raises(UserError, match=r"^LPIPS trunk: .*alexnet-owt-7be5be79\.pth: not a readable PyTorch checkpoint"):
         LPIPSMetric("alex", weights_path=garbage)
+    class _Payload:  # pickles as a reference to posix.system; must be refused before anything is unpickled
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'payload_ran'}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": torch.zeros(3), "x": _Payload()}, evil)
+    with pytest.raises(UserError, match=r"^LPIPS trunk: refusing to load .*evil\.pth: it contains executable pickle "
+                                        r"content \(posix\.system\)"):
+        LPIPSMetric("alex", weights_path=evil)
+    assert not (tmp_path / "payload_ran").exists()
     wrong = tmp_path / "wrong.pth"
     torch.save({"features.0.weight": torch.zeros(3)}, wrong)
     with pytest.raises(UserError, match="does not fit"):

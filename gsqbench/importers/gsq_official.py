@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from gsqbench.checkpoints import (
-    MODEL_JSON, OFFICIAL_CHECKPOINT, OFFICIAL_CONFIG, torch_load_tensors, load_state_strict, save_tokenizer,
-    short_list, state_dict_mismatch,
+    MODEL_JSON, OFFICIAL_CHECKPOINT, OFFICIAL_CONFIG, load_state_strict, save_tokenizer, short_list,
+    state_dict_mismatch,
 )
+from gsqbench.tensorfile import torch_load_tensors
 from gsqbench.errors import UserError, did_you_mean
 from gsqbench.io import sha256_file
 from gsqbench.models.autoencoder import AutoencoderConfig, Decoder, Encoder

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gsqbench.checkpoints import pickle_refusal, torch_load_tensors, unsafe_pickle_globals
+from gsqbench.tensorfile import pickle_refusal, torch_load_tensors, unsafe_pickle_globals
 from gsqbench.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -135,12 +135,9 @@ def build_inception(
 
     if feature_layer not in FEATURE_LAYERS:
         raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {_LAYERS}")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"Inception weights {weights_path}: cannot load as a tensor state dict ({exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"Inception weights {weights_path}: expected a state dict of tensors")
+    from gsqbench.tensorfile import load_state_file
+
+    state = load_state_file(weights_path, "Inception weights")
     buf = io.BytesIO()
     torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, buf)
     buf.seek(0)

@@ -87,12 +87,9 @@ def build_lpips(net: str, trunk_path: str | Path, device: torch.device | str = "
         # lpips still calls torchvision with the deprecated `pretrained=False`; harmless, we load the trunk below
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    try:
-        trunk = torch.load(trunk_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or pickled-object files are refused, never unpickled
-        raise UserError(f"LPIPS trunk {trunk_path}: cannot load as a tensor state dict ({exc})") from None
-    if not isinstance(trunk, dict):
-        raise UserError(f"LPIPS trunk {trunk_path}: holds {type(trunk).__name__}; expected a torchvision state dict")
+    from gsqbench.tensorfile import load_state_file
+
+    trunk = load_state_file(trunk_path, "LPIPS trunk")  # pickled objects are refused, never unpickled
     model.load_state_dict(trunk_state_dict_to_lpips(model, trunk), strict=False)
     return model.eval().requires_grad_(False).to(device)
 

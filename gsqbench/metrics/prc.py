@@ -49,12 +49,9 @@ def build_vgg16(weights_path: str | Path, device: torch.device | str = "cpu") ->
     """
     from torch_fidelity.feature_extractor_vgg16 import FeatureExtractorVGG16
 
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"VGG16 weights {weights_path}: cannot load as a tensor state dict ({exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"VGG16 weights {weights_path}: expected a state dict of tensors")
+    from gsqbench.tensorfile import load_state_file
+
+    state = load_state_file(weights_path, "VGG16 weights")
     buf = io.BytesIO()
     torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, buf)
     buf.seek(0)

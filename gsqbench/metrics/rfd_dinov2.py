@@ -163,14 +163,9 @@ class DinoV2Features(nn.Module):
 def build_dinov2(weights_path: str | Path, device: torch.device | str = "cpu",
                  arch: DinoArch = VITL14) -> DinoV2Features:
     """The feature extractor from a local FB-layout file (weights_only=True), strictly loaded, frozen, eval mode."""
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"DINOv2 weights {weights_path}: cannot load as a tensor state dict ({exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"DINOv2 weights {weights_path}: expected a state dict of tensors")
+    from gsqbench.tensorfile import load_state_file
+
+    state = load_state_file(weights_path, "DINOv2 weights", unwrap="model")
     vit = timm_vit(arch)
     grid = INPUT_SIZE // arch.patch
     mapped = fb_to_timm(state, grid)

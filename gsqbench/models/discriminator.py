@@ -135,12 +135,9 @@ def _fit_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
 
 def load_dinov2_backbone(model: nn.Module, path: str | Path) -> None:
     """Fill a timm DINOv2 ViT from a local file (FB or timm layout); UserError naming the file if it doesn't fit."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"DINOv2 weight file {path}: cannot load ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    from gsqbench.tensorfile import load_state_file
+
+    state = load_state_file(path, "DINOv2 weight file", unwrap="model")
     if not isinstance(state, dict) or "pos_embed" not in state:
         raise UserError(f"DINOv2 weight file {path}: not a DINOv2 ViT state dict (no 'pos_embed'); expected "
                         "dinov2_vits14_reg4_pretrain.pth (FB layout) or a timm state dict")
