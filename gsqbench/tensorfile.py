@@ -7,6 +7,7 @@ to `weights_only=False`.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
@@ -84,3 +85,13 @@ def load_state_file(path: str | Path, what: str, unwrap: Optional[str] = None) -
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{what} {path}: expected a state dict of tensors (got {type(state).__name__})")
     return state
+
+
+def meta_state_buffer(state: Mapping[str, Tensor]) -> io.BytesIO:
+    """A tensor-free copy of `state` (meta tensors of the same shapes and dtypes) as an in-memory torch file: lets a
+    third-party constructor that insists on loading a weight file (torch-fidelity's extractors) run its own strict
+    key/shape check on the meta device, without reading our file with weights_only=False or spending a random init."""
+    buf = io.BytesIO()
+    torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, buf)
+    buf.seek(0)
+    return buf

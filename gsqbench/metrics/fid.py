@@ -15,7 +15,6 @@ only at equal N (the card's data group carries N): `compute` logs a warning and 
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 from pathlib import Path
@@ -135,12 +134,10 @@ def build_inception(
 
     if feature_layer not in FEATURE_LAYERS:
         raise UserError(f"FID feature layer: '{feature_layer}' is not valid; expected one of {_LAYERS}")
-    from gsqbench.tensorfile import load_state_file
+    from gsqbench.tensorfile import load_state_file, meta_state_buffer
 
     state = load_state_file(weights_path, "Inception weights")
-    buf = io.BytesIO()
-    torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, buf)
-    buf.seek(0)
+    buf = meta_state_buffer(state)
     try:
         with torch.device("meta"):
             model = FeatureExtractorInceptionV3(

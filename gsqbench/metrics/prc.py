@@ -13,7 +13,6 @@ Values depend on N (the radii shrink as N grows), so they compare only at equal 
 """
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -49,12 +48,10 @@ def build_vgg16(weights_path: str | Path, device: torch.device | str = "cpu") ->
     """
     from torch_fidelity.feature_extractor_vgg16 import FeatureExtractorVGG16
 
-    from gsqbench.tensorfile import load_state_file
+    from gsqbench.tensorfile import load_state_file, meta_state_buffer
 
     state = load_state_file(weights_path, "VGG16 weights")
-    buf = io.BytesIO()
-    torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}, buf)
-    buf.seek(0)
+    buf = meta_state_buffer(state)
     try:
         with torch.device("meta"):
             model = FeatureExtractorVGG16("vgg16", [FEATURE], feature_extractor_weights_path=buf,
