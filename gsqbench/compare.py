@@ -185,7 +185,8 @@ def _row(group: Group, stats: GroupStats, ref: Unit, unit: Unit, metric: str,
     if r_est is None or u_est is None:
         why = (rc.unavailable if rc and r_est is None else uc.unavailable if uc else "") or "not measured"
         return ComparisonRow(**base, **nan, verdict="unavailable", method="", note=why)
-    nc = (uc.not_comparable if uc else "") or (rc.not_comparable if rc else "")
+    nc = (uc.not_comparable if uc else "") or (rc.not_comparable if rc else "") or stats.size_mismatch(metric,
+                                                                                                     [ref, unit])
     if nc:
         return ComparisonRow(**base, **nan, verdict="not comparable", method="", note=nc)
     d = stats.difference(unit, ref, metric)

@@ -46,6 +46,9 @@ MAX_CHUNK_ELEMENTS = 1 << 20  # resample counts held at once (8 MB of int64), wh
 MACHINE_DEPENDENT = frozenset({
     "encode_images_per_s", "decode_images_per_s", "train_images_per_s", "train_time_s", "peak_memory_mb",
 })
+#: codebook figures whose range is set by the codebook size V (perplexity ≤ V, entropy ≤ log2 V, dead codes ≤ V):
+#: compared and ranked only between subjects with the same V and G; fractions (usage, entropy_norm) are comparable
+CODEBOOK_SIZE_BOUND = frozenset({"ppl_pooled", "ppl_group_mean", "entropy_bits", "dead_codes"})
 #: relative tolerance between a run's metrics.csv value and the mean of its per_image.csv column
 _MEAN_RTOL = 1e-6
 
@@ -491,6 +494,25 @@ class GroupStats:
         half = t_quantile(df) * se
         return Difference(value, value - half, value + half, t_p_value(value / se, df), method)
 
+    @staticmethod
+    def codebook_shape(unit: Unit) -> tuple[int, int] | None:
+        """(V, G) from the protocol card of the unit's runs (card group `codebook`), or None when not recorded."""
+        for r in unit.runs:
+            cb = (r.info.get("card") or {}).get("codebook") or {}
+            if cb.get("codebook_V") is not None:
+                return int(cb["codebook_V"]), int(cb.get("codebook_G") or 1)
+        return None
+
+    def size_mismatch(self, metric: str, units: Sequence[Unit]) -> str:
+        """Why `metric` cannot be compared across `units` (codebook sizes differ for a V-bound figure), or ''."""
+        if metric not in CODEBOOK_SIZE_BOUND:
+            return ""
+        shapes = {shape for u in units if (shape := self.codebook_shape(u)) is not None}
+        if len(shapes) < 2:
+            return ""
+        shown = ", ".join(f"{g} × {v:,}" if g > 1 else f"{v:,}" for v, g in sorted(shapes))
+        return f"codebook sizes differ ({shown} codes): {metric} is bounded by the codebook size"
+
     # ------------------------------------------------------------------ marks
     def eligible(self, unit: Unit, metric: str) -> bool:
         """May this unit's value compete for a mark? Not for diverged seeds, unavailable or not-comparable values,
@@ -516,6 +538,9 @@ class GroupStats:
         units = [u for u in self.units if self.eligible(u, metric)]
         if len(units) < 2:
             return {}, ""
+        mismatch = self.size_mismatch(metric, units)
+        if mismatch:
+            return {}, f"not ranked: {mismatch}"
         sign = 1.0 if direction == "higher" else -1.0
         means = [sign * self.cell(u, metric).estimate.mean for u in units]
         best = units[int(np.argmax(means))]

@@ -245,3 +245,34 @@ def test_crops_of_one_photo_are_resampled_together(tmp_path):
     assert d.value == pytest.approx(delta.mean(), abs=1e-9)
     assert (d.ci_high - d.ci_low) == pytest.approx(o_hi - o_lo, rel=0.15)
     assert "6 photos (96 crops" in stats.cell(_unit(stats, "a"), "psnr").estimate.method
+
+
+def test_codebook_size_bound_figures_are_not_compared_across_codebook_sizes(tmp_path, capsys):
+    """Perplexity ≤ V, entropy ≤ log2 V, dead codes ≤ V: between a V = 2 × 64 and a V = 4,096 subject they are
+    'not comparable' in compare, never marked, and a gate on them refuses to decide; usage (a fraction) and equal-V
+    subjects are still compared."""
+    import json
+
+    rng = np.random.default_rng(4)
+    shapes = {"gsq": (64, 2), "fsq": (4096, 1), "twin": (4096, 1)}
+    for seed in range(3):
+        for subject, (v, g) in shapes.items():
+            run = write_run(tmp_path, subject, seed, per_image={"psnr": rng.normal(24.0, 1.0, 20)},
+                            set_level={"ppl_pooled": {"gsq": 15.0, "fsq": 130.0, "twin": 60.0}[subject] + seed,
+                                       "usage_pooled": 0.3 + 0.01 * seed + (0.4 if subject == "gsq" else 0)})
+            info = json.loads((run / "run.json").read_text())
+            info["card"] = {"codebook": {"codebook_V": v, "codebook_G": g}}
+            (run / "run.json").write_text(json.dumps(info))
+    stats = _stats(tmp_path)
+    marks, note = stats.marks("ppl_pooled")
+    assert marks == {} and "codebook sizes differ (2 × 64, 4,096 codes)" in note
+    assert stats.marks("usage_pooled")[0]  # a fraction: ranked across V
+    assert main(["compare", str(tmp_path), "--reference", "gsq"]) == 0
+    out = capsys.readouterr().out
+    fsq_ppl = next(ln for ln in out.splitlines() if ln.startswith("fsq") and " ppl_pooled " in ln)
+    assert "not comparable (codebook sizes differ" in fsq_ppl
+    assert main(["compare", str(tmp_path), "--reference", "fsq"]) == 0  # same V: compared
+    twin_ppl = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("twin") and " ppl_pooled " in ln)
+    assert "worse" in twin_ppl
+    assert main(["compare", str(tmp_path), "--reference", "gsq", "--fail-if-worse", "ppl_pooled"]) == 2
+    assert "cannot decide for fsq: not comparable" in capsys.readouterr().err
