@@ -13,12 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from gsqbench import weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from random_weights import random_dinov2_fb  # noqa: E402  (the tests' FB-layout DINOv2 file, one recipe for both)
 
 FILENAMES = {name: weights.get_weight(name).filename
              for name in ("inception-fid", "alexnet", "vgg16", "dinov2-vits14-reg")}
@@ -78,35 +82,11 @@ def _random_trunk(net: str) -> dict[str, torch.Tensor]:
     return _default_init({f"features.{k}": v for k, v in features.state_dict().items()}, seed=2)
 
 
-def _random_dinov2_fb() -> dict[str, torch.Tensor]:
-    """timm's ViT-S/14-reg4 at 518 written in the facebookresearch layout (as the hub file is): class token
-    without its position, pos_embed with the class position first, registers as `register_tokens`, a mask token.
-    Values N(0, 0.02), norm and layer-scale gains near 0.5 so every block changes the tokens."""
-    import timm
-
-    with torch.device("meta"):  # shapes only
-        vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0)
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key, ref in vit.state_dict().items():
-        value = torch.randn(ref.shape, generator=g) * 0.02
-        if key.endswith((".gamma", "norm1.weight", "norm2.weight", "norm.weight")):
-            value = value + 0.5
-        state[key] = value
-    fb = {k: v for k, v in state.items() if k not in ("cls_token", "pos_embed", "reg_token")}
-    cls_pos = torch.randn(1, 1, state["cls_token"].shape[-1], generator=g) * 0.02
-    fb["cls_token"] = state["cls_token"] - cls_pos
-    fb["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], dim=1)
-    fb["register_tokens"] = state["reg_token"]
-    fb["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
-    return fb
-
-
 def _make(name: str) -> dict[str, torch.Tensor]:
     if name == "inception-fid":
         return _random_inception_state()
     if name == "dinov2-vits14-reg":
-        return _random_dinov2_fb()
+        return random_dinov2_fb(seed=0)
     return _random_trunk(name)
 
 

@@ -55,6 +55,32 @@ def vgg16_file(path: Path, seed: int = 2) -> Path:
     return path
 
 
+def random_dinov2_fb(seed: int = 0) -> dict[str, torch.Tensor]:
+    """timm's ViT-S/14-reg4 at 518 in the facebookresearch layout, as the hub file is: the class token without its
+    position, pos_embed with the class position first, registers as `register_tokens`, a mask token. Values
+    N(0, 0.02); norm and layer-scale gains near 0.5 so every block visibly changes the tokens. Written from timm's key
+    list here (not from gsqbench's converter, which the tests check against it)."""
+    import timm
+
+    with torch.device("meta"):  # shapes only: values are drawn below (cheaper than timm's init)
+        vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, ref in vit.state_dict().items():
+        value = torch.randn(ref.shape, generator=g) * 0.02
+        if key.endswith((".gamma", "norm1.weight", "norm2.weight", "norm.weight")):
+            value = value + 0.5
+        state[key] = value
+    fb = {k: v for k, v in state.items() if k not in ("cls_token", "pos_embed", "reg_token")}
+    # FB keeps a class-token position (pos_embed[:, 0]) that DINOv2 adds to cls_token; registers get no position
+    cls_pos = torch.randn(1, 1, state["cls_token"].shape[-1], generator=g) * 0.02
+    fb["cls_token"] = state["cls_token"] - cls_pos
+    fb["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], dim=1)
+    fb["register_tokens"] = state["reg_token"]
+    fb["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    return fb
+
+
 def manifest(files: dict[str, Path]) -> str:
     """GSQBENCH_WEIGHTS_MANIFEST value registering `files` (weight name -> file) with their sha256."""
     return json.dumps({name: {"filename": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}

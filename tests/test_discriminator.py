@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from random_weights import random_dinov2_fb
+
 from gsqbench import augment
 from gsqbench import losses as L
 from gsqbench.errors import UserError
@@ -22,24 +24,7 @@ FB_FILENAME = "dinov2_vits14_reg4_pretrain.pth"
 @pytest.fixture(scope="module")
 def fb_weights(tmp_path_factory):
     """Random-init timm ViT-S/14-reg4 (518) written in the facebookresearch layout, as the hub file is."""
-    import timm
-
-    with torch.device("meta"):  # shapes only: random values are drawn below (cheaper than timm's init)
-        vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0)
-    g = torch.Generator().manual_seed(0)
-    timm_state = {}
-    for key, ref in vit.state_dict().items():
-        value = torch.randn(ref.shape, generator=g) * 0.02
-        if key.endswith((".gamma", "norm1.weight", "norm2.weight", "norm.weight")):
-            value = value + 0.5  # layer scale / norm gains well away from 0 so every block visibly changes tokens
-        timm_state[key] = value
-    fb = {k: v for k, v in timm_state.items() if k not in ("cls_token", "pos_embed", "reg_token")}
-    # FB keeps a class-token position (pos_embed[:, 0]) that DINOv2 adds to cls_token; registers get no position.
-    cls_pos = torch.randn(1, 1, 384) * 0.02
-    fb["cls_token"] = timm_state["cls_token"] - cls_pos
-    fb["pos_embed"] = torch.cat([cls_pos, timm_state["pos_embed"]], dim=1)  # (1, 1 + 37², 384)
-    fb["register_tokens"] = timm_state["reg_token"]
-    fb["mask_token"] = torch.zeros(1, 384)
+    fb = random_dinov2_fb(seed=0)
     assert fb["pos_embed"].shape == (1, 1370, 384)
     path = tmp_path_factory.mktemp("dino") / FB_FILENAME
     torch.save(fb, path)
