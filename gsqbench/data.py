@@ -454,13 +454,6 @@ class SamplePhotos(ImageDataset):
 # --- image folder ----------------------------------------------------------------------------------------------
 
 
-def scan_image_folder(root: Path) -> list[Path]:
-    """Sorted image files under root (recursive, extension match is case-insensitive); lists, opens nothing."""
-    from gsqbench.manifest import list_images
-
-    return [root / p for p in list_images(Path(root)).paths]
-
-
 def evenly_spaced(total: int, n: int) -> list[int]:
     """n indices spread over range(total): floor(i·total/n)."""
     return [i * total // n for i in range(n)]

@@ -18,7 +18,6 @@ unique, sorted; rank 0 assembles and writes the sidecar).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import shutil
 import zipfile
@@ -185,8 +184,3 @@ def _write_adm_npz(path: Path, side: str, rows: Sequence[tuple[Path, str, int]])
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def read_ids(root: str | Path) -> list[str]:
-    """The image ids of an export folder, in the order of its arrays."""
-    return list(json.loads((Path(root) / IDS_FILE).read_text(encoding="utf-8"))["ids"])

@@ -158,10 +158,6 @@ MODES: dict[str, EvalMode] = {m.name: m for m in (
 )}
 
 
-def mode_names() -> list[str]:
-    return list(MODES)
-
-
 def check_mode(name: object, where: str) -> EvalMode:
     """The mode called `name`, or a one-line UserError naming `where`, the value and the valid modes."""
     if isinstance(name, str) and name in MODES:
